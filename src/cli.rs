@@ -1,0 +1,210 @@
+//! The command line. `main.rs` calls [`main`]; each subcommand is a small function here.
+//! Exit codes: 0 ok, 2 bad configuration or usage, 1 runtime failure.
+
+use crate::config::{Config, ConfigError, Loaded};
+use crate::event::normalise;
+use crate::routes::Routes;
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "webio-router",
+    version,
+    about = "Receives Webio webhooks, authenticates, normalises and routes them."
+)]
+pub struct Cli {
+    /// Configuration file (default: webio-router.toml in the working directory, if present).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Routes file (overrides `routes_file`).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub routes: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Serve,
+    /// Validate configuration and routes, print a summary.
+    Check,
+    /// Print an HS256/384/512 token signed with the first configured secret, for curl.
+    Token {
+        /// Organisation id claim (default: auth.organisation_id).
+        #[arg(long, value_name = "ID")]
+        org: Option<String>,
+        /// Lifetime, e.g. 1h, 30m; "0" for a token without `exp`, like Webio's.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Show the normalised event and its routes for a payload file (`-` = stdin); sends nothing.
+    Explain {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    run(cli)
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(2)
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let loaded = match Config::load(cli.config.as_deref(), cli.routes.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return config_error(&e),
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(loaded),
+        Command::Check => check(&loaded),
+        Command::Token { org, ttl } => token(&loaded, org, &ttl),
+        Command::Explain { file } => explain(&loaded, &file),
+    }
+}
+
+fn serve(loaded: Loaded) -> ExitCode {
+    crate::logging::init(&loaded.config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(crate::app::serve(loaded)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(crate::app::ServeError::Config(e)) => config_error(&e),
+        Err(e) => {
+            tracing::error!(error = %e, "webio-router stopped");
+            eprintln!("webio-router: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(loaded: &Loaded) -> ExitCode {
+    let routes = match crate::app::check(loaded) {
+        Ok(r) => r,
+        Err(e) => return config_error(&e),
+    };
+    let c = &loaded.config;
+    println!(
+        "config: {}",
+        loaded.file.as_ref().map_or("built-in defaults + environment".into(), |f| f.display().to_string())
+    );
+    println!(
+        "webhooks: POST http://{}{} (max body {} bytes, timeout {:?})",
+        c.server.listen, c.server.path, c.server.max_body_bytes, c.server.request_timeout
+    );
+    println!("admin: http://{}/metrics, /healthz, /readyz", c.admin.listen);
+    if c.auth.disabled {
+        println!("auth: DISABLED (local experiments only)");
+    } else {
+        let algs: Vec<_> = c.auth.algorithms.iter().map(|a| a.as_str()).collect();
+        let org = if c.auth.organisation_id.is_empty() {
+            "any organisation".to_owned()
+        } else {
+            format!("organisation {}", c.auth.organisation_id)
+        };
+        println!("auth: header {}, {} secret(s), {}, {}", c.auth.header, loaded.secrets.len(), algs.join("/"), org);
+    }
+    println!("delivery: {:?}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
+    println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
+    for (name, sink) in &routes.sinks {
+        println!("  sink {name}: {} ({:?})", sink.type_name(), sink.format());
+    }
+    for r in &routes.routes {
+        let when = if r.when.is_empty() {
+            "every event".to_owned()
+        } else {
+            r.when.iter().map(|c| c.field.as_str()).collect::<Vec<_>>().join(", ")
+        };
+        println!("  route {}: {} -> {}{}", r.name, when, r.to.join(", "), if r.stop { " (stop)" } else { "" });
+    }
+    println!("ok");
+    ExitCode::SUCCESS
+}
+
+fn token(loaded: &Loaded, org: Option<String>, ttl: &str) -> ExitCode {
+    let auth = &loaded.config.auth;
+    let Some(secret) = loaded.secrets.first() else {
+        eprintln!("token: no secret configured (auth.secrets or auth.secret_files)");
+        return ExitCode::from(2);
+    };
+    let ttl = match ttl.trim() {
+        "0" | "none" => None,
+        t => match humantime::parse_duration(t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("token: --ttl {t:?}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let org = org.or_else(|| Some(auth.organisation_id.clone()).filter(|o| !o.is_empty()));
+    let alg = auth.algorithms.first().copied().unwrap_or(crate::config::Algorithm::HS256);
+    println!("{}", crate::auth::sign(secret.expose(), alg, org.as_deref(), &auth.organisation_claim, ttl));
+    ExitCode::SUCCESS
+}
+
+fn read_input(file: &Path) -> std::io::Result<Vec<u8>> {
+    if file == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else {
+        std::fs::read(file)
+    }
+}
+
+fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
+    let routes = match Routes::load(&loaded.config.routes_file) {
+        Ok(r) => r,
+        Err(e) => return config_error(&e),
+    };
+    let body = match read_input(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("explain: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let org = Some(loaded.config.auth.organisation_id.clone()).filter(|o| !o.is_empty());
+    let event = match normalise(&body, org, &loaded.normalise, chrono::Utc::now()) {
+        Ok(ev) => ev,
+        Err(e) => {
+            eprintln!("explain: the router would refuse this body with 400: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let matched = routes.matching(&event);
+    let sinks: Vec<_> = matched
+        .sinks
+        .iter()
+        .map(|s| serde_json::json!({"name": s, "type": routes.sinks.get(*s).map(|c| c.type_name())}))
+        .collect();
+    let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
+    println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));
+    ExitCode::SUCCESS
+}
+
+/// Parses a duration flag (shared by subcommands).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}

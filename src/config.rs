@@ -1,0 +1,496 @@
+//! Configuration: built-in defaults < TOML file < `WEBIO_ROUTER_*` environment (figment),
+//! unknown keys refused, validated once by [`Config::load`] (which `check` runs too).
+
+use crate::event::NormaliseOptions;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG_FILE: &str = "webio-router.toml";
+pub const ENV_PREFIX: &str = "WEBIO_ROUTER_";
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A configuration problem, printed as `source: message` (with `line:col` when known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub source: String,
+    pub line: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some((l, c)) => write!(f, "{}:{}:{}: {}", self.source, l, c, self.message),
+            None => write!(f, "{}: {}", self.source, self.message),
+        }
+    }
+}
+
+impl Diagnostic {
+    pub fn new(source: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic { source: source.into(), line: None, message: message.into() }
+    }
+
+    /// A diagnostic pointing at byte `offset` of `text`.
+    pub fn at(source: impl Into<String>, text: &str, offset: usize, message: impl Into<String>) -> Self {
+        Diagnostic { source: source.into(), line: Some(line_col(text, offset)), message: message.into() }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary_compat(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+trait FloorBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+impl FloorBoundary for str {
+    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
+        while i > 0 && !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    }
+}
+
+/// Several diagnostics at once: `check` reports them all, not just the first.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Diagnostic> for ConfigError {
+    fn from(d: Diagnostic) -> Self {
+        ConfigError(vec![d])
+    }
+}
+
+/// An HMAC secret. `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret([redacted, {} bytes])", self.0.len())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The environment provider reads `WEBIO_ROUTER_AUTH__SECRETS=[1234…]` as numbers.
+        Ok(Secret(stringish(d)?.into_bytes()))
+    }
+}
+
+/// A string that may have been written as a number or a boolean (environment values are
+/// parsed as TOML values, so `ORGANISATION_ID=42` arrives as an integer).
+fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum S {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match S::deserialize(d)? {
+        S::S(s) => s,
+        S::I(i) => i.to_string(),
+        S::U(u) => u.to_string(),
+        S::F(f) => f.to_string(),
+        S::B(b) => b.to_string(),
+    })
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"10s\", \"5m\""))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub routes_file: PathBuf,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub auth: AuthConfig,
+    pub normalise: NormaliseConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            routes_file: PathBuf::from("routes.toml"),
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
+            normalise: NormaliseConfig::default(),
+            delivery: DeliveryConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub path: String,
+    pub max_body_bytes: usize,
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            path: "/webhooks/webio".into(),
+            max_body_bytes: 262_144,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: ([127, 0, 0, 1], 9095).into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    HS384,
+    HS512,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::HS256 => "HS256",
+            Algorithm::HS384 => "HS384",
+            Algorithm::HS512 => "HS512",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub header: String,
+    pub secrets: Vec<Secret>,
+    pub secret_files: Vec<PathBuf>,
+    pub algorithms: Vec<Algorithm>,
+    #[serde(deserialize_with = "stringish")]
+    pub organisation_id: String,
+    pub organisation_claim: String,
+    #[serde(with = "duration")]
+    pub leeway: Duration,
+    pub disabled: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            header: "x-webio-token".into(),
+            secrets: Vec::new(),
+            secret_files: Vec::new(),
+            algorithms: vec![Algorithm::HS256],
+            organisation_id: String::new(),
+            organisation_claim: "organisationId".into(),
+            leeway: Duration::from_secs(60),
+            disabled: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NormaliseConfig {
+    pub source_timezone: String,
+    pub legacy_send_status_codes: Vec<i64>,
+}
+
+impl Default for NormaliseConfig {
+    fn default() -> Self {
+        NormaliseConfig { source_timezone: "UTC".into(), legacy_send_status_codes: vec![1] }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    Spool,
+    Direct,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub mode: DeliveryMode,
+    pub spool_dir: PathBuf,
+    pub max_spool_bytes: u64,
+    #[serde(with = "duration")]
+    pub retry_initial: Duration,
+    #[serde(with = "duration")]
+    pub retry_max: Duration,
+    pub max_attempts: u32,
+    pub dead_letter_file: PathBuf,
+    #[serde(with = "duration")]
+    pub dedup_window: Duration,
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mode: DeliveryMode::Spool,
+            spool_dir: PathBuf::from("var/spool"),
+            max_spool_bytes: 1 << 30,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            max_attempts: 20,
+            dead_letter_file: PathBuf::from("var/dead-letter.jsonl"),
+            dedup_window: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// Refused bodies go next to the dead-letter file.
+    pub fn rejected_file(&self) -> PathBuf {
+        self.dead_letter_file
+            .parent()
+            .map(|p| p.join("rejected.jsonl"))
+            .unwrap_or_else(|| PathBuf::from("rejected.jsonl"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// Where the configuration came from, for `check`'s summary and diagnostics.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The TOML file used, if any.
+    pub file: Option<PathBuf>,
+    /// Secrets from `auth.secrets` then `auth.secret_files`, in order (index 0 signs tokens).
+    pub secrets: Vec<Secret>,
+    pub normalise: NormaliseOptions,
+}
+
+impl Config {
+    /// Loads and validates. `path` is `--config`; without it `webio-router.toml` in the
+    /// working directory is used when it exists.
+    pub fn load(path: Option<&Path>, routes_override: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let file = match path {
+            Some(p) if !p.is_file() => {
+                return Err(Diagnostic::new(p.display().to_string(), "config file not found or not a file").into())
+            }
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.is_file()),
+        };
+        let mut figment = Figment::new();
+        if let Some(file) = &file {
+            let source = file.display().to_string();
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Diagnostic::new(source.clone(), format!("cannot read: {e}")))?;
+            // Parsing with `toml` first gives line:col for syntax errors and unknown keys.
+            if let Err(e) = toml::from_str::<Config>(&text) {
+                let msg = e.message().to_owned();
+                return Err(match e.span() {
+                    Some(span) => Diagnostic::at(source, &text, span.start, msg),
+                    None => Diagnostic::new(source, msg),
+                }
+                .into());
+            }
+            figment = figment.merge(Toml::string(&text));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let mut config: Config = figment.extract().map_err(|e| {
+            ConfigError(
+                e.into_iter()
+                    .map(|e| {
+                        let key = e.path.join(".");
+                        let from_env = e.metadata.as_ref().is_some_and(|m| m.name.contains("environment"));
+                        let source = if from_env {
+                            format!("environment {ENV_PREFIX}{}", key.to_uppercase().replace('.', "__"))
+                        } else {
+                            file.as_ref().map_or("configuration".into(), |f| f.display().to_string())
+                        };
+                        Diagnostic::new(
+                            source,
+                            if key.is_empty() { e.kind.to_string() } else { format!("{key}: {}", e.kind) },
+                        )
+                    })
+                    .collect(),
+            )
+        })?;
+        if let Some(r) = routes_override {
+            config.routes_file = r.to_path_buf();
+        }
+        let source = file.as_ref().map_or("configuration".to_owned(), |f| f.display().to_string());
+        config.validate(&source).map(|(secrets, normalise)| Loaded { config, file, secrets, normalise })
+    }
+
+    fn validate(&self, source: &str) -> Result<(Vec<Secret>, NormaliseOptions), ConfigError> {
+        let mut errs = Vec::new();
+        let mut err = |m: String| errs.push(Diagnostic::new(source, m));
+
+        let mut secrets = self.auth.secrets.clone();
+        for (i, s) in self.auth.secrets.iter().enumerate() {
+            if s.expose().len() < MIN_SECRET_BYTES {
+                err(format!(
+                    "auth.secrets[{i}]: secret is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    s.expose().len()
+                ));
+            }
+        }
+        for f in &self.auth.secret_files {
+            match std::fs::read(f) {
+                Ok(mut bytes) => {
+                    // Files written by `echo` or editors end in a newline that is not part of the secret.
+                    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        bytes.pop();
+                    }
+                    if bytes.len() < MIN_SECRET_BYTES {
+                        err(format!(
+                            "auth.secret_files: {}: secret is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                            f.display(),
+                            bytes.len()
+                        ));
+                    }
+                    secrets.push(Secret::new(bytes));
+                }
+                Err(e) => err(format!("auth.secret_files: cannot read {}: {e}", f.display())),
+            }
+        }
+        if secrets.is_empty() && !self.auth.disabled {
+            err("auth: no secret configured (auth.secrets or auth.secret_files); set auth.disabled = true only for local experiments".into());
+        }
+        if self.auth.algorithms.is_empty() {
+            err("auth.algorithms: at least one of HS256, HS384, HS512 is required".into());
+        }
+        if http::HeaderName::from_bytes(self.auth.header.as_bytes()).is_err() {
+            err(format!("auth.header: {:?} is not a valid HTTP header name", self.auth.header));
+        }
+        if self.auth.organisation_claim.is_empty() {
+            err("auth.organisation_claim: must not be empty".into());
+        }
+        if !self.server.path.starts_with('/') {
+            err(format!("server.path: {:?} must start with /", self.server.path));
+        }
+        if self.server.max_body_bytes == 0 {
+            err("server.max_body_bytes: must be greater than 0".into());
+        }
+        if self.server.request_timeout.is_zero() {
+            err("server.request_timeout: must be greater than 0".into());
+        }
+        if self.server.listen == self.admin.listen && self.server.listen.port() != 0 {
+            err(format!("admin.listen: {} is also server.listen", self.admin.listen));
+        }
+        let tz = match self.normalise.source_timezone.parse::<chrono_tz::Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                err(format!(
+                    "normalise.source_timezone: unknown time zone {:?} (use an IANA name like \"Europe/London\")",
+                    self.normalise.source_timezone
+                ));
+                chrono_tz::Tz::UTC
+            }
+        };
+        let d = &self.delivery;
+        if d.retry_initial.is_zero() || d.retry_initial > d.retry_max {
+            err("delivery.retry_initial: must be greater than 0 and at most delivery.retry_max".into());
+        }
+        if d.max_attempts == 0 {
+            err("delivery.max_attempts: must be at least 1".into());
+        }
+        if d.max_spool_bytes == 0 {
+            err("delivery.max_spool_bytes: must be greater than 0".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            err(format!("log.level: {:?} is not a level or filter (error, warn, info, debug, trace)", self.log.level));
+        }
+        if errs.is_empty() {
+            Ok((
+                secrets,
+                NormaliseOptions {
+                    source_timezone: tz,
+                    legacy_send_status_codes: self.normalise.legacy_send_status_codes.clone(),
+                },
+            ))
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+//! The re-delivery window: an event id seen within `dedup_window` is a duplicate.
+//! In memory here; the spool persists its entries so the window survives restarts.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Dedup {
+    window_ms: u64,
+    seen: Mutex<Seen>,
+}
+
+struct Seen {
+    map: HashMap<u128, u64>,
+    last_prune: u64,
+}
+
+fn key(id: &str) -> u128 {
+    u128::from_str_radix(id, 16).unwrap_or_else(|_| {
+        // Ids are 32 hex digits; anything else still gets a stable key.
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(id.as_bytes());
+        u128::from_be_bytes(d[..16].try_into().expect("16 bytes"))
+    })
+}
+
+impl Dedup {
+    pub fn new(window: Duration) -> Self {
+        Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { map: HashMap::new(), last_prune: 0 }) }
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    /// Was `id` recorded less than a window ago?
+    pub fn contains(&self, id: &str) -> bool {
+        self.contains_at(id, now_millis())
+    }
+
+    pub fn contains_at(&self, id: &str, now: u64) -> bool {
+        let seen = self.seen.lock().expect("dedup lock");
+        seen.map.get(&key(id)).is_some_and(|t| now.saturating_sub(*t) < self.window_ms)
+    }
+
+    /// Records `id` as seen at `at` (unix millis).
+    pub fn record_at(&self, id: &str, at: u64) {
+        let mut seen = self.seen.lock().expect("dedup lock");
+        seen.map.insert(key(id), at);
+        // Prune at most once per tenth of a window, so the map holds about one window of ids.
+        if at.saturating_sub(seen.last_prune) > self.window_ms / 10 {
+            let window = self.window_ms;
+            seen.map.retain(|_, t| at.saturating_sub(*t) < window);
+            seen.last_prune = at;
+        }
+    }
+
+    pub fn record(&self, id: &str) {
+        self.record_at(id, now_millis())
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.lock().expect("dedup lock").map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_duplicates_only_inside_the_window() {
+        let d = Dedup::new(Duration::from_secs(10));
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(!d.contains_at(id, 1_000));
+        d.record_at(id, 1_000);
+        assert!(d.contains_at(id, 1_000));
+        assert!(d.contains_at(id, 10_999));
+        assert!(!d.contains_at(id, 11_000));
+        assert!(!d.contains_at("ffffffffffffffffffffffffffffffff", 1_000));
+    }
+
+    #[test]
+    fn old_entries_are_pruned() {
+        let d = Dedup::new(Duration::from_secs(10));
+        d.record_at("00000000000000000000000000000001", 1_000);
+        d.record_at("00000000000000000000000000000002", 30_000);
+        assert_eq!(d.len(), 1);
+    }
+}

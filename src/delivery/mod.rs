@@ -1,0 +1,53 @@
+//! Between the router and the sinks. [`Delivery`] takes an accepted event and the sinks it
+//! must reach, and answers when the 202 may be sent:
+//!
+//! - [`direct::Direct`]: after every sink confirmed;
+//! - [`crate::spool::Spool`]: after the event is durably on disk; sinks are fed from there.
+//!
+//! Dedup lives here too, because "seen" must mean "safely taken", which only the delivery
+//! layer knows.
+
+pub mod direct;
+
+use crate::event::Envelope;
+use crate::sinks::{BoxFuture, Sink};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Taken: delivered (direct) or durably spooled.
+    New,
+    /// Same event id inside the dedup window: acknowledged, nothing re-sent.
+    Duplicate,
+}
+
+/// Why an event was not taken; the sender should retry after `retry_after`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refused {
+    pub reason: String,
+    pub retry_after: Duration,
+}
+
+pub trait Delivery: Send + Sync + 'static {
+    /// Takes `env` for `sinks` (never empty). Resolves when the 202 may be sent.
+    fn submit(&self, env: Envelope, sinks: Vec<Arc<dyn Sink>>) -> BoxFuture<'_, Result<Accepted, Refused>>;
+
+    /// The set of sinks changed (routes reloaded).
+    fn sinks_changed(&self, _sinks: &HashMap<String, Arc<dyn Sink>>) {}
+
+    /// Ready to take events (spool open, …).
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// Stop: flush what can be flushed within `timeout`.
+    fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+}
+
+/// Records one attempt's outcome in the metrics and the log. `outcome` is `ok`, `retry` or `dead`.
+pub fn observe(sink: &str, outcome: &'static str, started: std::time::Instant) {
+    crate::metrics::delivery(sink, outcome, started.elapsed());
+}

@@ -1,0 +1,213 @@
+//! Payload → [`Event`]. The rules are SPEC §5; each has a unit test below.
+
+use super::time::{format_utc, parse_date};
+use super::{Event, Shape, CORE_TYPES, SCHEMA};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Why a body is refused with 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("body is JSON but not an object")]
+    NotObject,
+    #[error("body has no `type` field")]
+    MissingType,
+    #[error("`type` is not a string")]
+    TypeNotString,
+    #[error("`type` is empty")]
+    EmptyType,
+}
+
+impl BodyError {
+    /// Bounded label for metrics and the rejected file.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BodyError::NotJson(_) => "not_json",
+            BodyError::NotObject => "not_object",
+            BodyError::MissingType => "missing_type",
+            BodyError::TypeNotString => "type_not_string",
+            BodyError::EmptyType => "empty_type",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NormaliseOptions {
+    pub source_timezone: Tz,
+    pub legacy_send_status_codes: Vec<i64>,
+}
+
+impl Default for NormaliseOptions {
+    fn default() -> Self {
+        NormaliseOptions { source_timezone: Tz::UTC, legacy_send_status_codes: vec![1] }
+    }
+}
+
+/// The payload keys we map, lowercased, and the slot each fills.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Type,
+    Conversation,
+    CommunicationAction,
+    Outbound,
+    Inbound,
+    Customer,
+    Body,
+    Status,
+    Date,
+}
+
+fn slot_of(key: &str) -> Option<Slot> {
+    Some(match key.to_ascii_lowercase().as_str() {
+        "type" => Slot::Type,
+        "conversationid" => Slot::Conversation,
+        // Webio's own announcement also spells it with one `m`.
+        "communicationactionid" | "comunicationactionid" => Slot::CommunicationAction,
+        "outboundchanneladdress" => Slot::Outbound,
+        "inboundchanneladdress" => Slot::Inbound,
+        "customeruid" => Slot::Customer,
+        "body" => Slot::Body,
+        "statuscode" => Slot::Status,
+        "datecreated" => Slot::Date,
+        _ => return None,
+    })
+}
+
+/// Ids arrive as strings or numbers; both come out as strings, and "" as null.
+fn id_text(v: &Value) -> Result<Option<String>, ()> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        _ => Err(()),
+    }
+}
+
+fn status_code(v: &Value) -> Result<Option<i64>, ()> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => n.as_i64().map(Some).ok_or(()),
+        Value::String(s) => s.trim().parse::<i64>().map(Some).map_err(|_| ()),
+        _ => Err(()),
+    }
+}
+
+/// Parses and normalises one webhook body. `organisation_id` comes from the verified token.
+pub fn normalise(
+    body: &[u8],
+    organisation_id: Option<String>,
+    opts: &NormaliseOptions,
+    received_at: DateTime<Utc>,
+) -> Result<Event, BodyError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let Value::Object(payload) = value else {
+        return Err(BodyError::NotObject);
+    };
+
+    let mut ev = Event {
+        schema: SCHEMA.to_owned(),
+        id: String::new(),
+        event_type: String::new(),
+        shape: Shape::Current,
+        organisation_id,
+        conversation_id: None,
+        communication_action_id: None,
+        outbound_channel_address: None,
+        inbound_channel_address: None,
+        customer_uid: None,
+        body: None,
+        status_code: None,
+        occurred_at: None,
+        received_at: format_utc(received_at),
+        extra: Map::new(),
+    };
+    let mut event_type: Option<Result<String, ()>> = None;
+    let mut filled: Vec<Slot> = Vec::with_capacity(9);
+
+    for (key, value) in payload {
+        let slot = match slot_of(&key) {
+            // A second spelling of a field already seen is kept in `extra`, not dropped.
+            Some(slot) if !filled.contains(&slot) => slot,
+            _ => {
+                ev.extra.insert(key, value);
+                continue;
+            }
+        };
+        filled.push(slot);
+        let ok = match slot {
+            Slot::Type => {
+                event_type = Some(match &value {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(()),
+                });
+                true
+            }
+            Slot::Conversation => id_text(&value).map(|v| ev.conversation_id = v).is_ok(),
+            Slot::CommunicationAction => id_text(&value).map(|v| ev.communication_action_id = v).is_ok(),
+            Slot::Outbound => id_text(&value).map(|v| ev.outbound_channel_address = v).is_ok(),
+            Slot::Inbound => id_text(&value).map(|v| ev.inbound_channel_address = v).is_ok(),
+            Slot::Customer => id_text(&value).map(|v| ev.customer_uid = v).is_ok(),
+            Slot::Body => match &value {
+                Value::Null => true,
+                Value::String(s) => {
+                    ev.body = Some(s.clone());
+                    true
+                }
+                _ => false,
+            },
+            Slot::Status => status_code(&value).map(|v| ev.status_code = v).is_ok(),
+            Slot::Date => match &value {
+                Value::Null => true,
+                Value::String(s) => match parse_date(s, opts.source_timezone) {
+                    Some(dt) => {
+                        ev.occurred_at = Some(format_utc(dt));
+                        true
+                    }
+                    None => false,
+                },
+                _ => false,
+            },
+        };
+        if !ok {
+            // A value we cannot map is kept, unchanged, under its original key.
+            ev.extra.insert(key, value);
+        }
+    }
+
+    ev.event_type = match event_type {
+        None => return Err(BodyError::MissingType),
+        Some(Err(())) => return Err(BodyError::TypeNotString),
+        Some(Ok(t)) if t.trim().is_empty() => return Err(BodyError::EmptyType),
+        Some(Ok(t)) => t,
+    };
+    if CORE_TYPES.contains(&ev.event_type.as_str()) && ev.communication_action_id.is_none() {
+        ev.shape = Shape::Legacy;
+        // Before February 2021 message-send updates arrived as messageStatusUpdate posts.
+        if ev.event_type == "messageStatusUpdate"
+            && ev.status_code.is_some_and(|c| opts.legacy_send_status_codes.contains(&c))
+        {
+            ev.event_type = "messageSend".to_owned();
+        }
+    }
+    ev.id = event_id(&ev);
+    Ok(ev)
+}
+
+/// Deterministic id: a hash of every normalised field except `id` and `receivedAt`, so the
+/// same body gives the same id and events differing in any mapped field differ.
+fn event_id(ev: &Event) -> String {
+    let mut canon = ev.clone();
+    canon.id.clear();
+    canon.received_at.clear();
+    // serde_json's Map is ordered by key, so this serialisation is canonical.
+    let digest = Sha256::digest(canon.to_json());
+    hex::encode(&digest[..16])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,38 @@
+//! webio-router: receives Webio webhooks, authenticates them, normalises them into
+//! `webio.event/v1` and routes them to sinks without losing any.
+//!
+//! Map of the crate, in the order a request travels through it:
+//!
+//! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `replay`).
+//! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once.
+//! - [`server`]: the hyper webhook listener, the admin listener, and the one function that
+//!   maps a request error to an HTTP answer.
+//! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
+//! - [`event`]: normalisation of old and new Webio payloads into [`event::Event`].
+//! - [`routes`]: `routes.toml` parsing, validation with `file:line:col` diagnostics, matching.
+//! - [`template`]: `{field}` templates and `${NAME}` environment expansion.
+//! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
+//! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
+//! - [`spool`]: the crash-safe on-disk spool.
+//! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type.
+//! - [`dedup`]: the re-delivery window.
+//! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
+//! - [`metrics`]: every metric name and the helpers that emit them.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dedup;
+pub mod delivery;
+pub mod event;
+pub mod format;
+pub mod jsonl;
+pub mod logging;
+pub mod metrics;
+pub mod notify;
+pub mod routes;
+pub mod server;
+pub mod sinks;
+pub mod spool;
+pub mod template;

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    webio_router::cli::main()
+}

@@ -1,0 +1,165 @@
+//! Every metric name, and the one helper that emits each. Label values are bounded:
+//! never a conversation id, a token or a raw payload value.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const REQUESTS: &str = "webio_router_requests_total";
+pub const REQUEST_DURATION: &str = "webio_router_request_duration_seconds";
+pub const EVENTS: &str = "webio_router_events_total";
+pub const AUTH_FAILURES: &str = "webio_router_auth_failures_total";
+pub const AUTH_SECRET_USED: &str = "webio_router_auth_secret_used_total";
+pub const UNROUTED: &str = "webio_router_unrouted_total";
+pub const DUPLICATES: &str = "webio_router_duplicates_total";
+pub const REJECTED: &str = "webio_router_rejected_total";
+pub const DELIVERIES: &str = "webio_router_deliveries_total";
+pub const DELIVERY_DURATION: &str = "webio_router_delivery_duration_seconds";
+pub const SPOOL_PENDING: &str = "webio_router_spool_pending";
+pub const SPOOL_BYTES: &str = "webio_router_spool_bytes";
+pub const SPOOL_FLUSHES: &str = "webio_router_spool_flushes_total";
+pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
+pub const SINK_UP: &str = "webio_router_sink_up";
+pub const BUILD_INFO: &str = "webio_router_build_info";
+pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
+
+/// Every metric the daemon exports (deploy artefacts are checked against this list).
+pub const NAMES: &[&str] = &[
+    REQUESTS,
+    REQUEST_DURATION,
+    EVENTS,
+    AUTH_FAILURES,
+    AUTH_SECRET_USED,
+    UNROUTED,
+    DUPLICATES,
+    REJECTED,
+    DELIVERIES,
+    DELIVERY_DURATION,
+    SPOOL_PENDING,
+    SPOOL_BYTES,
+    SPOOL_FLUSHES,
+    SPOOL_APPENDS,
+    SINK_UP,
+    BUILD_INFO,
+    CONFIG_RELOADS,
+];
+
+/// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
+pub const HISTOGRAMS: &[&str] = &[REQUEST_DURATION, DELIVERY_DURATION];
+
+/// Event types that get their own label value; anything else is counted as `other`
+/// so that a hostile sender cannot grow the label set.
+const KNOWN_TYPES: &[&str] = &[
+    "inboundMessage",
+    "messageSend",
+    "messageStatusUpdate",
+    "payment",
+    "setStatus",
+    "conversationClosed",
+    "moveToQueue",
+    "conversationAssignment",
+];
+
+fn type_label(t: &str) -> &'static str {
+    KNOWN_TYPES.iter().find(|k| **k == t).copied().unwrap_or("other")
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
+                .expect("static bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed (tests); rendering still works.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Webhook requests answered, by HTTP status.");
+    describe_histogram!(REQUEST_DURATION, "Time to answer a webhook request.");
+    describe_counter!(EVENTS, "Accepted events, by type and payload shape.");
+    describe_counter!(AUTH_FAILURES, "Requests refused by the JWT check, by reason class.");
+    describe_counter!(AUTH_SECRET_USED, "Tokens verified, by index of the secret that verified them.");
+    describe_counter!(UNROUTED, "Accepted events that matched no route, by type.");
+    describe_counter!(DUPLICATES, "Re-deliveries acknowledged inside the dedup window.");
+    describe_counter!(REJECTED, "Authenticated bodies refused with 400, by reason.");
+    describe_counter!(DELIVERIES, "Delivery attempts, by sink and outcome (ok, retry, dead).");
+    describe_histogram!(DELIVERY_DURATION, "Time of one delivery attempt, by sink.");
+    describe_gauge!(SPOOL_PENDING, "(event, sink) pairs waiting in the spool, by sink.");
+    describe_gauge!(SPOOL_BYTES, "Bytes of event data held in the spool.");
+    describe_counter!(SPOOL_FLUSHES, "Durable spool commits (one fsync each).");
+    describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
+    describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_counter!(CONFIG_RELOADS, "routes.toml reloads, by outcome.");
+}
+
+pub fn request(status: u16, elapsed: Duration) {
+    counter!(REQUESTS, "status" => status.to_string()).increment(1);
+    histogram!(REQUEST_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn event(event_type: &str, shape: &'static str) {
+    counter!(EVENTS, "type" => type_label(event_type), "shape" => shape).increment(1);
+}
+
+pub fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+pub fn auth_secret_used(index: usize) {
+    counter!(AUTH_SECRET_USED, "index" => index.to_string()).increment(1);
+}
+
+pub fn unrouted(event_type: &str) {
+    counter!(UNROUTED, "type" => type_label(event_type)).increment(1);
+}
+
+pub fn duplicate() {
+    counter!(DUPLICATES).increment(1);
+}
+
+pub fn rejected(reason: &'static str) {
+    counter!(REJECTED, "reason" => reason).increment(1);
+}
+
+/// Outcome of one delivery attempt: `ok`, `retry` or `dead`.
+pub fn delivery(sink: &str, outcome: &'static str, elapsed: Duration) {
+    counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).increment(1);
+    histogram!(DELIVERY_DURATION, "sink" => sink.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn spool_pending(sink: &str, pending: u64) {
+    gauge!(SPOOL_PENDING, "sink" => sink.to_owned()).set(pending as f64);
+}
+
+pub fn spool_bytes(bytes: u64) {
+    gauge!(SPOOL_BYTES).set(bytes as f64);
+}
+
+/// One durable commit that made `appends` events durable at once (group commit).
+pub fn spool_flush(appends: u64) {
+    counter!(SPOOL_FLUSHES).increment(1);
+    counter!(SPOOL_APPENDS).increment(appends);
+}
+
+pub fn sink_up(sink: &str, up: bool) {
+    gauge!(SINK_UP, "sink" => sink.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn config_reload(ok: bool) {
+    counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}

@@ -1,0 +1,101 @@
+//! `POST {server.path}`: authenticate, read the body, normalise, route, hand to delivery.
+
+use super::error::RequestError;
+use super::{json, Body};
+use crate::app::State;
+use crate::delivery::Accepted;
+use crate::event::{normalise, Envelope};
+use crate::metrics;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let resp = match accept(&state, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            match &e {
+                RequestError::Auth(a) => metrics::auth_failure(a.reason()),
+                RequestError::Unavailable { reason, .. } => tracing::warn!(%reason, "webhook refused with 503"),
+                _ => {}
+            }
+            e.into_response()
+        }
+    };
+    metrics::request(resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RequestError> {
+    if req.uri().path() != state.path {
+        return Err(RequestError::NotFound);
+    }
+    if req.method() != Method::POST {
+        return Err(RequestError::MethodNotAllowed);
+    }
+    let verified = state
+        .verifier
+        .verify(req.headers().get(&state.auth_header).map(|v| v.as_bytes()))
+        .map_err(RequestError::Auth)?;
+    metrics::auth_secret_used(verified.secret_index);
+
+    let body = read_body(state, req).await?;
+    let received_at = chrono::Utc::now();
+    let event = match normalise(&body, verified.organisation_id, &state.normalise, received_at) {
+        Ok(ev) => ev,
+        Err(e) => {
+            state.reject(&body, &e, received_at).await?;
+            return Err(RequestError::BadBody(e));
+        }
+    };
+    metrics::event(&event.event_type, event.shape.as_str());
+
+    let table = state.table();
+    let matched = table.routes.matching(&event);
+    let routes = matched.routes.len();
+    let id = event.id.clone();
+    if matched.sinks.is_empty() {
+        metrics::unrouted(&event.event_type);
+        tracing::debug!(event_id = %id, event_type = %event.event_type, "event matched no route");
+        return Ok(json(StatusCode::ACCEPTED, json!({"status": "accepted", "id": id, "routes": 0})));
+    }
+    let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
+    drop(matched);
+    let env = Envelope { event, raw: body };
+    match state.delivery.submit(env, sinks).await {
+        Ok(Accepted::New) => {
+            tracing::debug!(event_id = %id, routes, "event accepted");
+            Ok(json(StatusCode::ACCEPTED, json!({"status": "accepted", "id": id, "routes": routes})))
+        }
+        Ok(Accepted::Duplicate) => {
+            metrics::duplicate();
+            tracing::debug!(event_id = %id, "duplicate event acknowledged");
+            Ok(json(StatusCode::OK, json!({"status": "duplicate", "id": id})))
+        }
+        Err(refused) => Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after }),
+    }
+}
+
+async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, RequestError> {
+    let max = state.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(RequestError::TooLarge(max));
+    }
+    let collect = Limited::new(req.into_body(), max).collect();
+    match tokio::time::timeout(state.request_timeout, collect).await {
+        Err(_) => Err(RequestError::Timeout),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge(max)),
+        Ok(Err(e)) => Err(RequestError::BodyRead(e.to_string())),
+    }
+}

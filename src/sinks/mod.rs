@@ -1,0 +1,128 @@
+//! One [`Sink`] trait; one module per sink type; one factory from the `type`-tagged
+//! `routes.toml` table. Adding a sink = one new module + one [`SinkConfig`] variant.
+//!
+//! Every delivery outcome is classified once, in the sink: [`SinkError::retryable`] or
+//! [`SinkError::permanent`].
+
+pub mod amqp;
+pub mod file;
+pub mod http;
+pub mod kafka;
+
+use crate::event::Envelope;
+use crate::format::Format;
+use serde::Deserialize;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A destination for events. `deliver` resolves once the destination has *confirmed* the
+/// event (broker confirm, delivery report, 2xx, flushed write).
+pub trait Sink: Send + Sync + 'static {
+    fn name(&self) -> &str;
+
+    fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// Whether the sink believes its destination is reachable (`webio_router_sink_up`).
+    fn is_up(&self) -> bool {
+        true
+    }
+
+    /// Flushes buffered output before shutdown, for at most `timeout`.
+    fn flush(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth trying again later (timeouts, 5xx, 408/429, connection errors, broker nacks).
+    Retryable,
+    /// Will fail the same way every time (4xx, unroutable, message too large): dead letter now.
+    Permanent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The destination asked for this pause (HTTP `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl SinkError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        SinkError { kind: ErrorKind::Retryable, message: message.into(), retry_after: None }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SinkError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.kind == ErrorKind::Permanent
+    }
+}
+
+/// A sink table of `routes.toml`, tagged on `type`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    File(file::FileConfig),
+    Http(http::HttpConfig),
+    Amqp(amqp::AmqpConfig),
+    Kafka(kafka::KafkaConfig),
+}
+
+/// A problem with one option of a sink: `(key, message)`.
+pub type OptionError = (String, String);
+
+impl SinkConfig {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+            SinkConfig::Http(_) => "http",
+            SinkConfig::Amqp(_) => "amqp",
+            SinkConfig::Kafka(_) => "kafka",
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            SinkConfig::File(c) => c.format,
+            SinkConfig::Http(c) => c.format,
+            SinkConfig::Amqp(c) => c.format,
+            SinkConfig::Kafka(c) => c.format,
+        }
+    }
+
+    /// Checks every option (templates, URLs, properties) without connecting anywhere.
+    pub fn validate(&self) -> Vec<OptionError> {
+        match self {
+            SinkConfig::File(c) => c.validate(),
+            SinkConfig::Http(c) => c.validate(),
+            SinkConfig::Amqp(c) => c.validate(),
+            SinkConfig::Kafka(c) => c.validate(),
+        }
+    }
+
+    /// Builds the sink. Never waits for a broker: a sink whose destination is down starts
+    /// anyway, reports itself down and reconnects in the background.
+    pub fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(match self {
+            SinkConfig::File(c) => Arc::new(file::FileSink::new(name, c)?),
+            SinkConfig::Http(c) => Arc::new(http::HttpSink::new(name, c)?),
+            SinkConfig::Amqp(c) => Arc::new(amqp::AmqpSink::new(name, c)?),
+            SinkConfig::Kafka(c) => Arc::new(kafka::KafkaSink::new(name, c)?),
+        })
+    }
+}
+
+/// Validates a template option, collecting the error under `key`.
+pub(crate) fn check_template(errs: &mut Vec<OptionError>, key: &str, text: &str, escape: crate::template::Escape) {
+    if let Err(e) = crate::template::Template::parse(text, escape) {
+        errs.push((key.to_owned(), e.to_string()));
+    }
+}
