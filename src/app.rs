@@ -84,13 +84,16 @@ impl State {
     ) -> Result<(), RequestError> {
         crate::metrics::rejected(err.reason());
         let (text, hex) = body_fields(body);
-        let record = json!({
+        let mut record = json!({
             "receivedAt": crate::event::format_time(at),
             "reason": err.reason(),
             "error": err.to_string(),
-            "body": text,
-            "bodyHex": hex,
         });
+        match (text, hex) {
+            (Some(t), _) => record["body"] = t.into(),
+            (None, Some(h)) => record["bodyHex"] = h.into(),
+            _ => {}
+        }
         self.rejected.append(&record).await.map_err(|e| {
             tracing::error!(file = %self.rejected.path().display(), error = %e, "cannot record a rejected body");
             RequestError::Unavailable {

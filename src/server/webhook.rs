@@ -1,7 +1,7 @@
 //! `POST {server.path}`: authenticate, read the body, normalise, route, hand to delivery.
 
 use super::error::RequestError;
-use super::{json, Body};
+use super::Body;
 use crate::app::State;
 use crate::delivery::Accepted;
 use crate::event::{normalise, Envelope};
@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,32 +52,55 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
             return Err(RequestError::BadBody(e));
         }
     };
-    metrics::event(&event.event_type, event.shape.as_str());
 
     let table = state.table();
     let matched = table.routes.matching(&event);
     let routes = matched.routes.len();
     let id = event.id.clone();
+    let (event_type, shape) = (event.event_type.clone(), event.shape.as_str());
     if matched.sinks.is_empty() {
+        metrics::event(&event_type, shape);
         metrics::unrouted(&event.event_type);
         tracing::debug!(event_id = %id, event_type = %event.event_type, "event matched no route");
-        return Ok(json(StatusCode::ACCEPTED, json!({"status": "accepted", "id": id, "routes": 0})));
+        return Ok(accepted(&id, 0));
     }
     let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
     drop(matched);
     let env = Envelope { event, raw: body };
     match state.delivery.submit(env, sinks).await {
         Ok(Accepted::New) => {
+            metrics::event(&event_type, shape);
             tracing::debug!(event_id = %id, routes, "event accepted");
-            Ok(json(StatusCode::ACCEPTED, json!({"status": "accepted", "id": id, "routes": routes})))
+            Ok(accepted(&id, routes))
         }
         Ok(Accepted::Duplicate) => {
             metrics::duplicate();
             tracing::debug!(event_id = %id, "duplicate event acknowledged");
-            Ok(json(StatusCode::OK, json!({"status": "duplicate", "id": id})))
+            Ok(ok_json(StatusCode::OK, &Answer { status: "duplicate", id: &id, routes: None }))
         }
         Err(refused) => Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after }),
     }
+}
+
+/// Success answers, with `status` first for people reading them.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    status: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routes: Option<usize>,
+}
+
+fn accepted(id: &str, routes: usize) -> Response<Body> {
+    ok_json(StatusCode::ACCEPTED, &Answer { status: "accepted", id, routes: Some(routes) })
+}
+
+fn ok_json(status: StatusCode, answer: &Answer<'_>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(answer).expect("answers serialise"))))
+        .expect("static response parts are valid")
 }
 
 async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, RequestError> {
