@@ -92,18 +92,27 @@ impl Routes {
         let at = |offset: usize, msg: String| Diagnostic::at(source, text, offset, msg);
 
         let mut sinks = BTreeMap::new();
+        // Sinks already reported as invalid: routes naming them are not reported again.
+        let mut broken = Vec::new();
         for (name, table) in raw.sinks {
             let (name_span, name) = (name.span(), name.into_inner());
             let mut value = toml::Table::new();
             let mut key_spans = BTreeMap::new();
+            let mut expanded = true;
             for (k, v) in table.into_inner() {
                 let (span, key) = (v.span(), k.into_inner());
                 let mut v = v.into_inner();
                 if let Err(e) = expand_value(&mut v, &env) {
                     errs.push(at(span.start, format!("sinks.{name}.{key}: {e}")));
+                    expanded = false;
                 }
                 key_spans.insert(key.clone(), span.start);
                 value.insert(key, v);
+            }
+            if !expanded {
+                // Already reported; validating the unexpanded text would only add noise.
+                broken.push(name);
+                continue;
             }
             match toml::Value::Table(value).try_into::<SinkConfig>() {
                 Ok(cfg) => {
@@ -114,7 +123,10 @@ impl Routes {
                     }
                     sinks.insert(name, cfg);
                 }
-                Err(e) => errs.push(at(name_span.start, format!("sinks.{name}: {}", e.message()))),
+                Err(e) => {
+                    errs.push(at(name_span.start, format!("sinks.{name}: {}", e.message())));
+                    broken.push(name);
+                }
             }
         }
 
