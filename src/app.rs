@@ -37,6 +37,7 @@ impl RouteTable {
                 .and_then(|p| (p.routes.sinks.get(name) == Some(cfg)).then(|| p.sinks.get(name).cloned()).flatten());
             match reused.map(Ok).unwrap_or_else(|| cfg.build(name)) {
                 Ok(s) => {
+                    crate::metrics::register_sink(name);
                     sinks.insert(name.clone(), s);
                 }
                 Err(e) => errs.push(crate::config::Diagnostic::new(format!("sinks.{name}"), e.message)),
@@ -199,7 +200,8 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source }) };
     let hook = bind(cfg.server.listen).await?;
     let admin = bind(cfg.admin.listen).await?;
-    let (hook_addr, admin_addr) = (hook.local_addr().ok(), admin.local_addr().ok());
+    let shown = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+    let (hook_addr, admin_addr) = (shown(&hook), shown(&admin));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain = cfg.delivery.shutdown_timeout;
@@ -216,7 +218,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
 
     state.ready.store(true, Ordering::Release);
     // Machine-readable line for tests and wrappers that bind to port 0.
-    tracing::info!(webhook = ?hook_addr, admin = ?admin_addr, path = %cfg.server.path, mode = ?cfg.delivery.mode, "webio-router ready");
+    tracing::info!(webhook = %hook_addr, admin = %admin_addr, path = %cfg.server.path, mode = ?cfg.delivery.mode, "webio-router ready");
     crate::notify::ready();
     let watchdog = crate::notify::spawn_watchdog();
 

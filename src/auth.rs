@@ -36,6 +36,10 @@ pub enum AuthError {
     Organisation,
 }
 
+/// Every [`AuthError::reason`], for metrics initialisation.
+pub const REASONS: &[&str] =
+    &["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "algorithm", "organisation"];
+
 impl AuthError {
     pub fn reason(self) -> &'static str {
         match self {

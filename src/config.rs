@@ -116,19 +116,19 @@ impl<'de> Deserialize<'de> for Secret {
 fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum S {
-        S(String),
-        I(i64),
-        U(u64),
-        F(f64),
-        B(bool),
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Uint(u64),
+        Float(f64),
+        Bool(bool),
     }
-    Ok(match S::deserialize(d)? {
-        S::S(s) => s,
-        S::I(i) => i.to_string(),
-        S::U(u) => u.to_string(),
-        S::F(f) => f.to_string(),
-        S::B(b) => b.to_string(),
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::Text(s) => s,
+        Scalar::Int(i) => i.to_string(),
+        Scalar::Uint(u) => u.to_string(),
+        Scalar::Float(f) => f.to_string(),
+        Scalar::Bool(b) => b.to_string(),
     })
 }
 
@@ -372,7 +372,10 @@ impl Config {
             }
             figment = figment.merge(Toml::string(&text));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only `SECTION__KEY` names and `ROUTES_FILE` are ours: Kubernetes injects service
+        // links such as `WEBIO_ROUTER_PORT=tcp://…` for a Service named webio-router.
+        figment = figment
+            .merge(Env::prefixed(ENV_PREFIX).filter(|k| k.as_str().contains("__") || k == "routes_file").split("__"));
         let mut config: Config = figment.extract().map_err(|e| {
             ConfigError(
                 e.into_iter()

@@ -81,6 +81,9 @@ pub fn install() -> PrometheusHandle {
             // Fails only when another recorder is installed (tests); rendering still works.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            for reason in crate::auth::REASONS {
+                counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
+            }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
@@ -105,6 +108,13 @@ fn describe() {
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "routes.toml reloads, by outcome.");
+}
+
+/// Creates the counters of a sink at zero, so that `increase()` sees its first failure.
+pub fn register_sink(sink: &str) {
+    for outcome in ["ok", "retry", "dead"] {
+        counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).absolute(0);
+    }
 }
 
 pub fn request(status: u16, elapsed: Duration) {

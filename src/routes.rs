@@ -10,11 +10,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use toml::Spanned;
 
+/// A sink table with a span for each key, so option errors point at their line.
+type RawSink = Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
-    sinks: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    sinks: BTreeMap<Spanned<String>, RawSink>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }

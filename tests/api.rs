@@ -553,3 +553,25 @@ fn a_slow_client_is_cut_off_after_request_timeout_while_others_are_served() {
         }
     }
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_request_lines_carry_request_and_event_ids() {
+    let r = router("[log]\nformat = \"json\"\nlevel = \"debug\"\n", ARCHIVE).spawn();
+    let resp = r.post(INBOUND);
+    let id = resp.json()["id"].as_str().unwrap().to_owned();
+    r.wait_log("event accepted", Duration::from_secs(5));
+    let lines = r.log.lock().unwrap().clone();
+    let mut about_request = 0;
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "message"] {
+            assert!(v.get(key).is_some(), "{key} missing: {line}");
+        }
+        if v["message"] == "event accepted" {
+            about_request += 1;
+            assert_eq!(v["span"]["event_id"], id.as_str(), "{line}");
+            assert!(v["span"]["request_id"].is_string(), "{line}");
+        }
+    }
+    assert_eq!(about_request, 1);
+}

@@ -137,7 +137,11 @@ fn the_config_file_defaults_to_webio_router_toml_in_the_working_directory() {
 #[test]
 fn routes_flag_overrides_routes_file() {
     let (dir, cfg, _) = router("", ROUTES).write();
-    std::fs::write(dir.path().join("other.toml"), "[sinks.x]\ntype = \"file\"\npath = \"x.jsonl\"\n[[routes]]\nto = [\"x\"]\n").unwrap();
+    std::fs::write(
+        dir.path().join("other.toml"),
+        "[sinks.x]\ntype = \"file\"\npath = \"x.jsonl\"\n[[routes]]\nto = [\"x\"]\n",
+    )
+    .unwrap();
     let out = run(dir.path(), &["--config", cfg.to_str().unwrap(), "--routes", "other.toml", "check"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("sink x: file"));

@@ -10,12 +10,25 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
+
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let resp = match accept(&state, req).await {
+    // Every log line about this request carries its request id and, once known, the event id.
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:x}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
+    let span = tracing::info_span!("request", request_id = %request_id, event_id = tracing::field::Empty);
+    let resp = match accept(&state, req).instrument(span).await {
         Ok(resp) => resp,
         Err(e) => {
             match &e {
@@ -27,6 +40,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         }
     };
     metrics::request(resp.status().as_u16(), started.elapsed());
+    tracing::debug!(request_id = %request_id, status = resp.status().as_u16(), "webhook answered");
     resp
 }
 
@@ -57,6 +71,7 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
     let matched = table.routes.matching(&event);
     let routes = matched.routes.len();
     let id = event.id.clone();
+    tracing::Span::current().record("event_id", id.as_str());
     let (event_type, shape) = (event.event_type.clone(), event.shape.as_str());
     if matched.sinks.is_empty() {
         metrics::event(&event_type, shape);

@@ -193,10 +193,16 @@ impl RouterBuilder {
     }
 }
 
+/// Reads `webhook=ADDR` (text logs) or `"webhook":"ADDR"` (JSON logs) from the ready line.
 fn field_addr(line: &str, key: &str) -> SocketAddr {
-    let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
-    let rest = rest.trim_start_matches("Some(");
-    let end = rest.find(|c: char| c == ')' || c.is_whitespace()).unwrap_or(rest.len());
+    let name = key.trim_end_matches('=');
+    let json_key = format!("\"{name}\":\"");
+    let start = match line.find(key) {
+        Some(i) => i + key.len(),
+        None => line.find(&json_key).unwrap_or_else(|| panic!("{key} in {line}")) + json_key.len(),
+    };
+    let rest = &line[start..];
+    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
     rest[..end].parse().unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 

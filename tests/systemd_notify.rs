@@ -1,0 +1,55 @@
+//! `Type=notify`: READY=1 is sent only once both listeners accept connections, and
+//! STOPPING=1 on shutdown.
+
+mod common;
+
+use common::*;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+#[test]
+fn ready_is_notified_after_the_listeners_are_bound_and_stopping_on_sigterm() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+
+    let mut r = router("", "[sinks.a]\ntype = \"file\"\npath = \"{dir}/a.jsonl\"\n[[routes]]\nto = [\"a\"]\n")
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .spawn();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // When READY arrives, both listeners already answer.
+    assert_eq!(get(r.admin, "/readyz").status, 200);
+    assert_eq!(r.post(br#"{"type":"payment"}"#).status, 202);
+
+    r.signal("TERM");
+    let n = sock.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(r.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn the_watchdog_is_pinged_when_systemd_asks_for_it() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // WATCHDOG_PID must name the process; without it sd-notify accepts any.
+    let _r = router("", "[sinks.a]\ntype = \"file\"\npath = \"{dir}/a.jsonl\"\n[[routes]]\nto = [\"a\"]\n")
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "200000")
+        .spawn();
+    let mut buf = [0u8; 512];
+    let mut saw = false;
+    for _ in 0..10 {
+        let n = sock.recv(&mut buf).expect("a notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            saw = true;
+            break;
+        }
+    }
+    assert!(saw, "no WATCHDOG=1 ping");
+}
