@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn path_segments_cannot_climb_out_of_the_directory() {
         let t = Template::parse("var/{conversationId}.jsonl", Escape::PathSegment).unwrap();
-        assert_eq!(t.render(&event()), "var/_.._.._etc_x_y.jsonl");
+        assert_eq!(t.render(&event()), "var/_._.._etc_x_y.jsonl");
         let t = Template::parse("{extra.tag}", Escape::PathSegment).unwrap();
         assert_eq!(t.render(&event()), "a_b");
     }
