@@ -171,6 +171,24 @@ pub enum ServeError {
 pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let cfg = &loaded.config;
     let metrics = crate::metrics::install();
+    let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source }) };
+    let shown = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+
+    // The admin listener comes first, so that probes see 503 (not a refused connection)
+    // while routes, sinks and the spool are being opened.
+    let admin = Arc::new(server::admin::Admin::new(metrics.clone(), cfg.auth.disabled));
+    let admin_listener = bind(cfg.admin.listen).await?;
+    let admin_addr = shown(&admin_listener);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let a = admin.clone();
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        Duration::from_secs(5),
+        admin_stop_rx,
+        Duration::from_secs(1),
+        move |req| server::admin::handle(a.clone(), req),
+    ));
+
     let (_, table) = prepare(&loaded)?;
     let delivery: Arc<dyn Delivery> = match cfg.delivery.mode {
         DeliveryMode::Direct => Arc::new(Direct::new(cfg.delivery.dedup_window)),
@@ -197,26 +215,17 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         tracing::warn!("auth.disabled = true: webhooks are NOT authenticated; use this only for local experiments");
     }
 
-    let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source }) };
     let hook = bind(cfg.server.listen).await?;
-    let admin = bind(cfg.admin.listen).await?;
-    let shown = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
-    let (hook_addr, admin_addr) = (shown(&hook), shown(&admin));
-
+    let hook_addr = shown(&hook);
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain = cfg.delivery.shutdown_timeout;
     let s = state.clone();
-    let hook_task = tokio::spawn(server::serve(hook, cfg.server.request_timeout, stop_rx.clone(), drain, move |req| {
+    let hook_task = tokio::spawn(server::serve(hook, cfg.server.request_timeout, stop_rx, drain, move |req| {
         server::webhook::handle(s.clone(), req)
     }));
-    let s = state.clone();
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin_task =
-        tokio::spawn(server::serve(admin, Duration::from_secs(5), admin_stop_rx, Duration::from_secs(1), move |req| {
-            server::admin::handle(s.clone(), req)
-        }));
 
     state.ready.store(true, Ordering::Release);
+    admin.set_state(state.clone());
     // Machine-readable line for tests and wrappers that bind to port 0.
     tracing::info!(webhook = %hook_addr, admin = %admin_addr, path = %cfg.server.path, mode = ?cfg.delivery.mode, "webio-router ready");
     crate::notify::ready();

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -202,9 +201,4 @@ fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
     let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));
     ExitCode::SUCCESS
-}
-
-/// Parses a duration flag (shared by subcommands).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
 }

@@ -1,4 +1,5 @@
-//! Admin listener: `GET /metrics`, `/healthz`, `/readyz`.
+//! Admin listener: `GET /metrics`, `/healthz`, `/readyz`. It is up before the webhook
+//! listener, answering `/readyz` with 503 until the daemon is ready.
 
 use super::{json, Body};
 use crate::app::State;
@@ -6,33 +7,56 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+pub struct Admin {
+    metrics: PrometheusHandle,
+    auth_disabled: bool,
+    state: OnceLock<Arc<State>>,
+}
+
+impl Admin {
+    pub fn new(metrics: PrometheusHandle, auth_disabled: bool) -> Self {
+        Admin { metrics, auth_disabled, state: OnceLock::new() }
+    }
+
+    /// Called once the webhook listener is up.
+    pub fn set_state(&self, state: Arc<State>) {
+        let _ = self.state.set(state);
+    }
+}
+
+pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = json(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method not allowed"}));
         r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
+    let state = admin.state.get();
     match req.uri().path() {
         "/metrics" => {
-            state.refresh_gauges();
+            if let Some(s) = state {
+                s.refresh_gauges();
+            }
             Response::builder()
                 .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-                .body(Full::new(Bytes::from(state.metrics.render())))
+                .body(Full::new(Bytes::from(admin.metrics.render())))
                 .expect("static response parts are valid")
         }
         "/healthz" => json(StatusCode::OK, json!({"status": "ok"})),
         "/readyz" => {
             let mut warnings = Vec::new();
-            if state.verifier.is_disabled() {
+            if admin.auth_disabled {
                 warnings.push("auth is disabled: webhooks are not authenticated");
             }
-            if state.is_ready() {
-                json(StatusCode::OK, json!({"status": "ready", "warnings": warnings}))
-            } else {
-                json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "not ready", "warnings": warnings}))
+            match state {
+                Some(s) if s.is_ready() => json(StatusCode::OK, json!({"status": "ready", "warnings": warnings})),
+                Some(_) => {
+                    json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "shutting down", "warnings": warnings}))
+                }
+                None => json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting", "warnings": warnings})),
             }
         }
         _ => json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
