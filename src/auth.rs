@@ -102,6 +102,12 @@ fn claim_text(v: &Value) -> Option<String> {
     }
 }
 
+/// `exp` / `nbf` as jsonwebtoken reads them: an integer, or a float rounded (RFC 7519 allows
+/// fractional NumericDates, and the cache must honour them as the first check did).
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.round() as u64))
+}
+
 impl Verifier {
     pub fn new(loaded: &Loaded) -> Self {
         let auth = &loaded.config.auth;
@@ -155,7 +161,7 @@ impl Verifier {
     fn cached(&self, token: &str) -> Option<Result<Verified, AuthError>> {
         let hit = self.cache.lock().expect("auth cache lock").get(token).cloned()?;
         let now = now();
-        if hit.exp.is_some_and(|exp| exp + self.leeway < now) {
+        if hit.exp.is_some_and(|exp| exp.saturating_add(self.leeway) < now) {
             return Some(Err(AuthError::Expired));
         }
         if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway) {
@@ -193,8 +199,8 @@ impl Verifier {
                     }
                     return Ok(Cached {
                         verified: Verified { organisation_id, secret_index: index },
-                        exp: claims.get("exp").and_then(Value::as_u64),
-                        nbf: claims.get("nbf").and_then(Value::as_u64),
+                        exp: claims.get("exp").and_then(numeric_date),
+                        nbf: claims.get("nbf").and_then(numeric_date),
                     });
                 }
                 Err(e) => match e.kind() {

@@ -111,6 +111,22 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// `auth.secrets`: a list, or one secret on its own (`WEBIO_ROUTER_AUTH__SECRETS=…`). A value
+/// of the wrong type is refused without echoing it: serde's messages quote the value.
+fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Secret),
+        Many(Vec<Secret>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => Ok(vec![s]),
+        Ok(OneOrMany::Many(v)) => Ok(v),
+        Err(_) => Err(serde::de::Error::custom("must be a list of strings (value not shown: it holds secrets)")),
+    }
+}
+
 /// A string that may have been written as a number or a boolean (environment values are
 /// parsed as TOML values, so `ORGANISATION_ID=42` arrives as an integer).
 fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -224,6 +240,7 @@ impl Algorithm {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub header: String,
+    #[serde(deserialize_with = "secret_list")]
     pub secrets: Vec<Secret>,
     pub secret_files: Vec<PathBuf>,
     pub algorithms: Vec<Algorithm>,
@@ -383,7 +400,14 @@ impl Config {
                         let key = e.path.join(".");
                         let from_env = e.metadata.as_ref().is_some_and(|m| m.name.contains("environment"));
                         let source = if from_env {
-                            format!("environment {ENV_PREFIX}{}", key.to_uppercase().replace('.', "__"))
+                            // `auth.algorithms.0` comes from WEBIO_ROUTER_AUTH__ALGORITHMS: drop list indices.
+                            let var: Vec<String> = e
+                                .path
+                                .iter()
+                                .take_while(|p| !p.bytes().all(|b| b.is_ascii_digit()))
+                                .map(|p| p.to_uppercase())
+                                .collect();
+                            format!("environment {ENV_PREFIX}{}", var.join("__"))
                         } else {
                             file.as_ref().map_or("configuration".into(), |f| f.display().to_string())
                         };

@@ -141,14 +141,19 @@ impl Routes {
             let mut when = Vec::new();
             for (field, value) in r.when {
                 let (fspan, field) = (field.span(), field.into_inner());
-                if !is_field(&field) {
-                    errs.push(at(fspan.start, format!("routes[{i}] ({name}): unknown field {field:?} in `when` (use a normalised field name or extra.<name>)")));
-                    continue;
-                }
                 let vspan = value.span();
-                match patterns(value.into_inner()) {
-                    Ok(any_of) => when.push(Condition { field, any_of }),
-                    Err(m) => errs.push(at(vspan.start, format!("routes[{i}] ({name}): when.{field}: {m}"))),
+                // An unquoted dotted key (`extra.channel = "sms"`) arrives as a nested table.
+                let mut flat = Vec::new();
+                flatten_when(field, value.into_inner(), &mut flat);
+                for (field, value) in flat {
+                    if !is_field(&field) {
+                        errs.push(at(fspan.start, format!("routes[{i}] ({name}): unknown field {field:?} in `when` (use a normalised field name or extra.<name>)")));
+                        continue;
+                    }
+                    match patterns(value) {
+                        Ok(any_of) => when.push(Condition { field, any_of }),
+                        Err(m) => errs.push(at(vspan.start, format!("routes[{i}] ({name}): when.{field}: {m}"))),
+                    }
                 }
             }
             let to_span = r.to.span();
@@ -210,6 +215,18 @@ fn expand_value(
         _ => {}
     }
     Ok(())
+}
+
+/// `extra = { channel = "sms" }` (what TOML makes of `extra.channel = "sms"`) → `extra.channel`.
+fn flatten_when(key: String, v: toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    match v {
+        toml::Value::Table(t) if !t.is_empty() => {
+            for (k, v) in t {
+                flatten_when(format!("{key}.{k}"), v, out);
+            }
+        }
+        v => out.push((key, v)),
+    }
 }
 
 fn patterns(v: toml::Value) -> Result<Vec<Pattern>, String> {

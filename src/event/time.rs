@@ -5,7 +5,8 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 
 const NAIVE_FORMATS: &[&str] = &["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"];
-const OFFSET_FORMATS: &[&str] = &["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"];
+// `%#z` takes `+01`, `+0100` and `+01:00`: ISO 8601 allows all three.
+const OFFSET_FORMATS: &[&str] = &["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z"];
 
 /// Parses a `dateCreated` value; `None` when it is not a date this module understands.
 pub fn parse_date(raw: &str, zone: Tz) -> Option<DateTime<Utc>> {
