@@ -419,6 +419,11 @@ impl Config {
                     .collect(),
             )
         })?;
+        // figment reads environment values as TOML-ish values, so `0042` would become 42:
+        // an organisation id is an identifier, taken verbatim.
+        if let Ok(raw) = std::env::var(format!("{ENV_PREFIX}AUTH__ORGANISATION_ID")) {
+            config.auth.organisation_id = raw.trim().trim_matches('"').to_owned();
+        }
         if let Some(r) = routes_override {
             config.routes_file = r.to_path_buf();
         }

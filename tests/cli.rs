@@ -225,3 +225,15 @@ fn help_and_version_work_and_bad_usage_exits_2() {
     assert_eq!(run(dir.path(), &["--bogus"], &[]).status.code(), Some(2));
     assert_eq!(run(dir.path(), &["frobnicate"], &[]).status.code(), Some(2));
 }
+
+#[test]
+fn an_organisation_id_from_the_environment_is_taken_verbatim() {
+    let (dir, cfg, _) = router("", ROUTES).write();
+    let out = run(
+        dir.path(),
+        &["--config", cfg.to_str().unwrap(), "check"],
+        &[("WEBIO_ROUTER_AUTH__ORGANISATION_ID", "0042")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("organisation 0042"), "{}", text(&out.stdout));
+}
