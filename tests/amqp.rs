@@ -296,3 +296,33 @@ to = ["bus"]
     let shown = err.to_string();
     assert!(shown.contains("sinks.bus.url"), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_by_the_broker_is_retryable_and_the_sink_recovers() {
+    // declare = false and no such exchange yet: RabbitMQ closes the channel (404 NOT_FOUND).
+    let rabbit = Rabbit::setup(ExchangeKind::Topic, None).await;
+    let missing = unique("webio-test-x");
+    let sink = amqp_sink("bus", &rabbit_url(), &missing, "declare = false\nreconnect_max = \"300ms\"");
+    let env = numbered("inboundMessage", 1);
+    eventually("the sink connects", Duration::from_secs(5), || sink.is_up()).await;
+    let err = sink.deliver(&env).await.expect_err("no such exchange");
+    assert!(!err.is_permanent(), "{err:?}");
+
+    // Once the exchange exists (and a queue is bound), the same event goes through.
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    rabbit
+        .ch
+        .exchange_declare(missing.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await
+        .unwrap();
+    let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+    rabbit.ch.queue_declare(rabbit.queue.as_str().into(), exclusive, FieldTable::default()).await.unwrap();
+    let bind = QueueBindOptions::default();
+    let (q, x) = (rabbit.queue.as_str().into(), missing.as_str().into());
+    rabbit.ch.queue_bind(q, x, "#".into(), bind, FieldTable::default()).await.unwrap();
+    let failures = deliver_until_ok(sink.as_ref(), &env, Instant::now() + Duration::from_secs(10)).await.unwrap();
+    println!("{failures} more failed attempts before the channel was back");
+    assert_eq!(rabbit.drain().await.len(), 1);
+    let _ = rabbit.ch.exchange_delete(missing.as_str().into(), ExchangeDeleteOptions::default()).await;
+    rabbit.cleanup().await;
+}

@@ -267,3 +267,21 @@ fn check_reports_bad_kafka_properties_and_accepts_typed_values() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].0, "properties");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_is_retryable_and_a_new_producer_takes_over() {
+    let cluster = cluster_with(&["webio.inboundMessage"]);
+    cluster.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+    );
+    let sink = kafka_sink("stream", &cluster, "");
+    let env = numbered("inboundMessage", 1);
+    // The producer cannot get its idempotence PID: librdkafka raises a fatal error, after
+    // which that producer refuses every message.
+    let err = sink.deliver(&env).await.expect_err("fatal producer error");
+    assert!(!err.is_permanent() && err.message.contains("fatal"), "{err:?}");
+    let failures = deliver_until_ok(sink.as_ref(), &env, Instant::now() + Duration::from_secs(15)).await.unwrap();
+    assert!(failures <= 1, "the replacement producer delivers at once ({failures} more failures)");
+    assert_eq!(consume(&cluster, "webio.inboundMessage", 1).await.len(), 1);
+}

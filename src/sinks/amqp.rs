@@ -12,11 +12,11 @@
 //!
 //! Returned messages: lapin hands a `basic.return` to the first confirm it resolves after the
 //! return arrived, which under pipelining (and multiple-acks) is not necessarily the confirm of
-//! the returned message. One collector task per connection therefore owns every pending
-//! confirm, gathers the returns from each batch of resolved confirms, and matches them to
-//! publishes by `message_id` (the event id) before answering any of them. RabbitMQ sends a
-//! message's return before its ack, so the confirm carrying it is resolved no later than the
-//! message's own.
+//! the returned message. So one collector task per connection owns every pending confirm and
+//! matches returns to publishes by `message_id` (the event id) before answering. RabbitMQ sends
+//! a message's return before its ack, so the confirm carrying it is resolved no later than the
+//! message's own; confirms are registered with the collector under the publish lock, and the
+//! collector takes that lock before answering a batch, so the carrier is always known by then.
 
 use super::{check_template, BoxFuture, OptionError, Sink, SinkError};
 use crate::event::Envelope;
@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex, Notify};
 
 fn default_exchange_type() -> String {
@@ -284,18 +284,30 @@ impl AmqpSink {
             return Err(SinkError::retryable("the AMQP broker has blocked publishing (resource alarm)"));
         }
         let options = BasicPublishOptions { mandatory: self.mandatory, immediate: false };
-        let confirm = {
-            let _order = live.publish.lock().await;
-            live.channel.basic_publish(self.exchange.clone(), routing_key, options, &payload, properties).await
-        };
-        let confirm = confirm.map_err(|e| {
-            self.shared.kick.notify_one();
-            SinkError::retryable(format!("publish failed: {e}"))
-        })?;
         let (reply, outcome) = oneshot::channel();
-        live.confirms
-            .send(Pending { message_id: ev.id.clone(), confirm, reply })
-            .map_err(|_| SinkError::retryable("connection lost before the publisher confirm"))?;
+        let pending_id = ev.id.clone();
+        let exchange = self.exchange.clone();
+        // In a task of its own so that a cancelled delivery cannot leave a publish half done
+        // (a confirm nobody watches could carry another publish's return). The lock covers
+        // handing the frames to lapin *and* registering the confirm with the collector, so
+        // the collector learns of confirms in delivery-tag order; it never covers the wait
+        // for the confirm itself.
+        let published = tokio::spawn(async move {
+            let _order = live.publish.lock().await;
+            let confirm = live
+                .channel
+                .basic_publish(exchange, routing_key, options, &payload, properties)
+                .await
+                .map_err(|e| e.to_string())?;
+            live.confirms
+                .send(Pending { message_id: pending_id, confirm, reply })
+                .map_err(|_| "connection lost before the publisher confirm".to_owned())
+        })
+        .await;
+        if let Err(e) = published.unwrap_or_else(|e| Err(e.to_string())) {
+            self.shared.kick.notify_one();
+            return Err(SinkError::retryable(format!("publish failed: {e}")));
+        }
         match outcome.await {
             Ok(Outcome::Ack) => Ok(()),
             Ok(Outcome::Nack) => Err(SinkError::retryable("the broker refused the message (basic.nack)")),
@@ -406,8 +418,9 @@ async fn connect(name: &str, p: &ConnectParams) -> Result<(Connection, Live), la
         channel.exchange_declare(p.exchange.clone(), p.kind.clone(), options, FieldTable::default()).await?;
     }
     let (confirms, rx) = mpsc::unbounded_channel();
-    tokio::spawn(collect_confirms(rx));
-    let live = Live { channel, connection: connection.status().clone(), publish: Arc::new(Mutex::new(())), confirms };
+    let publish = Arc::new(Mutex::new(()));
+    tokio::spawn(collect_confirms(rx, publish.clone()));
+    let live = Live { channel, connection: connection.status().clone(), publish, confirms };
     Ok((connection, live))
 }
 
@@ -433,12 +446,30 @@ async fn wait_until_lost(shared: &Shared, connection: &Connection, channel: &Cha
     }
 }
 
+const RETURN_TTL: Duration = Duration::from_secs(120);
+
+type Resolved = (Pending, lapin::Result<Confirmation>);
+
+/// Takes the resolved confirms out of `pending`.
+fn poll_pending(pending: &mut Vec<Pending>, cx: &mut std::task::Context<'_>) -> Vec<Resolved> {
+    let mut done = Vec::new();
+    let mut i = 0;
+    while i < pending.len() {
+        match Pin::new(&mut pending[i].confirm).poll(cx) {
+            Poll::Ready(r) => done.push((pending.swap_remove(i), r)),
+            Poll::Pending => i += 1,
+        }
+    }
+    done
+}
+
 /// Owns every pending confirm of one connection and answers each publish once its confirm
 /// resolved, with returned messages matched by `message_id` (see the module comment).
-async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>, publish: Arc<Mutex<()>>) {
     let mut pending: Vec<Pending> = Vec::new();
-    // Returns seen (carried by some confirm) whose own confirm was not answered yet.
-    let mut returned: HashMap<String, Vec<(u16, String)>> = HashMap::new();
+    // Returns seen (carried by some confirm) whose own confirm was not answered yet. A return
+    // whose publish was somehow never registered here would stay, so they expire.
+    let mut returned: HashMap<String, Vec<(u16, String, Instant)>> = HashMap::new();
     let mut open = true;
     loop {
         let batch = poll_fn(|cx| {
@@ -449,14 +480,7 @@ async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>) {
                     Poll::Pending => break,
                 }
             }
-            let mut done = Vec::new();
-            let mut i = 0;
-            while i < pending.len() {
-                match Pin::new(&mut pending[i].confirm).poll(cx) {
-                    Poll::Ready(r) => done.push((pending.swap_remove(i), r)),
-                    Poll::Pending => i += 1,
-                }
-            }
+            let done = poll_pending(&mut pending, cx);
             if !done.is_empty() {
                 Poll::Ready(Some(done))
             } else if !open && pending.is_empty() {
@@ -466,7 +490,18 @@ async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>) {
             }
         })
         .await;
-        let Some(batch) = batch else { return };
+        let Some(mut batch) = batch else { return };
+        // The confirm carrying one of these messages' return may belong to a later publish
+        // whose frames are out but which is not registered here yet: it holds the publish
+        // lock until it is. Wait for it, take what was registered meanwhile and include what
+        // resolved.
+        {
+            let _quiet = publish.lock().await;
+            while let Ok(p) = rx.try_recv() {
+                pending.push(p);
+            }
+        }
+        batch.extend(poll_fn(|cx| Poll::Ready(poll_pending(&mut pending, cx))).await);
 
         // First every return carried by this batch, then the answers.
         let mut answers = Vec::with_capacity(batch.len());
@@ -477,10 +512,11 @@ async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>) {
                     let nack = matches!(confirmation, Confirmation::Nack(_));
                     if let Some(m) = confirmation.take_message() {
                         if let Some(id) = m.delivery.properties.message_id() {
-                            returned
-                                .entry(id.as_str().to_owned())
-                                .or_default()
-                                .push((m.reply_code, m.reply_text.as_str().to_owned()));
+                            returned.entry(id.as_str().to_owned()).or_default().push((
+                                m.reply_code,
+                                m.reply_text.as_str().to_owned(),
+                                Instant::now(),
+                            ));
                         }
                     }
                     if ack {
@@ -497,16 +533,16 @@ async fn collect_confirms(mut rx: mpsc::UnboundedReceiver<Pending>) {
         }
         for (p, outcome) in answers {
             let outcome = match returned.get_mut(&p.message_id).and_then(Vec::pop) {
-                Some((code, text)) => Outcome::Returned { code, text },
+                Some((code, text, _)) => Outcome::Returned { code, text },
                 None => outcome,
             };
             let _ = p.reply.send(outcome);
         }
-        returned.retain(|_, v| !v.is_empty());
-        if pending.is_empty() {
-            // Nothing left that a stale return could belong to.
-            returned.clear();
-        }
+        // A return nobody claimed (its publish was cancelled before reaching this task).
+        returned.retain(|_, v| {
+            v.retain(|(_, _, at)| at.elapsed() < RETURN_TTL);
+            !v.is_empty()
+        });
     }
 }
 
