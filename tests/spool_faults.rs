@@ -197,3 +197,34 @@ fn a_damaged_spool_file_stops_the_start_with_a_message_naming_it() {
     assert!(!err.contains("exited with exit status: 0"), "{err}");
     assert_eq!(std::fs::read(setup.path("spool/spool.redb")).unwrap(), garbage, "the file is left untouched");
 }
+
+#[test]
+fn a_sink_removed_by_a_reload_keeps_its_pending_work_until_it_comes_back() {
+    let port = free_port();
+    let other = SinkServer::start(200);
+    let both = http_routes(&[("crm", format!("http://127.0.0.1:{port}/hook")), ("other", other.url("/o"))]);
+    let setup = Setup::new(&both, "");
+    let router = setup.start();
+    let ids = post_all(&router, "reload", 5);
+    wait_for("the other sink to have everything", LIMIT, || other.received_set() == ids);
+
+    std::fs::write(setup.path("routes.toml"), http_routes(&[("other", other.url("/o"))])).unwrap();
+    let hup = |r: &Router| {
+        assert!(std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(r.child.id().to_string())
+            .status()
+            .unwrap()
+            .success())
+    };
+    hup(&router);
+    wait_for("a warning about the removed sink", LIMIT, || {
+        router.log().contains("pending deliveries stay in the spool")
+    });
+    assert_eq!(router.metric(r#"webio_router_spool_pending{sink="crm"}"#), Some(5.0));
+
+    let crm = SinkServer::start_on(port, 200);
+    std::fs::write(setup.path("routes.toml"), &both).unwrap();
+    hup(&router);
+    wait_for("the kept work at the sink once it is back", LIMIT, || crm.received_set() == ids);
+}

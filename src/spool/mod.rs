@@ -137,6 +137,8 @@ impl Spool {
             committed_bytes: rec.bytes,
             names: rec.pending.keys().cloned().chain(sinks.keys().cloned()).collect(),
             last_prune: 0,
+            last_fsync: Instant::now(),
+            unsynced: false,
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -238,5 +240,134 @@ impl Delivery for Spool {
                 tracing::info!(file = %self.shared.path.display(), pending = ?left, "spool closed; pending deliveries resume at the next start");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::SinkError;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that fails (retryably) until told otherwise, and records what it got.
+    struct Fake {
+        name: String,
+        ok: AtomicBool,
+        got: Mutex<Vec<String>>,
+        calls: AtomicUsize,
+    }
+
+    impl Sink for Fake {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::AcqRel);
+                if self.ok.load(Ordering::Acquire) {
+                    self.got.lock().unwrap().push(env.event.id.clone());
+                    Ok(())
+                } else {
+                    Err(SinkError::retryable("down"))
+                }
+            })
+        }
+    }
+
+    fn fake(name: &str, ok: bool) -> Arc<Fake> {
+        Arc::new(Fake { name: name.into(), ok: AtomicBool::new(ok), got: Mutex::default(), calls: AtomicUsize::new(0) })
+    }
+
+    fn envelope(n: usize) -> Envelope {
+        let body = format!(r#"{{"type":"payment","n":{n}}}"#);
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope { event, raw: body.into() }
+    }
+
+    fn config(dir: &std::path::Path) -> DeliveryConfig {
+        DeliveryConfig {
+            spool_dir: dir.join("spool"),
+            dead_letter_file: dir.join("dead.jsonl"),
+            retry_initial: Duration::from_millis(5),
+            retry_max: Duration::from_millis(20),
+            max_attempts: 100_000,
+            ..Default::default()
+        }
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_larger_than_the_memory_window_is_delivered_whole_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (down, up) = (fake("down", false), fake("up", true));
+        let sinks: HashMap<String, Arc<dyn Sink>> =
+            [("down".to_string(), down.clone() as Arc<dyn Sink>), ("up".to_string(), up.clone() as Arc<dyn Sink>)]
+                .into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let n = queue::WINDOW * 5 + 7;
+        let targets: Vec<Arc<dyn Sink>> = sinks.values().cloned().collect();
+        let answers = futures_util::future::join_all((0..n).map(|i| spool.submit(envelope(i), targets.clone()))).await;
+        assert!(answers.iter().all(|a| *a == Ok(Accepted::New)), "{answers:?}");
+        // A re-delivery is a duplicate.
+        assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate));
+        wait("the healthy sink", || up.got.lock().unwrap().len() >= n).await;
+        assert_eq!(spool.pending()["down"], n as u64);
+        spool.shutdown(Duration::from_millis(200)).await;
+        drop(spool);
+
+        // Restart: the backlog is only on disk now; more arrives while it is read back.
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate), "dedup survived");
+        down.ok.store(true, Ordering::Release);
+        let more = futures_util::future::join_all(
+            (n..n + queue::WINDOW * 2).map(|i| spool.submit(envelope(i), targets.clone())),
+        )
+        .await;
+        assert!(more.iter().all(|a| *a == Ok(Accepted::New)));
+        let total = n + queue::WINDOW * 2;
+        wait("the recovered sink", || {
+            let got: std::collections::HashSet<_> = down.got.lock().unwrap().iter().cloned().collect();
+            got.len() == total
+        })
+        .await;
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(Duration::from_secs(1)).await;
+        drop(spool);
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert_eq!(store::pending_len(&db).unwrap(), 0);
+        assert_eq!(store::next_seq(&db, &cfg.spool_dir).unwrap(), 0, "every event row is gone");
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_and_accepts_again_once_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        let size = store::encode(&envelope(1)).len() as u64;
+        cfg.max_spool_bytes = size * 3 + size / 2;
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(i), t.clone()).await, Ok(Accepted::New));
+        }
+        let refused = spool.submit(envelope(9), t.clone()).await.unwrap_err();
+        assert!(refused.reason.contains("spool full"), "{refused:?}");
+        sink.ok.store(true, Ordering::Release);
+        wait("the drain", || sink.got.lock().unwrap().len() == 3).await;
+        wait("space", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        assert_eq!(spool.submit(envelope(9), t).await, Ok(Accepted::New));
+        spool.shutdown(Duration::from_secs(1)).await;
     }
 }

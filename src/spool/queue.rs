@@ -22,7 +22,13 @@ use tokio::task::JoinHandle;
 /// Deliveries of one sink in flight at once.
 pub const CONCURRENCY: usize = 16;
 /// Pending items of one sink kept in memory; the rest is read back from disk when needed.
+#[cfg(not(test))]
 pub const WINDOW: usize = 4096;
+/// Small in unit tests, so that they go through the spill path.
+#[cfg(test)]
+pub const WINDOW: usize = 32;
+/// Events read from disk at once for a sink whose backlog is only on disk.
+pub const READ_AHEAD: usize = 256;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -112,6 +118,23 @@ impl SinkQueue {
         let mut s = self.lock();
         let n = n.min(s.mem.len());
         s.mem.drain(..n).collect()
+    }
+
+    /// Seqs of the first `limit` items in memory that have no envelope yet.
+    fn missing_ahead(&self, limit: usize) -> Vec<u64> {
+        self.lock().mem.iter().take(limit).filter(|it| it.env.is_none()).map(|it| it.seq).collect()
+    }
+
+    fn fill(&self, mut envs: HashMap<u64, Arc<Envelope>>) {
+        if envs.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        for it in s.mem.iter_mut().filter(|it| it.env.is_none()) {
+            if let Some(env) = envs.remove(&it.seq) {
+                it.env = Some(env);
+            }
+        }
     }
 
     fn put_back(&self, items: Vec<Item>) {
@@ -261,34 +284,41 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         }
         q.status.store(BUSY, Ordering::Release);
 
-        // Work read back from disk: fetch its event.
+        // Work read back from disk: fetch its events, and those of the next items too (one
+        // read transaction per chunk, not per batch).
         let mut done: Vec<u64> = Vec::new();
         let mut unreadable: Vec<(Item, Vec<u8>, String)> = Vec::new();
         if batch.iter().any(|it| it.env.is_none()) {
-            let seqs: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
+            let mut seqs: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
+            let ahead = q.missing_ahead(READ_AHEAD);
+            seqs.extend_from_slice(&ahead);
             let db = shared.db.clone();
-            let recs = match tokio::task::spawn_blocking(move || store::load_events(&db, &seqs)).await {
+            let loaded = tokio::task::spawn_blocking(move || {
+                store::load_events(&db, &seqs).map(|recs| seqs.into_iter().zip(recs).collect::<HashMap<_, _>>())
+            })
+            .await;
+            let mut recs = match loaded {
                 Ok(Ok(recs)) => recs,
-                other => {
-                    let e = match other {
-                        Ok(Err(e)) => e,
-                        Err(e) => e.to_string(),
-                        Ok(Ok(_)) => unreachable!(),
-                    };
+                Ok(Err(e)) => {
                     tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, "cannot read events from the spool; retrying");
                     q.put_back(batch);
                     sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     continue;
                 }
+                Err(e) => {
+                    tracing::error!(sink = %q.name, error = %e, "spool read task failed; retrying");
+                    q.put_back(batch);
+                    sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+                    continue;
+                }
             };
-            let mut recs = recs.into_iter();
             let mut kept = Vec::with_capacity(batch.len());
             for mut it in batch {
                 if it.env.is_some() {
                     kept.push(it);
                     continue;
                 }
-                match recs.next().flatten() {
+                match recs.remove(&it.seq).flatten() {
                     // The event row is gone: nothing to deliver; drop the stale pending row.
                     None => done.push(it.seq),
                     Some(rec) => match store::decode(&rec) {
@@ -301,7 +331,13 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
             batch = kept;
+            // The read-ahead: whatever decodes is kept with its item; the rest is handled
+            // when its item comes up.
+            let envs =
+                recs.into_iter().filter_map(|(seq, rec)| Some((seq, Arc::new(store::decode(&rec?).ok()?)))).collect();
+            q.fill(envs);
         }
+        let mut unwritten = Vec::new();
         for (it, rec, e) in unreadable {
             tracing::error!(sink = %q.name, seq = it.seq, file = %shared.path.display(), error = %e, "unreadable spool record; moving it to the dead-letter file as stored");
             let letter = DeadLetter::unreadable(&q.name, &e, it.attempts, &rec);
@@ -309,7 +345,14 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 Ok(()) => done.push(it.seq),
                 Err(err) => {
                     tracing::error!(file = %shared.dead.path().display(), error = %err, "cannot write the dead-letter file; the record stays in the spool");
+                    unwritten.push(it);
                 }
+            }
+        }
+        if !unwritten.is_empty() {
+            q.put_back(unwritten);
+            if batch.is_empty() {
+                sleep_or_stop(Duration::from_secs(1), &mut stop).await;
             }
         }
 

@@ -19,6 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 /// At most this many operations, or this many bytes of new events, per transaction.
 const MAX_OPS: usize = 4096;
 const MAX_BATCH_BYTES: u64 = 32 << 20;
+/// A transaction that only records deliveries (no new event) is committed without fsync —
+/// losing it in a crash means a repeat delivery, which at-least-once allows — unless the last
+/// fsync is older than this (so that redb can reuse freed pages and a clean stop loses nothing).
+const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) enum Op {
     Append(Append),
@@ -52,6 +56,9 @@ pub(crate) struct Writer {
     /// Every sink name that may have pending rows (to know when an event row is free).
     pub names: BTreeSet<String>,
     pub last_prune: u64,
+    /// When the last durable (fsynced) commit happened, and whether one without fsync followed.
+    pub last_fsync: std::time::Instant,
+    pub unsynced: bool,
 }
 
 impl Writer {
@@ -81,6 +88,11 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+        if self.unsynced {
+            if let Err(e) = self.sync() {
+                tracing::error!(file = %self.shared.path.display(), error = %e, "spool: final commit failed; some deliveries may repeat after the restart");
+            }
+        }
         tracing::debug!("spool writer stopped");
     }
 
@@ -101,9 +113,17 @@ impl Writer {
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
         let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
-        let result = self.transaction(&appends, &rest, now, prune);
+        let durable = !appends.is_empty() || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
+        let result = self.transaction(&appends, &rest, now, prune, durable);
         match result {
             Ok((seqs, freed)) => {
+                if durable {
+                    self.last_fsync = std::time::Instant::now();
+                    self.unsynced = false;
+                    crate::metrics::spool_flush(seqs.iter().filter(|s| s.is_some()).count() as u64);
+                } else {
+                    self.unsynced = true;
+                }
                 self.last_prune = if prune { now } else { self.last_prune };
                 let added: u64 =
                     appends.iter().zip(&seqs).filter(|(_, s)| s.is_some()).map(|(a, _)| a.rec.len() as u64).sum();
@@ -112,7 +132,6 @@ impl Writer {
                 self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
                 self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
                 self.next_seq += seqs.iter().filter(|s| s.is_some()).count() as u64;
-                crate::metrics::spool_flush(seqs.iter().filter(|s| s.is_some()).count() as u64);
                 crate::metrics::spool_bytes(self.committed_bytes);
                 for (a, seq) in appends.into_iter().zip(seqs) {
                     match seq {
@@ -155,9 +174,13 @@ impl Writer {
         rest: &[Op],
         now: u64,
         prune: bool,
+        durable: bool,
     ) -> Result<(Vec<Option<u64>>, u64), String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
-        let tx = self.shared.db.begin_write().map_err(|x| e(&x))?;
+        let mut tx = self.shared.db.begin_write().map_err(|x| e(&x))?;
+        if !durable {
+            tx.set_durability(redb::Durability::None).map_err(|x| e(&x))?;
+        }
         let mut seqs = Vec::with_capacity(appends.len());
         let mut freed = 0u64;
         {
@@ -223,6 +246,18 @@ impl Writer {
         }
         tx.commit().map_err(|x| e(&x))?;
         Ok((seqs, freed))
+    }
+}
+
+impl Writer {
+    /// An empty durable commit: makes the commits without fsync before it durable.
+    fn sync(&mut self) -> Result<(), String> {
+        let tx = self.shared.db.begin_write().map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        crate::metrics::spool_flush(0);
+        self.unsynced = false;
+        self.last_fsync = std::time::Instant::now();
+        Ok(())
     }
 }
 
