@@ -370,4 +370,29 @@ mod tests {
         assert_eq!(spool.submit(envelope(9), t).await, Ok(Accepted::New));
         spool.shutdown(Duration::from_secs(1)).await;
     }
+
+    #[tokio::test]
+    async fn after_max_attempts_the_pair_goes_to_the_dead_letter_file_with_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_attempts = 3;
+        let (bad, good) = (fake("bad", false), fake("good", true));
+        let sinks: HashMap<String, Arc<dyn Sink>> =
+            [("bad".to_string(), bad.clone() as Arc<dyn Sink>), ("good".to_string(), good.clone() as Arc<dyn Sink>)]
+                .into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let env = envelope(1);
+        let id = env.event.id.clone();
+        assert_eq!(spool.submit(env, sinks.values().cloned().collect()).await, Ok(Accepted::New));
+        wait("the dead letter", || spool.pending()["bad"] == 0).await;
+        assert_eq!(bad.calls.load(Ordering::Acquire), 3);
+        assert_eq!(*good.got.lock().unwrap(), vec![id.clone()]);
+        let text = std::fs::read_to_string(&cfg.dead_letter_file).unwrap();
+        let letter: dead::DeadLetter = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!((letter.sink.as_str(), letter.attempts), ("bad", 3));
+        assert!(letter.reason.contains("down") && letter.reason.contains("3 attempts"), "{}", letter.reason);
+        assert_eq!(letter.envelope().unwrap().event.id, id);
+        wait("the event row to go", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(Duration::from_secs(1)).await;
+    }
 }
