@@ -136,18 +136,7 @@ impl State {
 /// What `check` validates: everything `serve` would refuse to start with, without
 /// connecting anywhere.
 pub fn check(loaded: &Loaded) -> Result<Routes, ConfigError> {
-    if loaded.config.delivery.mode == DeliveryMode::Spool && !crate::spool::AVAILABLE {
-        return Err(spool_unavailable());
-    }
     Routes::load(&loaded.config.routes_file)
-}
-
-fn spool_unavailable() -> ConfigError {
-    crate::config::Diagnostic::new(
-        "delivery.mode",
-        "\"spool\" is not available in this build yet; set delivery.mode = \"direct\"",
-    )
-    .into()
 }
 
 /// Everything `serve` needs before binding: a startup failure here is a configuration error.

@@ -46,6 +46,14 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Re-inject dead letters (a dead-letter JSON Lines file) into the spool; run it while the daemon is stopped.
+    Replay {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Deliver every line to this sink instead of the one recorded in the line.
+        #[arg(long, value_name = "NAME")]
+        sink: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -74,6 +82,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check => check(&loaded),
         Command::Token { org, ttl } => token(&loaded, org, &ttl),
         Command::Explain { file } => explain(&loaded, &file),
+        Command::Replay { file, sink } => replay(&loaded, &file, sink.as_deref()),
     }
 }
 
@@ -201,4 +210,52 @@ fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
     let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));
     ExitCode::SUCCESS
+}
+
+/// `replay`: dead letters back into the spool (see `spool::replay`). Exit 1 when a line was skipped.
+fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
+    let c = &loaded.config;
+    if c.delivery.mode != crate::config::DeliveryMode::Spool {
+        eprintln!("replay: delivery.mode is \"direct\": there is no spool to replay into");
+        return ExitCode::from(2);
+    }
+    let routes = match Routes::load(&c.routes_file) {
+        Ok(r) => r,
+        Err(e) => return config_error(&e),
+    };
+    let known: std::collections::BTreeSet<String> = routes.sinks.keys().cloned().collect();
+    if let Some(s) = sink.filter(|s| !known.contains(*s)) {
+        eprintln!("replay: --sink {s}: no such sink in {}", c.routes_file.display());
+        return ExitCode::from(2);
+    }
+    let mut bar = crate::spool::replay::Progress::new();
+    let result = crate::spool::replay::replay(&c.delivery, &known, file, sink, &mut |d, t| bar.update(d, t));
+    bar.finish();
+    match result {
+        Ok(r) => {
+            let n: u64 = r.injected.values().sum();
+            let per: Vec<_> = r.injected.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            println!("replayed {n} dead letter(s) into {} ({})", r.spool.display(), per.join(", "));
+            println!("{} delivery(ies) pending; they go out at the next start", r.pending_after);
+            for (line, why) in &r.skipped {
+                eprintln!("{}:{line}: skipped: {why}", file.display());
+            }
+            if n > 0 {
+                println!("move {} aside so that the same letters are not replayed twice", file.display());
+            }
+            if r.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(crate::spool::replay::ReplayError::Read { path, source }) => {
+            eprintln!("replay: cannot read {}: {source}", path.display());
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("replay: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The re-delivery window: an event id seen within `dedup_window` is a duplicate.
-//! In memory here; the spool persists its entries so the window survives restarts.
+//! In memory here; the spool persists its entries (table `dedup`, written in the same
+//! transaction as the event) and loads them back at start, so the window survives restarts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,7 +20,8 @@ struct Seen {
     last_prune: u64,
 }
 
-fn key(id: &str) -> u128 {
+/// The compact key of an event id (the spool stores it).
+pub fn key(id: &str) -> u128 {
     u128::from_str_radix(id, 16).unwrap_or_else(|_| {
         // Ids are 32 hex digits; anything else still gets a stable key.
         use sha2::{Digest, Sha256};
@@ -49,8 +51,14 @@ impl Dedup {
 
     /// Records `id` as seen at `at` (unix millis).
     pub fn record_at(&self, id: &str, at: u64) {
+        self.record_key_at(key(id), at)
+    }
+
+    /// Records an id by its [`key`] (entries loaded back from the spool).
+    pub fn record_key_at(&self, k: u128, at: u64) {
         let mut seen = self.seen.lock().expect("dedup lock");
-        seen.map.insert(key(id), at);
+        let at = seen.map.get(&k).map_or(at, |t| (*t).max(at));
+        seen.map.insert(k, at);
         // Prune at most once per tenth of a window, so the map holds about one window of ids.
         if at.saturating_sub(seen.last_prune) > self.window_ms / 10 {
             let window = self.window_ms;

@@ -1,0 +1,396 @@
+//! The crash-safe on-disk spool (`delivery.mode = "spool"`, the default). See docs/spool.md.
+//!
+//! - [`store`]: the redb file and its tables; records in and out.
+//! - [`writer`]: the single writer thread; group commit (many requests, one fsync).
+//! - [`queue`]: one backlog and one drain task per sink; retries with backoff; dead letters.
+//! - [`dead`]: the dead-letter line.
+//! - [`replay`]: `webio-router replay`, re-injecting dead letters while the daemon is stopped.
+//!
+//! A webhook's 202 is sent once its event and one pending row per matched sink are committed
+//! (with its id in the dedup table, in the same transaction). Each sink's drain task delivers
+//! its rows; a delivered or dead-lettered row is removed, and the event row with the last one.
+
+pub mod dead;
+mod queue;
+pub mod replay;
+pub mod store;
+mod writer;
+
+pub use store::SpoolError;
+
+use crate::config::DeliveryConfig;
+use crate::dedup::Dedup;
+use crate::delivery::{Accepted, Delivery, Refused};
+use crate::event::Envelope;
+use crate::jsonl::JsonlFile;
+use crate::sinks::{BoxFuture, Sink};
+use queue::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use writer::{Append, Op, Writer};
+
+/// What a webhook refused for a full spool is told to wait.
+const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// State shared by the submit path, the writer thread and the drain tasks.
+pub(crate) struct Shared {
+    pub db: Arc<redb::Database>,
+    pub path: PathBuf,
+    pub cfg: DeliveryConfig,
+    pub dedup: Dedup,
+    /// Bytes of event rows on disk plus those reserved by requests waiting for the writer.
+    pub used: AtomicU64,
+    pub sinks: RwLock<HashMap<String, Arc<dyn Sink>>>,
+    pub dead: JsonlFile,
+    pub stop: watch::Sender<bool>,
+    writer: Mutex<Option<mpsc::UnboundedSender<Op>>>,
+}
+
+impl Shared {
+    /// Hands `op` to the writer; false once the spool is closed.
+    pub fn send(&self, op: Op) -> bool {
+        match &*self.writer.lock().expect("writer lock") {
+            Some(tx) => tx.send(op).is_ok(),
+            None => false,
+        }
+    }
+}
+
+pub struct Spool {
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    closing: AtomicBool,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Opens the spool under `cfg.spool_dir`, resumes what it holds, and starts a drain task per sink.
+pub async fn open(
+    cfg: &DeliveryConfig,
+    sinks: &HashMap<String, Arc<dyn Sink>>,
+) -> Result<Arc<dyn Delivery>, SpoolError> {
+    Ok(Spool::open(cfg, sinks).await?)
+}
+
+impl Spool {
+    pub async fn open(cfg: &DeliveryConfig, sinks: &HashMap<String, Arc<dyn Sink>>) -> Result<Arc<Spool>, SpoolError> {
+        let dir = cfg.spool_dir.clone();
+        let window = cfg.dedup_window;
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
+            let (db, path) = store::open_db(&dir)?;
+            let since = crate::dedup::now_millis().saturating_sub(window.as_millis() as u64);
+            let recovered = store::recover(&db, &path, since)?;
+            Ok((db, path, recovered))
+        })
+        .await
+        .map_err(|e| SpoolError::Storage { path: cfg.spool_dir.clone(), detail: e.to_string() })?;
+        let (db, path, rec) = opened?;
+
+        let dedup = Dedup::new(cfg.dedup_window);
+        for (at, key) in &rec.dedup {
+            dedup.record_key_at(*key, *at);
+        }
+        if !rec.unreadable.is_empty() {
+            tracing::error!(file = %path.display(), records = rec.unreadable.len(), "spool: some event records cannot be decoded; they are kept and will go to the dead-letter file as stored");
+        }
+        if !rec.orphans.is_empty() {
+            tracing::warn!(file = %path.display(), records = rec.orphans.len(), "spool: some event records are not pending for any sink; they are kept");
+        }
+        let total: u64 = rec.pending.values().sum();
+        tracing::info!(file = %path.display(), pending = total, events = rec.events, bytes = rec.bytes, dedup_ids = rec.dedup.len(), "spool opened");
+        for (name, n) in &rec.pending {
+            if !sinks.contains_key(name) {
+                tracing::warn!(sink = %name, pending = n, "spool holds deliveries for a sink that is not in routes.toml; they stay until it comes back");
+            }
+        }
+        crate::metrics::spool_bytes(rec.bytes);
+
+        let (stop, _) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            db: Arc::new(db),
+            path,
+            cfg: cfg.clone(),
+            dedup,
+            used: AtomicU64::new(rec.bytes),
+            sinks: RwLock::new(sinks.clone()),
+            dead: JsonlFile::new(&cfg.dead_letter_file),
+            stop,
+            writer: Mutex::new(Some(tx)),
+        });
+        let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
+        for (name, n) in &rec.pending {
+            registry.queue_with(name, *n);
+        }
+        for name in sinks.keys() {
+            registry.queue(name);
+        }
+        let writer = Writer {
+            shared: shared.clone(),
+            registry: registry.clone(),
+            next_seq: rec.next_seq,
+            committed_bytes: rec.bytes,
+            names: rec.pending.keys().cloned().chain(sinks.keys().cloned()).collect(),
+            last_prune: 0,
+            last_fsync: Instant::now(),
+            unsynced: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| SpoolError::Storage { path: shared.path.clone(), detail: format!("writer thread: {e}") })?;
+        Ok(Arc::new(Spool {
+            shared,
+            registry,
+            closing: AtomicBool::new(false),
+            writer_thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Pending (event, sink) pairs, by sink.
+    pub fn pending(&self) -> BTreeMap<String, u64> {
+        self.registry.all().iter().map(|q| (q.name.to_string(), q.pending())).collect()
+    }
+}
+
+impl Delivery for Spool {
+    fn submit(&self, env: Envelope, sinks: Vec<Arc<dyn Sink>>) -> BoxFuture<'_, Result<Accepted, Refused>> {
+        Box::pin(async move {
+            if self.closing.load(Ordering::Acquire) {
+                return Err(Refused { reason: "shutting down".into(), retry_after: FULL_RETRY_AFTER });
+            }
+            if self.shared.dedup.contains(&env.event.id) {
+                return Ok(Accepted::Duplicate);
+            }
+            let rec = store::encode(&env);
+            let size = rec.len() as u64;
+            let max = self.shared.cfg.max_spool_bytes;
+            let before = self.shared.used.fetch_add(size, Ordering::AcqRel);
+            if before + size > max {
+                self.shared.used.fetch_sub(size, Ordering::AcqRel);
+                return Err(Refused {
+                    reason: format!("spool full ({before} of {max} bytes used)"),
+                    retry_after: FULL_RETRY_AFTER,
+                });
+            }
+            let mut names: Vec<String> = sinks.iter().map(|s| s.name().to_owned()).collect();
+            names.sort();
+            names.dedup();
+            let (reply, answer) = oneshot::channel();
+            let id = env.event.id.clone();
+            let op = Op::Append(Append { rec, id, sinks: names, env: Arc::new(env), reply });
+            if !self.shared.send(op) {
+                self.shared.used.fetch_sub(size, Ordering::AcqRel);
+                return Err(Refused { reason: "the spool is closed".into(), retry_after: FULL_RETRY_AFTER });
+            }
+            answer.await.unwrap_or_else(|_| {
+                Err(Refused { reason: "the spool writer stopped".into(), retry_after: FULL_RETRY_AFTER })
+            })
+        })
+    }
+
+    fn sinks_changed(&self, sinks: &HashMap<String, Arc<dyn Sink>>) {
+        *self.shared.sinks.write().expect("sinks lock") = sinks.clone();
+        for name in sinks.keys() {
+            self.registry.queue(name);
+        }
+        for q in self.registry.all() {
+            if !sinks.contains_key(&*q.name) && q.pending() > 0 {
+                tracing::warn!(sink = %q.name, pending = q.pending(), "sink removed from routes.toml; its pending deliveries stay in the spool until it comes back");
+            }
+            q.wake();
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.closing.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.closing.store(true, Ordering::Release);
+            let deadline = Instant::now() + timeout;
+            // Let the sinks drain while any of them is making progress.
+            loop {
+                let busy: Vec<_> = self.registry.all().into_iter().filter(|q| q.status() == queue::BUSY).collect();
+                if busy.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = self.shared.stop.send(true);
+            for task in self.registry.take_tasks() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            }
+            // The writer commits what the drains reported, then stops.
+            self.shared.writer.lock().expect("writer lock").take();
+            let thread = self.writer_thread.lock().expect("writer thread lock").take();
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+            let left: BTreeMap<String, u64> = self.pending().into_iter().filter(|(_, n)| *n > 0).collect();
+            if left.is_empty() {
+                tracing::info!(file = %self.shared.path.display(), "spool closed, nothing pending");
+            } else {
+                tracing::info!(file = %self.shared.path.display(), pending = ?left, "spool closed; pending deliveries resume at the next start");
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::SinkError;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that fails (retryably) until told otherwise, and records what it got.
+    struct Fake {
+        name: String,
+        ok: AtomicBool,
+        got: Mutex<Vec<String>>,
+        calls: AtomicUsize,
+    }
+
+    impl Sink for Fake {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::AcqRel);
+                if self.ok.load(Ordering::Acquire) {
+                    self.got.lock().unwrap().push(env.event.id.clone());
+                    Ok(())
+                } else {
+                    Err(SinkError::retryable("down"))
+                }
+            })
+        }
+    }
+
+    fn fake(name: &str, ok: bool) -> Arc<Fake> {
+        Arc::new(Fake { name: name.into(), ok: AtomicBool::new(ok), got: Mutex::default(), calls: AtomicUsize::new(0) })
+    }
+
+    fn envelope(n: usize) -> Envelope {
+        let body = format!(r#"{{"type":"payment","n":{n}}}"#);
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope { event, raw: body.into() }
+    }
+
+    fn config(dir: &std::path::Path) -> DeliveryConfig {
+        DeliveryConfig {
+            spool_dir: dir.join("spool"),
+            dead_letter_file: dir.join("dead.jsonl"),
+            retry_initial: Duration::from_millis(5),
+            retry_max: Duration::from_millis(20),
+            max_attempts: 100_000,
+            ..Default::default()
+        }
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_larger_than_the_memory_window_is_delivered_whole_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (down, up) = (fake("down", false), fake("up", true));
+        let sinks: HashMap<String, Arc<dyn Sink>> =
+            [("down".to_string(), down.clone() as Arc<dyn Sink>), ("up".to_string(), up.clone() as Arc<dyn Sink>)]
+                .into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let n = queue::WINDOW * 5 + 7;
+        let targets: Vec<Arc<dyn Sink>> = sinks.values().cloned().collect();
+        let answers = futures_util::future::join_all((0..n).map(|i| spool.submit(envelope(i), targets.clone()))).await;
+        assert!(answers.iter().all(|a| *a == Ok(Accepted::New)), "{answers:?}");
+        // A re-delivery is a duplicate.
+        assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate));
+        wait("the healthy sink", || up.got.lock().unwrap().len() >= n).await;
+        assert_eq!(spool.pending()["down"], n as u64);
+        spool.shutdown(Duration::from_millis(200)).await;
+        drop(spool);
+
+        // Restart: the backlog is only on disk now; more arrives while it is read back.
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate), "dedup survived");
+        down.ok.store(true, Ordering::Release);
+        let more = futures_util::future::join_all(
+            (n..n + queue::WINDOW * 2).map(|i| spool.submit(envelope(i), targets.clone())),
+        )
+        .await;
+        assert!(more.iter().all(|a| *a == Ok(Accepted::New)));
+        let total = n + queue::WINDOW * 2;
+        wait("the recovered sink", || {
+            let got: std::collections::HashSet<_> = down.got.lock().unwrap().iter().cloned().collect();
+            got.len() == total
+        })
+        .await;
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(Duration::from_secs(1)).await;
+        drop(spool);
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert_eq!(store::pending_len(&db).unwrap(), 0);
+        assert_eq!(store::next_seq(&db, &cfg.spool_dir).unwrap(), 0, "every event row is gone");
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_and_accepts_again_once_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        let size = store::encode(&envelope(1)).len() as u64;
+        cfg.max_spool_bytes = size * 3 + size / 2;
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(i), t.clone()).await, Ok(Accepted::New));
+        }
+        let refused = spool.submit(envelope(9), t.clone()).await.unwrap_err();
+        assert!(refused.reason.contains("spool full"), "{refused:?}");
+        sink.ok.store(true, Ordering::Release);
+        wait("the drain", || sink.got.lock().unwrap().len() == 3).await;
+        wait("space", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        assert_eq!(spool.submit(envelope(9), t).await, Ok(Accepted::New));
+        spool.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn after_max_attempts_the_pair_goes_to_the_dead_letter_file_with_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_attempts = 3;
+        let (bad, good) = (fake("bad", false), fake("good", true));
+        let sinks: HashMap<String, Arc<dyn Sink>> =
+            [("bad".to_string(), bad.clone() as Arc<dyn Sink>), ("good".to_string(), good.clone() as Arc<dyn Sink>)]
+                .into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let env = envelope(1);
+        let id = env.event.id.clone();
+        assert_eq!(spool.submit(env, sinks.values().cloned().collect()).await, Ok(Accepted::New));
+        wait("the dead letter", || spool.pending()["bad"] == 0).await;
+        assert_eq!(bad.calls.load(Ordering::Acquire), 3);
+        assert_eq!(*good.got.lock().unwrap(), vec![id.clone()]);
+        let text = std::fs::read_to_string(&cfg.dead_letter_file).unwrap();
+        let letter: dead::DeadLetter = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!((letter.sink.as_str(), letter.attempts), ("bad", 3));
+        assert!(letter.reason.contains("down") && letter.reason.contains("3 attempts"), "{}", letter.reason);
+        assert_eq!(letter.envelope().unwrap().event.id, id);
+        wait("the event row to go", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,482 @@
+//! Per-sink backlogs and their drain tasks. Each sink has its own queue and its own task, so
+//! a slow or dead sink only ever delays itself.
+//!
+//! A queue holds a window of the sink's pending work in memory (with the envelope, for work
+//! that arrived while the daemon runs); beyond the window, and after a restart, the work is
+//! only on disk and the drain task reads it back in seq order ("spilled").
+
+use super::dead::DeadLetter;
+use super::store;
+use super::writer::Op;
+use super::Shared;
+use crate::delivery::observe;
+use crate::event::Envelope;
+use crate::sinks::SinkError;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// Deliveries of one sink in flight at once.
+pub const CONCURRENCY: usize = 16;
+/// Pending items of one sink kept in memory; the rest is read back from disk when needed.
+#[cfg(not(test))]
+pub const WINDOW: usize = 4096;
+/// Small in unit tests, so that they go through the spill path.
+#[cfg(test)]
+pub const WINDOW: usize = 32;
+/// Events read from disk at once for a sink whose backlog is only on disk.
+pub const READ_AHEAD: usize = 256;
+/// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What a drain task is doing, for shutdown: it waits while any sink is [`BUSY`].
+pub const IDLE: u8 = 0;
+pub const BUSY: u8 = 1;
+pub const FAILING: u8 = 2;
+pub const PARKED: u8 = 3;
+
+#[derive(Clone)]
+pub(crate) struct Item {
+    pub seq: u64,
+    pub attempts: u32,
+    pub env: Option<Arc<Envelope>>,
+}
+
+struct QState {
+    mem: VecDeque<Item>,
+    /// Highest seq ever placed in `mem` (work at or below it is not loaded again).
+    cursor: Option<u64>,
+    /// Some pending work is only on disk.
+    spilled: bool,
+    /// Bumped whenever work goes to disk only; a load that raced with that must not clear `spilled`.
+    spill_gen: u64,
+    pending: u64,
+}
+
+pub(crate) struct SinkQueue {
+    pub name: Arc<str>,
+    state: Mutex<QState>,
+    wake: Notify,
+    status: AtomicU8,
+}
+
+impl SinkQueue {
+    fn new(name: &str, on_disk: u64) -> Self {
+        crate::metrics::spool_pending(name, on_disk);
+        SinkQueue {
+            name: Arc::from(name),
+            state: Mutex::new(QState {
+                mem: VecDeque::new(),
+                cursor: None,
+                spilled: on_disk > 0,
+                spill_gen: 0,
+                pending: on_disk,
+            }),
+            wake: Notify::new(),
+            status: AtomicU8::new(if on_disk > 0 { BUSY } else { IDLE }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QState> {
+        self.state.lock().expect("sink queue lock")
+    }
+
+    /// New durable work (called by the writer after the commit).
+    pub fn enqueue(&self, seq: u64, env: Arc<Envelope>) {
+        {
+            let mut s = self.lock();
+            s.pending += 1;
+            crate::metrics::spool_pending(&self.name, s.pending);
+            if s.spilled || s.mem.len() >= WINDOW {
+                s.spilled = true;
+                s.spill_gen += 1;
+            } else if !matches!(s.cursor, Some(c) if seq <= c) {
+                s.mem.push_back(Item { seq, attempts: 0, env: Some(env) });
+                s.cursor = Some(seq);
+            }
+        }
+        self.status.store(BUSY, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.lock().pending
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn take(&self, n: usize) -> Vec<Item> {
+        let mut s = self.lock();
+        let n = n.min(s.mem.len());
+        s.mem.drain(..n).collect()
+    }
+
+    /// Seqs of the first `limit` items in memory that have no envelope yet.
+    fn missing_ahead(&self, limit: usize) -> Vec<u64> {
+        self.lock().mem.iter().take(limit).filter(|it| it.env.is_none()).map(|it| it.seq).collect()
+    }
+
+    fn fill(&self, mut envs: HashMap<u64, Arc<Envelope>>) {
+        if envs.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        for it in s.mem.iter_mut().filter(|it| it.env.is_none()) {
+            if let Some(env) = envs.remove(&it.seq) {
+                it.env = Some(env);
+            }
+        }
+    }
+
+    fn put_back(&self, items: Vec<Item>) {
+        let mut s = self.lock();
+        for it in items.into_iter().rev() {
+            s.mem.push_front(it);
+        }
+    }
+
+    fn finished(&self, n: u64) {
+        let mut s = self.lock();
+        s.pending = s.pending.saturating_sub(n);
+        crate::metrics::spool_pending(&self.name, s.pending);
+    }
+
+    /// When work is waiting on disk: (load after this seq, spill generation).
+    fn needs_load(&self) -> Option<(Option<u64>, u64)> {
+        let s = self.lock();
+        (s.mem.is_empty() && s.spilled).then_some((s.cursor, s.spill_gen))
+    }
+
+    fn loaded(&self, rows: Vec<(u64, u32)>, gen: u64, complete: bool) {
+        let mut s = self.lock();
+        for (seq, attempts) in rows {
+            if !matches!(s.cursor, Some(c) if seq <= c) {
+                s.mem.push_back(Item { seq, attempts, env: None });
+                s.cursor = Some(seq);
+            }
+        }
+        if complete && s.spill_gen == gen {
+            s.spilled = false;
+        }
+    }
+}
+
+/// All queues, by sink name; creating one starts its drain task.
+pub(crate) struct Registry {
+    shared: Arc<Shared>,
+    queues: Mutex<HashMap<String, Arc<SinkQueue>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Registry {
+    pub fn new(shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(Registry { shared, queues: Mutex::default(), tasks: Mutex::default(), runtime })
+    }
+
+    /// The queue of `name`, created (with `on_disk` pending rows) and started if new.
+    pub fn queue_with(&self, name: &str, on_disk: u64) -> Arc<SinkQueue> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        if let Some(q) = queues.get(name) {
+            return q.clone();
+        }
+        let q = Arc::new(SinkQueue::new(name, on_disk));
+        queues.insert(name.to_owned(), q.clone());
+        let task = self.runtime.spawn(drain(self.shared.clone(), q.clone()));
+        self.tasks.lock().expect("tasks lock").push(task);
+        q
+    }
+
+    pub fn queue(&self, name: &str) -> Arc<SinkQueue> {
+        self.queue_with(name, 0)
+    }
+
+    pub fn all(&self) -> Vec<Arc<SinkQueue>> {
+        self.queues.lock().expect("queues lock").values().cloned().collect()
+    }
+
+    pub fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.tasks.lock().expect("tasks lock"))
+    }
+}
+
+/// Exponential backoff with jitter: uniform between `initial` and
+/// `min(max, initial * 2^(failures-1))`.
+pub fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let initial = initial.max(Duration::from_millis(1));
+    let exp = failures.saturating_sub(1).min(30);
+    let cap = initial.saturating_mul(1u32 << exp).min(max).max(initial);
+    let (lo, hi) = (initial.as_millis() as u64, cap.as_millis() as u64);
+    Duration::from_millis(fastrand::u64(lo..=hi))
+}
+
+enum Outcome {
+    Ok,
+    Retry(SinkError),
+    Dead(String),
+}
+
+/// One sink's drain loop, until the spool stops.
+async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
+    let mut stop = shared.stop.subscribe();
+    let cfg = &shared.cfg;
+    let mut failures: u32 = 0;
+    let mut parked_warned = false;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let sink = shared.sinks.read().expect("sinks lock").get(&*q.name).cloned();
+        let Some(sink) = sink else {
+            if !parked_warned && q.pending() > 0 {
+                tracing::warn!(sink = %q.name, pending = q.pending(), "sink is not in routes.toml any more; its pending deliveries stay in the spool until it comes back");
+                parked_warned = true;
+            }
+            q.status.store(PARKED, Ordering::Release);
+            tokio::select! {
+                _ = q.wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        if parked_warned {
+            tracing::info!(sink = %q.name, pending = q.pending(), "sink is back in routes.toml; delivering its pending work");
+            parked_warned = false;
+        }
+
+        let mut batch = q.take(CONCURRENCY);
+        if batch.is_empty() {
+            if let Some((after, gen)) = q.needs_load() {
+                q.status.store(BUSY, Ordering::Release);
+                let (db, name) = (shared.db.clone(), q.name.clone());
+                let rows = tokio::task::spawn_blocking(move || store::load_pending(&db, &name, after, WINDOW)).await;
+                match rows {
+                    Ok(Ok(rows)) => {
+                        let complete = rows.len() < WINDOW;
+                        q.loaded(rows, gen, complete);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, "cannot read pending work from the spool; retrying");
+                        sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(sink = %q.name, error = %e, "spool read task failed; retrying");
+                        sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+                    }
+                }
+                continue;
+            }
+            q.status.store(IDLE, Ordering::Release);
+            tokio::select! {
+                _ = q.wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        q.status.store(BUSY, Ordering::Release);
+
+        // Work read back from disk: fetch its events, and those of the next items too (one
+        // read transaction per chunk, not per batch).
+        let mut done: Vec<u64> = Vec::new();
+        let mut unreadable: Vec<(Item, Vec<u8>, String)> = Vec::new();
+        if batch.iter().any(|it| it.env.is_none()) {
+            let mut seqs: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
+            let ahead = q.missing_ahead(READ_AHEAD);
+            seqs.extend_from_slice(&ahead);
+            let db = shared.db.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                store::load_events(&db, &seqs).map(|recs| seqs.into_iter().zip(recs).collect::<HashMap<_, _>>())
+            })
+            .await;
+            let mut recs = match loaded {
+                Ok(Ok(recs)) => recs,
+                Ok(Err(e)) => {
+                    tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, "cannot read events from the spool; retrying");
+                    q.put_back(batch);
+                    sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(sink = %q.name, error = %e, "spool read task failed; retrying");
+                    q.put_back(batch);
+                    sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+                    continue;
+                }
+            };
+            let mut kept = Vec::with_capacity(batch.len());
+            for mut it in batch {
+                if it.env.is_some() {
+                    kept.push(it);
+                    continue;
+                }
+                match recs.remove(&it.seq).flatten() {
+                    // The event row is gone: nothing to deliver; drop the stale pending row.
+                    None => done.push(it.seq),
+                    Some(rec) => match store::decode(&rec) {
+                        Ok(env) => {
+                            it.env = Some(Arc::new(env));
+                            kept.push(it);
+                        }
+                        Err(e) => unreadable.push((it, rec, e)),
+                    },
+                }
+            }
+            batch = kept;
+            // The read-ahead: whatever decodes is kept with its item; the rest is handled
+            // when its item comes up.
+            let envs =
+                recs.into_iter().filter_map(|(seq, rec)| Some((seq, Arc::new(store::decode(&rec?).ok()?)))).collect();
+            q.fill(envs);
+        }
+        let mut unwritten = Vec::new();
+        for (it, rec, e) in unreadable {
+            tracing::error!(sink = %q.name, seq = it.seq, file = %shared.path.display(), error = %e, "unreadable spool record; moving it to the dead-letter file as stored");
+            let letter = DeadLetter::unreadable(&q.name, &e, it.attempts, &rec);
+            match shared.dead.append(&letter).await {
+                Ok(()) => done.push(it.seq),
+                Err(err) => {
+                    tracing::error!(file = %shared.dead.path().display(), error = %err, "cannot write the dead-letter file; the record stays in the spool");
+                    unwritten.push(it);
+                }
+            }
+        }
+        if !unwritten.is_empty() {
+            q.put_back(unwritten);
+            if batch.is_empty() {
+                sleep_or_stop(Duration::from_secs(1), &mut stop).await;
+            }
+        }
+
+        let outcomes = {
+            let deliveries = futures_util::future::join_all(batch.iter().map(|it| {
+                let sink = &sink;
+                async move {
+                    let env = it.env.as_ref().expect("filled above");
+                    let started = Instant::now();
+                    let r = sink.deliver(env).await;
+                    (r, started)
+                }
+            }));
+            tokio::select! {
+                r = deliveries => r,
+                _ = stop.changed() => {
+                    // Shutdown: what is in flight stays pending (at least once).
+                    q.put_back(batch);
+                    if !done.is_empty() {
+                        q.finished(done.len() as u64);
+                        shared.send(Op::Done { sink: q.name.clone(), seqs: done });
+                    }
+                    break;
+                }
+            }
+        };
+
+        let mut retry = Vec::new();
+        let mut retry_after: Option<Duration> = None;
+        let mut last_error = String::new();
+        let mut attempts_update = Vec::new();
+        for (mut it, (r, started)) in batch.into_iter().zip(outcomes) {
+            let attempts = it.attempts.saturating_add(1);
+            let outcome = match r {
+                Ok(()) => Outcome::Ok,
+                Err(e) if e.is_permanent() => Outcome::Dead(e.message),
+                Err(e) if attempts >= cfg.max_attempts => {
+                    Outcome::Dead(format!("{} (gave up after {attempts} attempts)", e.message))
+                }
+                Err(e) => Outcome::Retry(e),
+            };
+            match outcome {
+                Outcome::Ok => {
+                    observe(&q.name, "ok", started);
+                    done.push(it.seq);
+                }
+                Outcome::Retry(e) => {
+                    observe(&q.name, "retry", started);
+                    retry_after = retry_after.max(e.retry_after);
+                    last_error = e.message;
+                    it.attempts = attempts;
+                    attempts_update.push((it.seq, attempts));
+                    retry.push(it);
+                }
+                Outcome::Dead(reason) => {
+                    observe(&q.name, "dead", started);
+                    let env = it.env.as_ref().expect("filled above");
+                    tracing::warn!(sink = %q.name, event_id = %env.event.id, attempts, %reason, "delivery abandoned; writing a dead letter");
+                    let letter = DeadLetter::new(&q.name, &reason, attempts, env);
+                    match shared.dead.append(&letter).await {
+                        Ok(()) => done.push(it.seq),
+                        Err(err) => {
+                            tracing::error!(file = %shared.dead.path().display(), error = %err, "cannot write the dead-letter file; the delivery stays in the spool");
+                            it.attempts = attempts.saturating_sub(1);
+                            retry.push(it);
+                        }
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            q.finished(done.len() as u64);
+            shared.send(Op::Done { sink: q.name.clone(), seqs: done });
+        }
+        if retry.is_empty() {
+            if failures > 0 {
+                tracing::info!(sink = %q.name, "sink accepts deliveries again");
+            }
+            failures = 0;
+            continue;
+        }
+        if !attempts_update.is_empty() {
+            shared.send(Op::Attempts { sink: q.name.clone(), items: attempts_update });
+        }
+        q.put_back(retry);
+        failures = failures.saturating_add(1);
+        let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures);
+        if let Some(ra) = retry_after {
+            delay = delay.max(ra.min(MAX_RETRY_AFTER));
+        }
+        if failures == 1 || failures.is_power_of_two() {
+            tracing::warn!(sink = %q.name, pending = q.pending(), error = %last_error, retry_in = ?delay, failures, "delivery failed; retrying");
+        }
+        q.status.store(FAILING, Ordering::Release);
+        sleep_or_stop(delay, &mut stop).await;
+    }
+    tracing::debug!(sink = %q.name, "drain stopped");
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_between_the_bounds() {
+        let (lo, hi) = (Duration::from_millis(200), Duration::from_secs(30));
+        for failures in 0..40 {
+            for _ in 0..50 {
+                let d = backoff(lo, hi, failures);
+                assert!(d >= lo && d <= hi, "{failures}: {d:?}");
+                let cap = lo.saturating_mul(1 << failures.saturating_sub(1).min(30)).min(hi);
+                assert!(d <= cap.max(lo), "{failures}: {d:?} > {cap:?}");
+            }
+        }
+        // With many failures the jitter spans the whole range.
+        let spread: Vec<_> = (0..200).map(|_| backoff(lo, hi, 20)).collect();
+        assert!(spread.iter().any(|d| *d < Duration::from_secs(10)));
+        assert!(spread.iter().any(|d| *d > Duration::from_secs(20)));
+    }
+}
