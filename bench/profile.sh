@@ -47,7 +47,8 @@ TOML
 TOKEN=$("$BIN" --config "$DIR/webio-router.toml" token --ttl 0 --org 1234)
 env LD_PRELOAD=${ROUTER_PRELOAD:-} ${ROUTER_WORKERS:+TOKIO_WORKER_THREADS=$ROUTER_WORKERS} "$BIN" --config "$DIR/webio-router.toml" serve 2>"$DIR/router.log" &
 PID=$!
-trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' EXIT
+# Keep the perf data, not the events written under load.
+trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -f "$DIR/events.jsonl"' EXIT
 for _ in $(seq 1 200); do grep -q "webio-router ready" "$DIR/router.log" && break; sleep 0.05; done
 
 cpu_ns() { cat /proc/"$PID"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { print s }'; }
