@@ -88,7 +88,9 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn serve(loaded: Loaded) -> ExitCode {
     crate::logging::init(&loaded.config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(worker_threads());
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -104,6 +106,20 @@ fn serve(loaded: Loaded) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Async worker threads: `TOKIO_WORKER_THREADS` when set, else one per core but one, at
+/// least one. The request path hands work to threads of its own (file writers, broker
+/// clients, the spool's commits); on two cores a second async worker measured slower, not
+/// faster, since it only competes with those for the cores (docs/performance.md).
+fn worker_threads() -> usize {
+    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        if n > 0 {
+            return n;
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_sub(1).max(1)
 }
 
 fn check(loaded: &Loaded) -> ExitCode {

@@ -62,29 +62,32 @@ enum Slot {
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
-    Some(match key.to_ascii_lowercase().as_str() {
-        "type" => Slot::Type,
-        "conversationid" => Slot::Conversation,
+    // Case-insensitive without lowercasing a copy of every key.
+    const SLOTS: &[(&str, Slot)] = &[
+        ("type", Slot::Type),
+        ("conversationid", Slot::Conversation),
         // Webio's own announcement also spells it with one `m`.
-        "communicationactionid" | "comunicationactionid" => Slot::CommunicationAction,
-        "outboundchanneladdress" => Slot::Outbound,
-        "inboundchanneladdress" => Slot::Inbound,
-        "customeruid" => Slot::Customer,
-        "body" => Slot::Body,
-        "statuscode" => Slot::Status,
-        "datecreated" => Slot::Date,
-        _ => return None,
-    })
+        ("communicationactionid", Slot::CommunicationAction),
+        ("comunicationactionid", Slot::CommunicationAction),
+        ("outboundchanneladdress", Slot::Outbound),
+        ("inboundchanneladdress", Slot::Inbound),
+        ("customeruid", Slot::Customer),
+        ("body", Slot::Body),
+        ("statuscode", Slot::Status),
+        ("datecreated", Slot::Date),
+    ];
+    SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
 }
 
-/// Ids arrive as strings or numbers; both come out as strings, and "" as null.
-fn id_text(v: &Value) -> Result<Option<String>, ()> {
+/// Ids arrive as strings or numbers; both come out as strings, and "" as null. A value of
+/// any other kind is handed back (it is kept in `extra`).
+fn id_text(v: Value) -> Result<Option<String>, Value> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) if s.is_empty() => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
+        Value::String(s) => Ok(Some(s)),
         Value::Number(n) => Ok(Some(n.to_string())),
-        _ => Err(()),
+        other => Err(other),
     }
 }
 
@@ -139,41 +142,51 @@ pub fn normalise(
             }
         };
         filled.push(slot);
-        let ok = match slot {
+        // The payload is owned: mapped strings move into the event instead of being copied.
+        let unmapped: Option<Value> = match slot {
             Slot::Type => {
-                event_type = Some(match &value {
-                    Value::String(s) => Ok(s.clone()),
+                event_type = Some(match value {
+                    Value::String(s) => Ok(s),
                     _ => Err(()),
                 });
-                true
+                None
             }
-            Slot::Conversation => id_text(&value).map(|v| ev.conversation_id = v).is_ok(),
-            Slot::CommunicationAction => id_text(&value).map(|v| ev.communication_action_id = v).is_ok(),
-            Slot::Outbound => id_text(&value).map(|v| ev.outbound_channel_address = v).is_ok(),
-            Slot::Inbound => id_text(&value).map(|v| ev.inbound_channel_address = v).is_ok(),
-            Slot::Customer => id_text(&value).map(|v| ev.customer_uid = v).is_ok(),
-            Slot::Body => match &value {
-                Value::Null => true,
+            Slot::Conversation => id_text(value).map(|v| ev.conversation_id = v).err(),
+            Slot::CommunicationAction => id_text(value).map(|v| ev.communication_action_id = v).err(),
+            Slot::Outbound => id_text(value).map(|v| ev.outbound_channel_address = v).err(),
+            Slot::Inbound => id_text(value).map(|v| ev.inbound_channel_address = v).err(),
+            Slot::Customer => id_text(value).map(|v| ev.customer_uid = v).err(),
+            Slot::Body => match value {
+                Value::Null => None,
                 Value::String(s) => {
-                    ev.body = Some(s.clone());
-                    true
+                    ev.body = Some(s);
+                    None
                 }
-                _ => false,
+                other => Some(other),
             },
-            Slot::Status => status_code(&value).map(|v| ev.status_code = v).is_ok(),
-            Slot::Date => match &value {
-                Value::Null => true,
-                Value::String(s) => match parse_date(s, opts.source_timezone) {
-                    Some(dt) => {
-                        ev.occurred_at = Some(format_utc(dt));
-                        true
+            Slot::Status => match status_code(&value) {
+                Ok(v) => {
+                    ev.status_code = v;
+                    None
+                }
+                Err(()) => Some(value),
+            },
+            Slot::Date => {
+                let parsed = match &value {
+                    Value::Null => Some(None),
+                    Value::String(s) => parse_date(s, opts.source_timezone).map(|dt| Some(format_utc(dt))),
+                    _ => None,
+                };
+                match parsed {
+                    Some(occurred_at) => {
+                        ev.occurred_at = occurred_at;
+                        None
                     }
-                    None => false,
-                },
-                _ => false,
-            },
+                    None => Some(value),
+                }
+            }
         };
-        if !ok {
+        if let Some(value) = unmapped {
             // A value we cannot map is kept, unchanged, under its original key.
             ev.extra.insert(key, value);
         }
@@ -200,12 +213,51 @@ pub fn normalise(
 
 /// Deterministic id: a hash of every normalised field except `id` and `receivedAt`, so the
 /// same body gives the same id and events differing in any mapped field differ.
+///
+/// The hashed bytes are exactly the event's JSON with `id` and `receivedAt` empty; they are
+/// serialised from a borrowed view instead of a clone of the event.
 fn event_id(ev: &Event) -> String {
-    let mut canon = ev.clone();
-    canon.id.clear();
-    canon.received_at.clear();
-    // serde_json's Map is ordered by key, so this serialisation is canonical.
-    let digest = Sha256::digest(canon.to_json());
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Canonical<'a> {
+        schema: &'a str,
+        id: &'a str,
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        shape: Shape,
+        organisation_id: &'a Option<String>,
+        conversation_id: &'a Option<String>,
+        communication_action_id: &'a Option<String>,
+        outbound_channel_address: &'a Option<String>,
+        inbound_channel_address: &'a Option<String>,
+        customer_uid: &'a Option<String>,
+        body: &'a Option<String>,
+        status_code: Option<i64>,
+        occurred_at: &'a Option<String>,
+        received_at: &'a str,
+        // serde_json's Map is ordered by key, so this serialisation is canonical.
+        extra: &'a Map<String, Value>,
+    }
+    let canon = Canonical {
+        schema: &ev.schema,
+        id: "",
+        event_type: &ev.event_type,
+        shape: ev.shape,
+        organisation_id: &ev.organisation_id,
+        conversation_id: &ev.conversation_id,
+        communication_action_id: &ev.communication_action_id,
+        outbound_channel_address: &ev.outbound_channel_address,
+        inbound_channel_address: &ev.inbound_channel_address,
+        customer_uid: &ev.customer_uid,
+        body: &ev.body,
+        status_code: ev.status_code,
+        occurred_at: &ev.occurred_at,
+        received_at: "",
+        extra: &ev.extra,
+    };
+    let mut bytes = Vec::with_capacity(512);
+    serde_json::to_writer(&mut bytes, &canon).expect("an Event always serialises");
+    let digest = Sha256::digest(&bytes);
     hex::encode(&digest[..16])
 }
 

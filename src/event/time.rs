@@ -11,6 +11,14 @@ const OFFSET_FORMATS: &[&str] = &["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%
 /// Parses a `dateCreated` value; `None` when it is not a date this module understands.
 pub fn parse_date(raw: &str, zone: Tz) -> Option<DateTime<Utc>> {
     let s = raw.trim();
+    if let Some(naive) = webio_naive(s) {
+        return local_to_utc(naive, zone);
+    }
+    parse_date_general(s, zone)
+}
+
+/// Every format, tried in order (the reference the fast path agrees with).
+fn parse_date_general(s: &str, zone: Tz) -> Option<DateTime<Utc>> {
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
         return Some(dt.with_timezone(&Utc));
     }
@@ -21,16 +29,71 @@ pub fn parse_date(raw: &str, zone: Tz) -> Option<DateTime<Utc>> {
     }
     for f in NAIVE_FORMATS {
         if let Ok(naive) = NaiveDateTime::parse_from_str(s, f) {
-            // A wall-clock time skipped by a DST change does not exist: refuse it rather than
-            // invent one; an ambiguous one (clocks going back) takes the earlier instant.
-            return zone.from_local_datetime(&naive).earliest().map(|dt| dt.with_timezone(&Utc));
+            return local_to_utc(naive, zone);
         }
     }
     None
 }
 
+fn local_to_utc(naive: NaiveDateTime, zone: Tz) -> Option<DateTime<Utc>> {
+    // A wall-clock time skipped by a DST change does not exist: refuse it rather than
+    // invent one; an ambiguous one (clocks going back) takes the earlier instant.
+    zone.from_local_datetime(&naive).earliest().map(|dt| dt.with_timezone(&Utc))
+}
+
+/// Fast path for exactly what Webio sends, `YYYY-MM-DD HH:MM:SS` with an optional `.` and
+/// 1–9 fraction digits, read without chrono's format-string machinery. Anything else
+/// (including out-of-range fields and leap seconds) is `None` and goes the general way.
+fn webio_naive(s: &str) -> Option<NaiveDateTime> {
+    let b = s.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |n, c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    let nanos = match &b[19..] {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            let n = num(20..b.len())?;
+            n * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let (sec, min, hour) = (num(17..19)?, num(14..16)?, num(11..13)?);
+    if sec > 59 {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    Some(date.and_time(chrono::NaiveTime::from_hms_nano_opt(hour, min, sec, nanos)?))
+}
+
+/// RFC 3339 UTC with milliseconds (`2021-01-28T12:22:15.397Z`), written directly for
+/// years 0–9999; chrono's formatter for anything else.
 pub fn format_utc(dt: DateTime<Utc>) -> String {
-    dt.to_rfc3339_opts(SecondsFormat::Millis, true)
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (dt.year(), dt.nanosecond());
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        return dt.to_rfc3339_opts(SecondsFormat::Millis, true);
+    }
+    let mut out = [0u8; 24];
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, dt.month());
+    put(8, 2, dt.day());
+    put(11, 2, dt.hour());
+    put(14, 2, dt.minute());
+    put(17, 2, dt.second());
+    put(20, 3, nanos / 1_000_000);
+    for (i, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
+        out[i] = c;
+    }
+    out.iter().map(|&b| b as char).collect()
 }
 
 #[cfg(test)]
@@ -54,6 +117,33 @@ mod tests {
         assert_eq!(p("2021-01-28T12:22:15.397+01:00", "Europe/Paris").unwrap(), "2021-01-28T11:22:15.397Z");
         assert_eq!(p("2021-01-28T12:22:15Z", "America/New_York").unwrap(), "2021-01-28T12:22:15.000Z");
         assert_eq!(p("2021-01-28T12:22:15.397-0500", "UTC").unwrap(), "2021-01-28T17:22:15.397Z");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+
+        /// The fast path answers exactly what the general formats answer.
+        #[test]
+        fn the_webio_fast_path_agrees_with_the_general_parser(
+            s in "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,11})?[ Z+0-9:]{0,3}",
+            zone in proptest::sample::select(&["UTC", "Europe/London", "America/New_York", "Australia/Lord_Howe"][..]),
+        ) {
+            let zone: Tz = zone.parse().unwrap();
+            let s = s.trim();
+            let fast = webio_naive(s).map(|n| local_to_utc(n, zone));
+            if let Some(fast) = fast {
+                proptest::prop_assert_eq!(fast, parse_date_general(s, zone), "{}", s);
+            }
+            proptest::prop_assert_eq!(parse_date(s, zone), parse_date_general(s, zone), "{}", s);
+        }
+
+        /// The direct formatter writes what chrono writes.
+        #[test]
+        fn format_utc_agrees_with_chrono(secs in -70_000_000_000i64..300_000_000_000, nanos in 0u32..2_000_000_000) {
+            if let Some(dt) = DateTime::from_timestamp(secs, nanos) {
+                proptest::prop_assert_eq!(format_utc(dt), dt.to_rfc3339_opts(SecondsFormat::Millis, true));
+            }
+        }
     }
 
     #[test]

@@ -8,9 +8,11 @@ use crate::format::Format;
 use crate::template::{Escape, Template};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,32 +38,62 @@ impl FileConfig {
 }
 
 const MAX_OPEN_FILES: usize = 64;
+/// Lines written (and flushed, and fsynced when asked) together at most.
+const MAX_BATCH: usize = 512;
 
+/// One line to append; `done` hears whether it reached the OS (and the disk with `fsync`).
+struct Job {
+    path: Arc<Path>,
+    line: Vec<u8>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Writes go to one thread per sink that owns the files: no async worker ever blocks on the
+/// disk, and no delivery waits on another's lock. Lines that arrive while a write is in
+/// progress go out together with one `write` per file (and one `fdatasync` with `fsync`:
+/// group commit); each delivery is confirmed only once its own line was written and
+/// flushed to the OS, as before.
 pub struct FileSink {
     name: String,
     path: Template,
+    /// The rendered path, once, when the template has no field.
+    constant: Option<OnceLock<Arc<Path>>>,
     format: Format,
-    fsync: bool,
-    files: Mutex<HashMap<PathBuf, tokio::fs::File>>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl FileSink {
     pub fn new(name: &str, c: &FileConfig) -> Result<Self, SinkError> {
         let path = Template::parse(&c.path, Escape::PathSegment).map_err(|e| SinkError::permanent(e.to_string()))?;
-        Ok(FileSink {
-            name: name.to_owned(),
-            path,
-            format: c.format,
-            fsync: c.fsync,
-            files: Mutex::new(HashMap::new()),
-        })
+        let constant = path.is_constant().then(OnceLock::new);
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let fsync = c.fsync;
+        std::thread::Builder::new()
+            .name(format!("file-sink-{name}"))
+            .spawn(move || write_loop(&rx, fsync))
+            .map_err(|e| SinkError::permanent(format!("cannot start the writer thread: {e}")))?;
+        Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs })
     }
 
-    async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        tokio::fs::OpenOptions::new().create(true).append(true).open(path).await
+    /// The line for `env`: the event as one line of JSON (or the configured format).
+    fn line(&self, env: &Envelope) -> Vec<u8> {
+        let mut line = match self.format {
+            Format::Event => {
+                let mut v = Vec::with_capacity(env.raw.len() + 384);
+                serde_json::to_writer(&mut v, &env.event).expect("an Event always serialises");
+                v
+            }
+            Format::Raw => {
+                // A raw body may be pretty-printed; JSON Lines needs one line.
+                match serde_json::from_slice::<serde_json::Value>(&env.raw) {
+                    Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| env.raw.to_vec()),
+                    Err(_) => env.raw.to_vec(),
+                }
+            }
+            Format::Cloudevents => self.format.encode(env).to_vec(),
+        };
+        line.push(b'\n');
+        line
     }
 }
 
@@ -72,42 +104,79 @@ impl Sink for FileSink {
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let path = PathBuf::from(self.path.render(&env.event));
-            let mut line = self.format.encode(env).to_vec();
-            if self.format == Format::Raw {
-                // A raw body may be pretty-printed; JSON Lines needs one line.
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
-                    line = serde_json::to_vec(&v).unwrap_or(line);
-                }
+            let render = || Arc::from(Path::new(&self.path.render(&env.event)));
+            let path = match &self.constant {
+                Some(once) => once.get_or_init(render).clone(),
+                None => render(),
+            };
+            let (done, result) = oneshot::channel();
+            self.jobs
+                .send(Job { path, line: self.line(env), done })
+                .map_err(|_| SinkError::retryable("the file writer has stopped"))?;
+            match result.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(SinkError::retryable(e)),
+                Err(_) => Err(SinkError::retryable("the file writer has stopped")),
             }
-            line.push(b'\n');
-            let mut files = self.files.lock().await;
-            if !files.contains_key(&path) {
-                if files.len() >= MAX_OPEN_FILES {
-                    // A templated path can name many files; keep the descriptor count bounded.
-                    files.clear();
-                }
-                let f = Self::open(&path)
-                    .await
-                    .map_err(|e| SinkError::retryable(format!("open {}: {e}", path.display())))?;
-                files.insert(path.clone(), f);
-            }
-            let f = files.get_mut(&path).expect("inserted above");
-            let res = async {
-                f.write_all(&line).await?;
-                f.flush().await?;
-                if self.fsync {
-                    f.sync_data().await?;
-                }
-                Ok::<_, std::io::Error>(())
-            }
-            .await;
-            if let Err(e) = res {
-                // Reopen next time (the file may have been rotated or the disk remounted).
-                files.remove(&path);
-                return Err(SinkError::retryable(format!("write {}: {e}", path.display())));
-            }
-            Ok(())
         })
     }
+}
+
+fn open(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The writer thread: runs until the sink is dropped (every sender gone).
+fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
+    let mut files: HashMap<Arc<Path>, File> = HashMap::new();
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut buf: Vec<u8> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // One write per file, lines in arrival order.
+        while !batch.is_empty() {
+            let path = batch[0].path.clone();
+            let (same, rest): (Vec<Job>, Vec<Job>) = batch.drain(..).partition(|j| j.path == path);
+            batch = rest;
+            buf.clear();
+            for j in &same {
+                buf.extend_from_slice(&j.line);
+            }
+            let result = write(&mut files, &path, &buf, fsync);
+            for j in same {
+                let _ = j.done.send(result.clone());
+            }
+        }
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::new();
+        }
+    }
+}
+
+fn write(files: &mut HashMap<Arc<Path>, File>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), String> {
+    if !files.contains_key(path) {
+        if files.len() >= MAX_OPEN_FILES {
+            // A templated path can name many files; keep the descriptor count bounded.
+            files.clear();
+        }
+        let f = open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+        files.insert(path.clone(), f);
+    }
+    let f = files.get_mut(path).expect("inserted above");
+    // `File` has no user-space buffer: once `write_all` returns the lines are with the OS.
+    let res = f.write_all(bytes).and_then(|()| if fsync { f.sync_data() } else { Ok(()) });
+    res.map_err(|e| {
+        // Reopen next time (the file may have been rotated or the disk remounted).
+        files.remove(path);
+        format!("write {}: {e}", path.display())
+    })
 }

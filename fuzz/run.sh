@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs each cargo-fuzz target (normalise, jwt, routes) for a bounded time.
+#
+#   fuzz/run.sh [SECONDS] [TARGET...]     (default: 30 s each, all three targets)
+#
+# cargo-fuzz needs nightly-only compiler flags (-Zsanitizer=address). With a nightly
+# toolchain: `cargo +nightly fuzz run normalise`. With only a stable toolchain, this script
+# sets RUSTC_BOOTSTRAP=1, which lets stable accept them. New inputs go to fuzz/corpus/TARGET
+# (git-ignored), seeded from fuzz/seeds/TARGET; crashes land in fuzz/artifacts/TARGET.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-30}
+shift || true
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(normalise jwt routes)
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+TOOLCHAIN=()
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  TOOLCHAIN=(+nightly)
+else
+  export RUSTC_BOOTSTRAP=1
+fi
+for t in "${TARGETS[@]}"; do
+  echo "== fuzz $t for ${SECS}s"
+  mkdir -p "fuzz/corpus/$t"
+  cargo "${TOOLCHAIN[@]}" fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- -max_total_time="$SECS" 2>&1 |
+    grep -E '^(Done|INFO: seed|==[0-9]+==|SUMMARY)|panicked|ERROR' || true
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz target $t failed (see fuzz/artifacts/$t)"; exit 1; }
+done
