@@ -15,9 +15,24 @@ pub struct Dedup {
     seen: Mutex<Seen>,
 }
 
+/// Ids remembered at most (about 6.5 MiB). Beyond it the oldest tenth is forgotten early:
+/// a re-delivery of one of those is then delivered again, which at-least-once allows; memory
+/// stays bounded whatever the request rate × `dedup_window`.
+pub const MAX_ENTRIES: usize = 200_000;
+
 struct Seen {
     map: HashMap<u128, u64>,
     last_prune: u64,
+}
+
+impl Seen {
+    fn evict_oldest(&mut self) {
+        let mut times: Vec<u64> = self.map.values().copied().collect();
+        let cut = times.len() / 10;
+        let (_, threshold, _) = times.select_nth_unstable(cut);
+        let threshold = *threshold;
+        self.map.retain(|_, t| *t > threshold);
+    }
 }
 
 /// The compact key of an event id (the spool stores it).
@@ -65,6 +80,9 @@ impl Dedup {
             seen.map.retain(|_, t| at.saturating_sub(*t) < window);
             seen.last_prune = at;
         }
+        if seen.map.len() >= MAX_ENTRIES {
+            seen.evict_oldest();
+        }
     }
 
     pub fn record(&self, id: &str) {
@@ -94,6 +112,19 @@ mod tests {
         assert!(d.contains_at(id, 10_999));
         assert!(!d.contains_at(id, 11_000));
         assert!(!d.contains_at("ffffffffffffffffffffffffffffffff", 1_000));
+    }
+
+    #[test]
+    fn the_number_of_remembered_ids_is_bounded_and_the_newest_stay() {
+        let d = Dedup::new(Duration::from_secs(3600));
+        let id = |i: usize| format!("{i:032x}");
+        for i in 0..MAX_ENTRIES + 10 {
+            d.record_at(&id(i), 1_000 + i as u64);
+        }
+        assert!(d.len() < MAX_ENTRIES, "{}", d.len());
+        let now = 1_000 + MAX_ENTRIES as u64 + 10;
+        assert!(d.contains_at(&id(MAX_ENTRIES + 9), now), "the newest id is still a duplicate");
+        assert!(!d.contains_at(&id(0), now), "the oldest was forgotten first");
     }
 
     #[test]
