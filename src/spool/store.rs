@@ -68,11 +68,16 @@ pub fn storage(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> SpoolError + '
     move |e| SpoolError::Storage { path: path.to_owned(), detail: e.to_string() }
 }
 
+/// redb page cache size.
+const CACHE_BYTES: usize = 16 << 20;
+
 /// Opens (or creates) the spool file, taking redb's exclusive lock on it.
 pub fn open_db(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
     std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir { path: dir.to_owned(), source })?;
     let path = dir.join(FILE_NAME);
-    let db = match Database::create(&path) {
+    // redb caches up to 1 GiB of pages by default; the spool's working set is the recent
+    // backlog, so a small cache keeps a sidecar's memory flat (see docs/performance.md).
+    let db = match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(SpoolError::InUse { path }),
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
