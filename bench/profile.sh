@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Profiles the router in direct mode with a file sink under the benchmark's load:
+# Profiles the router (direct mode, or PROFILE_MODE=spool) with a file sink under the benchmark's load:
 # `perf record -e cpu-clock` (software clock: works in VMs without hardware counters)
 # attached to the router while wrk runs, then the hottest symbols and shared objects.
 #
@@ -32,7 +32,8 @@ listen = "127.0.0.1:$((PORT + 1))"
 [auth]
 secrets = ["bench-secret-0123456789-0123456789-0123456789"]
 [delivery]
-mode = "direct"
+mode = "${PROFILE_MODE:-direct}"
+spool_dir = "$DIR/spool"
 dead_letter_file = "$DIR/dead-letter.jsonl"
 TOML
 cat >"$DIR/routes.toml" <<TOML
