@@ -102,10 +102,23 @@ impl Routes {
             let mut value = toml::Table::new();
             let mut key_spans = BTreeMap::new();
             let mut expanded = true;
-            for (k, v) in table.into_inner() {
+            let table = table.into_inner();
+            let sink_type = table.iter().find(|(k, _)| k.get_ref() == "type").and_then(|(_, v)| v.get_ref().as_str());
+            let templates = crate::sinks::template_options(sink_type.unwrap_or(""));
+            for (k, v) in table {
                 let (span, key) = (v.span(), k.into_inner());
                 let mut v = v.into_inner();
-                if let Err(e) = expand_value(&mut v, &env) {
+                // A value from the environment is data, never template syntax: braces in an API
+                // key must neither break the load nor be echoed in a template error.
+                let literal = |name: &str| {
+                    let value = env(name)?;
+                    Some(if templates.contains(&key.as_str()) {
+                        value.replace('{', "{{").replace('}', "}}")
+                    } else {
+                        value
+                    })
+                };
+                if let Err(e) = expand_value(&mut v, &literal) {
                     errs.push(at(span.start, format!("sinks.{name}.{key}: {e}")));
                     expanded = false;
                 }

@@ -745,3 +745,32 @@ fn glob_matches_star_as_any_run_of_characters() {
         assert_eq!(glob(pattern, text), *want, "glob({pattern:?}, {text:?})");
     }
 }
+
+#[test]
+fn environment_values_with_braces_are_literal_in_templates_and_untouched_elsewhere() {
+    let text = r#"
+[sinks.crm]
+type = "http"
+url = "http://127.0.0.1:9000/${PATH_PART}"
+headers = { "x-api-key" = "${API_KEY}" }
+[sinks.bus]
+type = "amqp"
+url = "amqp://guest:${AMQP_PASSWORD}@127.0.0.1:5672/%2f"
+exchange = "webio"
+[[routes]]
+to = ["crm", "bus"]
+"#;
+    let env = |k: &str| match k {
+        "API_KEY" => Some("s3cr{et}".to_owned()),
+        "PATH_PART" => Some("a{b".to_owned()),
+        "AMQP_PASSWORD" => Some("p{w}".to_owned()),
+        _ => None,
+    };
+    let r = Routes::parse("routes.toml", text, env).unwrap_or_else(|e| panic!("{e}"));
+    let SinkConfig::Http(crm) = &r.sinks["crm"] else { panic!("crm is not http") };
+    assert_eq!(crm.headers["x-api-key"], "s3cr{{et}}", "escaped for the template parser");
+    let key = crate::template::Template::parse(&crm.headers["x-api-key"], crate::template::Escape::None).unwrap();
+    assert!(key.is_constant());
+    let SinkConfig::Amqp(bus) = &r.sinks["bus"] else { panic!("bus is not amqp") };
+    assert_eq!(bus.url, "amqp://guest:p{w}@127.0.0.1:5672/%2f", "a non-template option is taken as is");
+}

@@ -120,6 +120,17 @@ impl SinkConfig {
     }
 }
 
+/// The options of a sink type that are `{field}` templates.
+pub fn template_options(sink_type: &str) -> &'static [&'static str] {
+    match sink_type {
+        "file" => &["path"],
+        "http" => &["url", "headers"],
+        "amqp" => &["routing_key"],
+        "kafka" => &["topic", "key"],
+        _ => &[],
+    }
+}
+
 /// Validates a template option, collecting the error under `key`.
 pub(crate) fn check_template(errs: &mut Vec<OptionError>, key: &str, text: &str, escape: crate::template::Escape) {
     if let Err(e) = crate::template::Template::parse(text, escape) {
