@@ -194,16 +194,16 @@ impl RouterBuilder {
 }
 
 /// Reads `webhook=ADDR` (text logs) or `"webhook":"ADDR"` (JSON logs) from the ready line.
-fn field_addr(line: &str, key: &str) -> SocketAddr {
-    let name = key.trim_end_matches('=');
-    let json_key = format!("\"{name}\":\"");
-    let start = match line.find(key) {
-        Some(i) => i + key.len(),
-        None => line.find(&json_key).unwrap_or_else(|| panic!("{key} in {line}")) + json_key.len(),
-    };
+pub fn ready_addr(line: &str, name: &str) -> Option<SocketAddr> {
+    let (text, json) = (format!("{name}="), format!("\"{name}\":\""));
+    let start = line.find(&text).map(|i| i + text.len()).or_else(|| line.find(&json).map(|i| i + json.len()))?;
     let rest = &line[start..];
     let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+    rest[..end].parse().ok()
+}
+
+fn field_addr(line: &str, key: &str) -> SocketAddr {
+    ready_addr(line, key.trim_end_matches('=')).unwrap_or_else(|| panic!("{key} in {line}"))
 }
 
 impl Router {

@@ -209,22 +209,9 @@ impl Answer {
 }
 
 pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let mut conn = TcpStream::connect(addr).expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req =
-        format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    conn.write_all(req.as_bytes()).unwrap();
-    conn.write_all(body).unwrap();
-    let mut out = Vec::new();
-    conn.read_to_end(&mut out).expect("read answer");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Answer { status, head: head.to_owned(), body: body.to_owned() }
+    let r = crate::common::request(addr, method, path, headers, body);
+    let head = r.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("\r\n");
+    Answer { status: r.status, head, body: r.body }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,14 +338,8 @@ level = "info"
     }
 }
 
-/// `webhook=Some(127.0.0.1:1234)` (text) or `"webhook":"Some(127.0.0.1:1234)"` (JSON).
-/// The address after `key=` (text logs) or `"key":"` (JSON logs) in the ready line.
 fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
-    let (text, json) = (format!("{key}="), format!("\"{key}\":\""));
-    let start = line.find(&text).map(|i| i + text.len()).or_else(|| line.find(&json).map(|i| i + json.len()))?;
-    let rest = &line[start..];
-    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
+    crate::common::ready_addr(line, key)
 }
 
 pub struct Router {
