@@ -19,7 +19,8 @@ PORT=${BENCH_PORT:-18080}
 command -v perf >/dev/null || { echo "perf is missing: apt-get install linux-perf" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
 
-cargo build --release --locked --bin webio-router >&2
+# The same build as bench/run.sh (same feature set: no rebuild when switching between them).
+cargo build --release --locked --bin webio-router --example bare --example kafka_mock --example amqp_queue >&2
 BIN=$ROOT/target/release/webio-router
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/webio-profile.XXXXXX")
 OUT=${PROFILE_OUT:-$DIR/perf.data}

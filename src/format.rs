@@ -28,7 +28,7 @@ impl Format {
     /// The payload a sink sends for this event.
     pub fn encode(self, env: &Envelope) -> Bytes {
         match self {
-            Format::Event => Bytes::from(env.event.to_json()),
+            Format::Event => env.json().clone(),
             Format::Raw => env.raw.clone(),
             Format::Cloudevents => {
                 let ev = &env.event;

@@ -1,9 +1,12 @@
 //! Every metric name, and the one helper that emits each. Label values are bounded:
 //! never a conversation id, a token or a raw payload value.
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 pub const REQUESTS: &str = "webio_router_requests_total";
@@ -197,14 +200,62 @@ pub fn rejected(reason: &'static str) {
     counter!(REJECTED, "reason" => reason).increment(1);
 }
 
+/// The per-sink series, by sink name (sinks are few and named in routes.toml).
+struct SinkSeries {
+    ok: Counter,
+    retry: Counter,
+    dead: Counter,
+    duration: Histogram,
+    /// Made on first use: direct mode has no spool, so no such series.
+    pending: OnceLock<Gauge>,
+}
+
+static SINK_SERIES: OnceLock<RwLock<HashMap<Arc<str>, Arc<SinkSeries>>>> = OnceLock::new();
+
+/// The cached handles of `sink`'s series, once the recorder is installed.
+fn sink_series(sink: &str) -> Option<Arc<SinkSeries>> {
+    if !installed() {
+        return None;
+    }
+    let map = SINK_SERIES.get_or_init(Default::default);
+    if let Some(s) = map.read().expect("sink series lock").get(sink) {
+        return Some(s.clone());
+    }
+    let name = sink.to_owned();
+    let series = Arc::new(SinkSeries {
+        ok: counter!(DELIVERIES, "sink" => name.clone(), "outcome" => "ok"),
+        retry: counter!(DELIVERIES, "sink" => name.clone(), "outcome" => "retry"),
+        dead: counter!(DELIVERIES, "sink" => name.clone(), "outcome" => "dead"),
+        duration: histogram!(DELIVERY_DURATION, "sink" => name),
+        pending: OnceLock::new(),
+    });
+    map.write().expect("sink series lock").entry(Arc::from(sink)).or_insert(series).clone().into()
+}
+
 /// Outcome of one delivery attempt: `ok`, `retry` or `dead`.
 pub fn delivery(sink: &str, outcome: &'static str, elapsed: Duration) {
-    counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).increment(1);
-    histogram!(DELIVERY_DURATION, "sink" => sink.to_owned()).record(elapsed.as_secs_f64());
+    match sink_series(sink) {
+        Some(s) => {
+            match outcome {
+                "ok" => &s.ok,
+                "retry" => &s.retry,
+                _ => &s.dead,
+            }
+            .increment(1);
+            s.duration.record(elapsed.as_secs_f64());
+        }
+        None => {
+            counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).increment(1);
+            histogram!(DELIVERY_DURATION, "sink" => sink.to_owned()).record(elapsed.as_secs_f64());
+        }
+    }
 }
 
 pub fn spool_pending(sink: &str, pending: u64) {
-    gauge!(SPOOL_PENDING, "sink" => sink.to_owned()).set(pending as f64);
+    match sink_series(sink) {
+        Some(s) => s.pending.get_or_init(|| gauge!(SPOOL_PENDING, "sink" => sink.to_owned())).set(pending as f64),
+        None => gauge!(SPOOL_PENDING, "sink" => sink.to_owned()).set(pending as f64),
+    }
 }
 
 pub fn spool_bytes(bytes: u64) {

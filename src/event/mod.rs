@@ -138,6 +138,26 @@ impl Event {
 pub struct Envelope {
     pub event: Event,
     pub raw: Bytes,
+    /// The event as JSON, made once and shared by the spool record and every sink.
+    json: std::sync::OnceLock<Bytes>,
+}
+
+impl Envelope {
+    pub fn new(event: Event, raw: Bytes) -> Self {
+        Envelope { event, raw, json: std::sync::OnceLock::new() }
+    }
+
+    /// With the event's JSON already at hand (read back from the spool): `json` must be
+    /// `event` serialised.
+    pub(crate) fn with_json(event: Event, raw: Bytes, json: Bytes) -> Self {
+        Envelope { event, raw, json: json.into() }
+    }
+
+    /// The event as one line of JSON (no newline), serialised on first use. `event` must
+    /// not change after this is first called.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| Bytes::from(self.event.to_json()))
+    }
 }
 
 /// RFC 3339 UTC with milliseconds, the format of every time in an event.

@@ -81,7 +81,7 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
     }
     let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
     drop(matched);
-    let env = Envelope { event, raw: body };
+    let env = Envelope::new(event, body);
     match state.delivery.submit(env, sinks).await {
         Ok(Accepted::New) => {
             metrics::event(&event_type, shape);
@@ -131,7 +131,10 @@ async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, Reque
     let collect = Limited::new(req.into_body(), max).collect();
     match tokio::time::timeout(state.request_timeout, collect).await {
         Err(_) => Err(RequestError::Timeout),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        // A copy of its own: the collected body is usually a slice of the connection's read
+        // buffer (8 KiB or more), which an event waiting in the spool's queue would otherwise
+        // keep alive, and which hyper must then reallocate for the next request.
+        Ok(Ok(c)) => Ok(Bytes::copy_from_slice(&c.to_bytes())),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge(max)),
         Ok(Err(e)) => Err(RequestError::BodyRead(e.to_string())),
     }

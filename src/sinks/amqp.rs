@@ -131,7 +131,14 @@ fn exchange_kind(t: &str) -> Option<ExchangeKind> {
     })
 }
 
-/// Parses an `amqp://` or `amqps://` URL with lapin's own parser.
+/// `frame_max` asked for when the URL names none. lapin keeps two I/O buffers of 32 frames
+/// each, sized by the negotiated frame size: with RabbitMQ's default (128 KiB) that is 8 MiB
+/// of resident memory per connection, for events of a few KiB. A larger message is simply
+/// sent as several body frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
+/// Parses an `amqp://` or `amqps://` URL with lapin's own parser; `frame_max` defaults to
+/// [`DEFAULT_FRAME_MAX`].
 pub(crate) fn parse_url(url: &str) -> Result<AMQPUri, String> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
         return Err("must start with amqp:// or amqps://".into());
@@ -146,6 +153,7 @@ pub(crate) fn parse_url(url: &str) -> Result<AMQPUri, String> {
         Some(url::Host::Domain(_)) => {}
         None => return Err("invalid AMQP URL: no host".into()),
     }
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     Ok(uri)
 }
 
@@ -561,6 +569,12 @@ mod tests {
         assert!(parse_url("http://127.0.0.1/").is_err());
         assert!(parse_url("amqp://127.0.0.1:notaport/").is_err());
         assert!(parse_url("amqp://127.0.0.1/?heartbeat=soon").is_err());
+    }
+
+    #[test]
+    fn frame_max_defaults_to_a_small_frame_unless_the_url_names_one() {
+        assert_eq!(parse_url("amqp://127.0.0.1/").unwrap().query.frame_max, Some(DEFAULT_FRAME_MAX));
+        assert_eq!(parse_url("amqp://127.0.0.1/?frame_max=131072").unwrap().query.frame_max, Some(131072));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::{check_template, BoxFuture, OptionError, Sink, SinkError};
 use crate::event::Envelope;
 use crate::format::Format;
 use crate::template::{Escape, Template};
+use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,10 +42,10 @@ const MAX_OPEN_FILES: usize = 64;
 /// Lines written (and flushed, and fsynced when asked) together at most.
 const MAX_BATCH: usize = 512;
 
-/// One line to append; `done` hears whether it reached the OS (and the disk with `fsync`).
+/// One line to append (the writer adds its newline); `done` hears whether it reached the OS (and the disk with `fsync`).
 struct Job {
     path: Arc<Path>,
-    line: Vec<u8>,
+    line: Bytes,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -75,25 +76,19 @@ impl FileSink {
         Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs })
     }
 
-    /// The line for `env`: the event as one line of JSON (or the configured format).
-    fn line(&self, env: &Envelope) -> Vec<u8> {
-        let mut line = match self.format {
-            Format::Event => {
-                let mut v = Vec::with_capacity(env.raw.len() + 384);
-                serde_json::to_writer(&mut v, &env.event).expect("an Event always serialises");
-                v
-            }
+    /// The line for `env`, without its newline: the event's JSON (or the configured format).
+    fn line(&self, env: &Envelope) -> Bytes {
+        match self.format {
+            Format::Event => env.json().clone(),
             Format::Raw => {
                 // A raw body may be pretty-printed; JSON Lines needs one line.
                 match serde_json::from_slice::<serde_json::Value>(&env.raw) {
-                    Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| env.raw.to_vec()),
-                    Err(_) => env.raw.to_vec(),
+                    Ok(v) => serde_json::to_vec(&v).map_or_else(|_| env.raw.clone(), Bytes::from),
+                    Err(_) => env.raw.clone(),
                 }
             }
-            Format::Cloudevents => self.format.encode(env).to_vec(),
-        };
-        line.push(b'\n');
-        line
+            Format::Cloudevents => self.format.encode(env),
+        }
     }
 }
 
@@ -150,6 +145,7 @@ fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
             buf.clear();
             for j in &same {
                 buf.extend_from_slice(&j.line);
+                buf.push(b'\n');
             }
             let result = write(&mut files, &path, &buf, fsync);
             for j in same {

@@ -69,7 +69,7 @@ impl DeadLetter {
             (None, Some(h)) => hex::decode(h).map_err(|e| format!("rawHex: {e}"))?,
             (None, None) => Vec::new(),
         };
-        Ok(Envelope { event, raw: raw.into() })
+        Ok(Envelope::new(event, raw.into()))
     }
 }
 
@@ -81,7 +81,7 @@ mod tests {
     fn a_dead_letter_line_gives_back_the_envelope() {
         let body = br#"{"type":"inboundMessage","body":"hi"}"#;
         let ev = crate::event::normalise(body, Some("42".into()), &Default::default(), chrono::Utc::now()).unwrap();
-        let env = Envelope { event: ev, raw: bytes::Bytes::from_static(body) };
+        let env = Envelope::new(ev, bytes::Bytes::from_static(body));
         let line = serde_json::to_string(&DeadLetter::new("crm", "HTTP 422", 1, &env)).unwrap();
         assert!(line.contains(r#""sink":"crm""#) && line.contains(r#""reason":"HTTP 422""#), "{line}");
         let back: DeadLetter = serde_json::from_str(&line).unwrap();
@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn binary_bodies_travel_as_hex() {
         let ev = crate::event::normalise(br#"{"type":"x"}"#, None, &Default::default(), chrono::Utc::now()).unwrap();
-        let env = Envelope { event: ev, raw: bytes::Bytes::from_static(&[0xff, 0x00, 0x7b]) };
+        let env = Envelope::new(ev, bytes::Bytes::from_static(&[0xff, 0x00, 0x7b]));
         let d = DeadLetter::new("s", "r", 3, &env);
         assert!(d.raw.is_none());
         assert_eq!(d.envelope().unwrap().raw, env.raw);

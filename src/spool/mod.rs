@@ -279,7 +279,7 @@ mod tests {
     fn envelope(n: usize) -> Envelope {
         let body = format!(r#"{{"type":"payment","n":{n}}}"#);
         let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
-        Envelope { event, raw: body.into() }
+        Envelope::new(event, body.into())
     }
 
     fn config(dir: &std::path::Path) -> DeliveryConfig {

@@ -43,11 +43,11 @@ pub enum SpoolError {
 
 /// The encoded event row: version byte, u32 length of the event JSON, the JSON, the raw body.
 pub fn encode(env: &Envelope) -> Vec<u8> {
-    let json = env.event.to_json();
+    let json = env.json();
     let mut out = Vec::with_capacity(5 + json.len() + env.raw.len());
     out.push(RECORD_V1);
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
+    out.extend_from_slice(json);
     out.extend_from_slice(&env.raw);
     out
 }
@@ -61,7 +61,8 @@ pub fn decode(rec: &[u8]) -> Result<Envelope, String> {
     let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
     let json = rest.get(4..4 + len).ok_or("truncated record")?;
     let event: Event = serde_json::from_slice(json).map_err(|e| format!("event JSON: {e}"))?;
-    Ok(Envelope { event, raw: bytes::Bytes::copy_from_slice(&rest[4 + len..]) })
+    let raw = bytes::Bytes::copy_from_slice(&rest[4 + len..]);
+    Ok(Envelope::with_json(event, raw, bytes::Bytes::copy_from_slice(json)))
 }
 
 pub fn storage(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> SpoolError + '_ {
@@ -220,7 +221,7 @@ mod tests {
     fn env() -> Envelope {
         let body = br#"{"type":"payment","amount":3}"#;
         let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
-        Envelope { event: ev, raw: bytes::Bytes::from_static(body) }
+        Envelope::new(ev, bytes::Bytes::from_static(body))
     }
 
     #[test]

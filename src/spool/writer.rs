@@ -24,6 +24,40 @@ const MAX_BATCH_BYTES: u64 = 32 << 20;
 /// fsync is older than this (so that redb can reuse freed pages and a clean stop loses nothing).
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// Bookkeeping ops applied together once this many rows are waiting, or this long after the
+/// first one, or as soon as no new event is waiting.
+const DEFER_ROWS: usize = 4096;
+const DEFER_FOR: Duration = Duration::from_millis(50);
+
+#[derive(Default)]
+struct Deferred {
+    ops: Vec<Op>,
+    rows: usize,
+    since: Option<std::time::Instant>,
+}
+
+impl Deferred {
+    fn push(&mut self, op: Op) {
+        self.rows += match &op {
+            Op::Done { seqs, .. } => seqs.len(),
+            Op::Attempts { items, .. } => items.len(),
+            Op::Append(_) => 0,
+        };
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.ops.push(op);
+    }
+
+    fn due(&self) -> bool {
+        self.rows >= DEFER_ROWS || self.since.is_some_and(|t| t.elapsed() >= DEFER_FOR)
+    }
+
+    fn take(&mut self) -> Vec<Op> {
+        self.rows = 0;
+        self.since = None;
+        std::mem::take(&mut self.ops)
+    }
+}
+
 pub(crate) enum Op {
     Append(Append),
     /// These (sink, seq) pairs are delivered or dead-lettered: drop them (and the event when
@@ -64,12 +98,23 @@ pub(crate) struct Writer {
 impl Writer {
     pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut carry: Vec<Op> = Vec::new();
+        // Bookkeeping (deliveries done, attempt counts) waits for a transaction of its own
+        // while new events keep coming: removing a run of rows at once rewrites far fewer
+        // pages than touching both ends of the tables in every commit. Losing it in a crash
+        // means repeat deliveries, as for any bookkeeping commit without fsync.
+        let mut deferred = Deferred::default();
         loop {
             let mut ops = std::mem::take(&mut carry);
             if ops.is_empty() {
-                match rx.blocking_recv() {
-                    Some(op) => ops.push(op),
-                    None => break,
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    // Nothing new: a good moment for the bookkeeping.
+                    Err(mpsc::error::TryRecvError::Empty) if !deferred.ops.is_empty() => {}
+                    Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                        Some(op) => ops.push(op),
+                        None => break,
+                    },
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
             }
             let mut bytes: u64 = ops.iter().map(op_bytes).sum();
@@ -82,11 +127,34 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Err(left) = self.apply(ops) {
+            let mut batch = Vec::with_capacity(ops.len());
+            for op in ops {
+                match op {
+                    Op::Append(_) => batch.push(op),
+                    other => deferred.push(other),
+                }
+            }
+            if batch.is_empty() || deferred.due() {
+                batch.extend(deferred.take());
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(left) = self.apply(batch) {
                 // Deliveries already done must still be recorded: try again shortly.
                 carry = left;
                 std::thread::sleep(Duration::from_millis(200));
             }
+        }
+        let mut left = deferred.take();
+        for _ in 0..3 {
+            if left.is_empty() {
+                break;
+            }
+            left = self.apply(left).err().unwrap_or_default();
+        }
+        if !left.is_empty() {
+            tracing::error!(file = %self.shared.path.display(), "spool: the last deliveries could not be recorded; they will repeat after the restart");
         }
         if self.unsynced {
             if let Err(e) = self.sync() {

@@ -16,7 +16,7 @@ use webio_router::sinks::{Sink, SinkConfig, SinkError};
 pub fn envelope(body: serde_json::Value) -> Envelope {
     let raw = serde_json::to_vec(&body).unwrap();
     let event = normalise(&raw, Some("org-1".into()), &NormaliseOptions::default(), chrono::Utc::now()).unwrap();
-    Envelope { event, raw: Bytes::from(raw) }
+    Envelope::new(event, Bytes::from(raw))
 }
 
 /// The `n`th event of a run: distinct ids, a handful of conversations.
