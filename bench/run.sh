@@ -238,7 +238,9 @@ row_router() { # name mode sink-kind
 }
 
 start_sink_responder() {
-  "$EX/bare" "127.0.0.1:$SINK_PORT" 200 >"$WORK/sink.log" 2>&1 &
+  # One worker: the responder stands in for a remote service; with one per core it would
+  # fight the router and wrk for the same two cores and add its own scheduling delays.
+  TOKIO_WORKER_THREADS=1 "$EX/bare" "127.0.0.1:$SINK_PORT" 200 >"$WORK/sink.log" 2>&1 &
   SINK_PID=$!
   PIDS+=("$SINK_PID")
   wait_status "$SINK_PORT" / any "$SINK_PID" || say "   the HTTP sink responder did not start"

@@ -175,8 +175,10 @@ impl Writer {
                 other => rest.push(other),
             }
         }
-        for a in &appends {
-            self.names.extend(a.sinks.iter().cloned());
+        for name in appends.iter().flat_map(|a| &a.sinks) {
+            if !self.names.contains(name) {
+                self.names.insert(name.clone());
+            }
         }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
