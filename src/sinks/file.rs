@@ -126,7 +126,7 @@ fn open(path: &Path) -> std::io::Result<File> {
 
 /// The writer thread: runs until the sink is dropped (every sender gone).
 fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
-    let mut files: HashMap<Arc<Path>, File> = HashMap::new();
+    let mut files: HashMap<Arc<Path>, Open> = HashMap::new();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut buf: Vec<u8> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -158,21 +158,53 @@ fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
     }
 }
 
-fn write(files: &mut HashMap<Arc<Path>, File>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), String> {
+/// Once this many bytes were appended to a file, its write-back is started (without waiting
+/// for it). Left to the kernel's own schedule, dirty pages pile up to hundreds of MiB; an
+/// `fsync` of another file on the same ext4 filesystem (the spool's commit, before every 202)
+/// may then have to wait for all of them to reach the disk.
+const WRITEBACK_EVERY: u64 = 4 << 20;
+
+struct Open {
+    file: File,
+    unflushed: u64,
+}
+
+fn write(files: &mut HashMap<Arc<Path>, Open>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), String> {
     if !files.contains_key(path) {
         if files.len() >= MAX_OPEN_FILES {
             // A templated path can name many files; keep the descriptor count bounded.
             files.clear();
         }
-        let f = open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-        files.insert(path.clone(), f);
+        let file = open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+        files.insert(path.clone(), Open { file, unflushed: 0 });
     }
     let f = files.get_mut(path).expect("inserted above");
     // `File` has no user-space buffer: once `write_all` returns the lines are with the OS.
-    let res = f.write_all(bytes).and_then(|()| if fsync { f.sync_data() } else { Ok(()) });
+    let res = f.file.write_all(bytes).and_then(|()| if fsync { f.file.sync_data() } else { Ok(()) });
+    if res.is_ok() && !fsync {
+        f.unflushed += bytes.len() as u64;
+        if f.unflushed >= WRITEBACK_EVERY {
+            f.unflushed = 0;
+            start_writeback(&f.file);
+        }
+    }
     res.map_err(|e| {
         // Reopen next time (the file may have been rotated or the disk remounted).
         files.remove(path);
         format!("write {}: {e}", path.display())
     })
 }
+
+/// Asks the kernel to start writing the file's dirty pages out now; returns at once. Only a
+/// hint: an error changes nothing about what was already written.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only starts write-back of its pages.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
