@@ -10,8 +10,13 @@
 # A row whose configuration `webio-router check` refuses (e.g. spool mode or a sink type not
 # in this build) prints "n/a (not available in this build)".
 #
-# Usage: bench/run.sh [ROW...]     rows: bare direct-file spool-file spool-http spool-amqp spool-kafka
-# Environment: BENCH_DURATION (10s), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
+# Usage: bench/run.sh [ROW...]     rows: bare unrouted direct-file spool-file spool-http spool-amqp spool-kafka
+# (`unrouted`: the router with a route that matches nothing: token, body, normalisation and the
+# answer, no delivery; the ceiling of every other row.)
+# Each router row is measured BENCH_REPEAT times (3), each run right after a run of the bare
+# server with the same load; the ratio is the median of those pairs (the machine's other work
+# moves both alike), and the row shows that pair's router run.
+# Environment: BENCH_DURATION (10s), BENCH_REPEAT (3), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
 #              BENCH_PORT (18080; uses 4 consecutive ports), BENCH_AMQP_URL,
 #              BENCH_KEEP=1 keeps the work directory (configs, logs, wrk output).
 # Loopback only. Needs wrk (installed with apt-get when missing) and, for the RabbitMQ row,
@@ -21,12 +26,13 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 DURATION=${BENCH_DURATION:-10s}
+REPEAT=${BENCH_REPEAT:-3}
 CONNS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
 PORT=${BENCH_PORT:-18080}
 AMQP_URL=${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 SECRET="bench-secret-0123456789-0123456789-0123456789"
-ALL_ROWS=(bare direct-file spool-file spool-http spool-amqp spool-kafka)
+ALL_ROWS=(bare unrouted direct-file spool-file spool-http spool-amqp spool-kafka)
 ROWS=("$@")
 [ ${#ROWS[@]} -gt 0 ] || ROWS=("${ALL_ROWS[@]}")
 
@@ -149,18 +155,25 @@ routing_key = \"webio.{type}\"" ;;
 brokers = \"$KAFKA_BOOTSTRAP\"
 topic = \"webio-bench\"" ;;
   esac
+  local when=""
+  if [ "$2" = none ]; then
+    sink="type = \"file\"
+path = \"$1/events.jsonl\""
+    when='when = { type = "no-such-type" }'
+  fi
   cat >"$1/routes.toml" <<EOF
 [sinks.out]
 $sink
 
 [[routes]]
 name = "everything"
+$when
 to = ["out"]
 EOF
 }
 
 # ---------------------------------------------------------------- one row
-declare -A R_RPS R_CELLS R_P99HALF R_PEAK R_IDLE R_READY R_NON2XX
+declare -A R_RPS R_CELLS R_P99HALF R_PEAK R_IDLE R_READY R_NON2XX R_RATIO R_RATIOS
 BARE_RPS=""
 
 na_row() { R_CELLS[$1]="| $1 | $2 | | | | | | | | |"; }
@@ -170,12 +183,32 @@ measure() { # name pid port token
   local full half rps p50 p99 non2xx sockerr hrps hp99 peak
   sleep 0.5
   R_IDLE[$name]=$(kib "$pid" VmRSS)
-  say "   load: wrk -t$THREADS -c$CONNS -d$DURATION"
-  full=$(run_wrk "$port" "$token" "$WORK/$name.wrk.txt")
-  if [ -z "$full" ] || ! kill -0 "$pid" 2>/dev/null; then
-    na_row "$name" "failed: see $WORK/$name.* (BENCH_KEEP=1 keeps them)"
-    return
-  fi
+  # Router rows: REPEAT pairs, each a bare run then a router run back to back; the row shows
+  # the pair with the median ratio (other work on the machine moves both alike).
+  local i best="" ratios="" pairs=() b r
+  for i in $(seq 1 "$( [ "$name" = bare ] && echo 1 || echo "$REPEAT")"); do
+    b=""
+    if [ "$name" != bare ]; then
+      b=$(run_wrk "$BARE_PORT" unused "$WORK/$name.bare$i.txt")
+      # shellcheck disable=SC2086
+      b=$(field rps $b)
+    fi
+    say "   load: wrk -t$THREADS -c$CONNS -d$DURATION (run $i)"
+    full=$(run_wrk "$port" "$token" "$WORK/$name.wrk$i.txt")
+    if [ -z "$full" ] || ! kill -0 "$pid" 2>/dev/null; then
+      na_row "$name" "failed: see $WORK/$name.* (BENCH_KEEP=1 keeps them)"
+      return
+    fi
+    # shellcheck disable=SC2086
+    r=$(field rps $full)
+    [ -n "$b" ] || b=$r
+    pairs+=("$(awk -v r="$r" -v b="$b" 'BEGIN { printf "%.4f", r / b }') $full")
+    ratios="$ratios $(awk -v r="$r" -v b="$b" 'BEGIN { printf "%.2f", r / b }')"
+  done
+  best=$(printf '%s\n' "${pairs[@]}" | sort -n | awk -v n="${#pairs[@]}" 'NR == int((n + 1) / 2)')
+  R_RATIO[$name]=${best%% *}
+  R_RATIOS[$name]=$ratios
+  full=${best#* }
   # shellcheck disable=SC2086
   set -- $full
   rps=$(field rps "$@") p50=$(field p50_us "$@") p99=$(field p99_us "$@")
@@ -191,7 +224,7 @@ measure() { # name pid port token
   [ -n "$BARE_RPS" ] || BARE_RPS=$rps
   R_RPS[$name]=$rps R_P99HALF[$name]=$hp99 R_PEAK[$name]=$peak R_NON2XX[$name]=$((non2xx + ${sockerr:-0}))
   local ratio errs=""
-  ratio=$(awk -v r="$rps" -v b="$BARE_RPS" 'BEGIN { printf "%.2f", r / b }')
+  ratio=$(awk -v r="${R_RATIO[$name]}" 'BEGIN { printf "%.2f", r }')
   [ "${sockerr:-0}" = 0 ] || errs=" (+$sockerr socket errors)"
   R_CELLS[$name]="| $name | $(printf '%.0f' "$rps") | $ratio | $(ms "$p50") | $(ms "$p99") | ${non2xx}${errs} | $(ms "$hp99") at $(printf '%.0f' "$hrps")/s | $(mib "$peak") | $(mib "${R_IDLE[$name]}") | ${R_READY[$name]:-—} |"
 }
@@ -205,7 +238,7 @@ row_bare() {
   if ! wait_status "$BARE_PORT" / any "$pid"; then na_row bare "failed to start: $(tail -1 "$log")"; return; fi
   R_READY[bare]=$(ms $(($(now_us) - t0)))
   measure bare "$pid" "$BARE_PORT" "unused"
-  stop "$pid"
+  # Kept running (idle between its runs): every router run is paired with a bare run.
 }
 
 row_router() { # name mode sink-kind
@@ -263,6 +296,7 @@ for row in "${ROWS[@]}"; do
   say "== $row"
   case $row in
     bare) row_bare ;;
+    unrouted) row_router unrouted direct none ;;
     direct-file) row_router direct-file direct file ;;
     spool-file) row_router spool-file spool file ;;
     spool-http)
@@ -287,6 +321,12 @@ echo
 echo "| setup | req/s | ratio to bare | p50 | p99 | non-2xx | p99 at ½ rate (achieved) | peak RSS | idle RSS | start→ready |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for row in "${ROWS[@]}"; do echo "${R_CELLS[$row]:-| $row | not run | | | | | | | | |}"; done
+echo
+echo "Ratio to bare: median of $REPEAT back-to-back pairs (bare run, then router run). Every pair:"
+for row in "${ROWS[@]}"; do
+  [ "$row" != bare ] && [ -n "${R_RATIOS[$row]:-}" ] || continue
+  echo "- $row:${R_RATIOS[$row]}"
+done
 
 # ---------------------------------------------------------------- targets
 echo
@@ -297,7 +337,7 @@ for row in "${ROWS[@]}"; do
   if [ -z "${R_RPS[$row]:-}" ]; then echo "- $row: not measured"; continue; fi
   want=$(target_ratio "$row")
   ready_ms=${R_READY[$row]% ms}
-  awk -v row="$row" -v r="${R_RPS[$row]}" -v b="$BARE_RPS" -v want="$want" -v p99h="${R_P99HALF[$row]}" \
+  awk -v row="$row" -v r="${R_RATIO[$row]}" -v b=1 -v want="$want" -v p99h="${R_P99HALF[$row]}" \
       -v peak="${R_PEAK[$row]}" -v idle="${R_IDLE[$row]}" -v ready="$ready_ms" -v bad="${R_NON2XX[$row]}" 'BEGIN {
     ok = (bad == 0); msg = (bad == 0) ? "" : sprintf(" %d non-2xx or socket errors;", bad)
     if (want != "") { t = (r / b >= want); ok = ok && t; msg = msg sprintf(" ratio %.2f %s %s;", r / b, t ? ">=" : "<", want) }
