@@ -208,3 +208,50 @@ fn start_writeback(file: &File) {
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(n: usize, pad: usize) -> Envelope {
+        let body = format!(r#"{{"type":"payment","n":{n},"pad":"{}"}}"#, "x".repeat(pad));
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(event, body.into())
+    }
+
+    #[tokio::test]
+    async fn every_line_is_whole_past_the_write_back_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let config = FileConfig { path: path.display().to_string(), format: Format::Event, fsync: false };
+        let sink = FileSink::new("out", &config).unwrap();
+        // ~6 MiB in lines of ~8 KiB: write-back is started at least once on the way.
+        let n = (WRITEBACK_EVERY as usize * 3 / 2) / 8192;
+        let envs: Vec<_> = (0..n).map(|i| envelope(i, 8000)).collect();
+        let results = futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), n);
+        let mut seen: Vec<i64> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["extra"]["n"].as_i64().unwrap())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, (0..n as i64).collect::<Vec<_>>());
+        // The line is the envelope's own JSON, byte for byte.
+        assert!(lines.iter().any(|l| l.as_bytes() == &envs[0].json()[..]));
+    }
+
+    #[tokio::test]
+    async fn a_pretty_printed_raw_body_becomes_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raw.jsonl");
+        let config = FileConfig { path: path.display().to_string(), format: Format::Raw, fsync: true };
+        let sink = FileSink::new("raw", &config).unwrap();
+        let body = "{\n  \"type\": \"payment\",\n  \"amount\": 5\n}";
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        sink.deliver(&Envelope::new(event, body.into())).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"amount\":5,\"type\":\"payment\"}\n");
+    }
+}
