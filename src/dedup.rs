@@ -15,10 +15,11 @@ pub struct Dedup {
     seen: Mutex<Seen>,
 }
 
-/// Ids remembered at most (about 6.5 MiB). Beyond it the oldest tenth is forgotten early:
-/// a re-delivery of one of those is then delivered again, which at-least-once allows; memory
-/// stays bounded whatever the request rate × `dedup_window`.
-pub const MAX_ENTRIES: usize = 200_000;
+/// Ids remembered at most: 7/8 of 2^17, the most a table of 2^17 slots holds (4 MiB; 191 new
+/// events a second for the default 10-minute window). Beyond it the oldest tenth is forgotten
+/// early: a re-delivery of one of those is then delivered again, which at-least-once allows;
+/// memory stays bounded whatever the request rate × `dedup_window`.
+pub const MAX_ENTRIES: usize = 114_688;
 
 struct Seen {
     map: HashMap<u128, u64>,
@@ -47,7 +48,11 @@ pub fn key(id: &str) -> u128 {
 
 impl Dedup {
     pub fn new(window: Duration) -> Self {
-        Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { map: HashMap::new(), last_prune: 0 }) }
+        // Sized for the cap at once when dedup is on: growing by doubling would hold the old and
+        // the new table together (1.5× the memory) at each step. Only the table's control bytes
+        // (~256 KiB) are touched up front; slots become resident as ids arrive.
+        let map = if window.is_zero() { HashMap::new() } else { HashMap::with_capacity(MAX_ENTRIES) };
+        Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { map, last_prune: 0 }) }
     }
 
     pub fn window(&self) -> Duration {

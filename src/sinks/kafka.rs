@@ -91,7 +91,26 @@ const DEFAULTS: &[(&str, &str)] = &[
 const ENFORCED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
 
 impl KafkaConfig {
+    /// Every option checked, including librdkafka's cross-property checks (which need a
+    /// throwaway client, offline).
     pub fn validate(&self) -> Vec<OptionError> {
+        let mut errs = self.validate_options();
+        if errs.is_empty() {
+            // Cross-property checks happen when a client is created. Without bootstrap.servers
+            // the client has nobody to connect to, so this stays offline.
+            let mut cfg = self.client_config();
+            cfg.remove("bootstrap.servers");
+            cfg.set("statistics.interval.ms", "0");
+            cfg.set_log_level(RDKafkaLogLevel::Emerg);
+            if let Err(e) = cfg.create::<BaseProducer>() {
+                errs.push(("properties".into(), librdkafka_message(&e)));
+            }
+        }
+        errs
+    }
+
+    /// Each option on its own, without creating a client.
+    fn validate_options(&self) -> Vec<OptionError> {
         let mut errs = Vec::new();
         if self.brokers.split(',').all(|b| b.trim().is_empty()) {
             errs.push(("brokers".into(), "must name at least one broker (host:port[,host:port…])".into()));
@@ -140,17 +159,6 @@ impl KafkaConfig {
             // librdkafka's own check of the name and the value.
             if let Err(e) = ClientConfig::new().set(k.as_str(), value).create_native_config() {
                 errs.push((key, librdkafka_message(&e)));
-            }
-        }
-        if errs.is_empty() {
-            // Cross-property checks happen when a client is created. Without bootstrap.servers
-            // the client has nobody to connect to, so this stays offline.
-            let mut cfg = self.client_config();
-            cfg.remove("bootstrap.servers");
-            cfg.set("statistics.interval.ms", "0");
-            cfg.set_log_level(RDKafkaLogLevel::Emerg);
-            if let Err(e) = cfg.create::<BaseProducer>() {
-                errs.push(("properties".into(), librdkafka_message(&e)));
             }
         }
         errs
@@ -340,7 +348,9 @@ impl KafkaSink {
     /// Creates the producer; librdkafka connects in the background (never waits here).
     pub fn new(name: &str, c: &KafkaConfig) -> Result<Self, SinkError> {
         let bad = |e: String| SinkError::permanent(format!("sink {name}: {e}"));
-        if let Some((key, msg)) = c.validate().into_iter().next() {
+        // The cross-property checks are made by creating the producer below, not by a
+        // throwaway client as in `validate` (routes.toml was validated before this).
+        if let Some((key, msg)) = c.validate_options().into_iter().next() {
             return Err(bad(format!("{key}: {msg}")));
         }
         let topic = Template::parse(&c.topic, Escape::Topic).map_err(|e| bad(format!("topic: {e}")))?;
@@ -351,7 +361,8 @@ impl KafkaSink {
             Arc::new(Status { name: name.to_owned(), up: AtomicBool::new(false), retired: AtomicBool::new(false) });
         crate::metrics::sink_up(name, false);
         let config = c.client_config();
-        let producer = create_producer(&config, &status).map_err(|e| bad(librdkafka_message(&e)))?;
+        let producer =
+            create_producer(&config, &status).map_err(|e| bad(format!("properties: {}", librdkafka_message(&e))))?;
         Ok(KafkaSink {
             status,
             config,

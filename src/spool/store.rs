@@ -70,7 +70,7 @@ pub fn storage(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> SpoolError + '
 }
 
 /// redb page cache size.
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Opens (or creates) the spool file, taking redb's exclusive lock on it.
 pub fn open_db(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
