@@ -81,10 +81,16 @@ impl FileSink {
         match self.format {
             Format::Event => env.json().clone(),
             Format::Raw => {
-                // A raw body may be pretty-printed; JSON Lines needs one line.
-                match serde_json::from_slice::<serde_json::Value>(&env.raw) {
-                    Ok(v) => serde_json::to_vec(&v).map_or_else(|_| env.raw.clone(), Bytes::from),
-                    Err(_) => env.raw.clone(),
+                // The body as Webio sent it, byte for byte, unless it is pretty-printed: JSON
+                // Lines needs one line. A JSON text can hold a raw line break only as
+                // whitespace between tokens (inside strings it must be escaped), so turning
+                // each into a space changes nothing else: same keys, same order, same numbers.
+                if env.raw.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+                    Bytes::from(
+                        env.raw.iter().map(|&b| if matches!(b, b'\n' | b'\r') { b' ' } else { b }).collect::<Vec<_>>(),
+                    )
+                } else {
+                    env.raw.clone()
                 }
             }
             Format::Cloudevents => self.format.encode(env),
@@ -244,7 +250,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pretty_printed_raw_body_becomes_one_line() {
+    async fn raw_lines_are_the_body_as_sent_on_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raw.jsonl");
         let config = FileConfig { path: path.display().to_string(), format: Format::Raw, fsync: true };
@@ -252,6 +258,15 @@ mod tests {
         let body = "{\n  \"type\": \"payment\",\n  \"amount\": 5\n}";
         let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
         sink.deliver(&Envelope::new(event, body.into())).await.unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"amount\":5,\"type\":\"payment\"}\n");
+        // Kept as sent on one line: key order and number spelling untouched.
+        let compact = r#"{"type":"payment","amount":1.10,"z":1e2,"a":"line\nbreak"}"#;
+        let event = crate::event::normalise(compact.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        sink.deliver(&Envelope::new(event, compact.into())).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines, ["{   \"type\": \"payment\",   \"amount\": 5 }", compact]);
+        for l in lines {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
     }
 }
