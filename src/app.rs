@@ -181,9 +181,9 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let (_, table) = prepare(&loaded)?;
     let delivery: Arc<dyn Delivery> = match cfg.delivery.mode {
         DeliveryMode::Direct => Arc::new(Direct::new(cfg.delivery.dedup_window)),
-        DeliveryMode::Spool => {
-            crate::spool::open(&cfg.delivery, &table.sinks).await.map_err(|e| ServeError::Runtime(e.to_string()))?
-        }
+        DeliveryMode::Spool => crate::delivery::spool::open(&cfg.delivery, &table.sinks)
+            .await
+            .map_err(|e| ServeError::Runtime(e.to_string()))?,
     };
     let state = Arc::new(State {
         path: cfg.server.path.clone(),

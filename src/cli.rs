@@ -244,8 +244,8 @@ fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
         eprintln!("replay: --sink {s}: no such sink in {}", c.routes_file.display());
         return ExitCode::from(2);
     }
-    let mut bar = crate::spool::replay::Progress::new();
-    let result = crate::spool::replay::replay(&c.delivery, &known, file, sink, &mut |d, t| bar.update(d, t));
+    let mut bar = crate::delivery::spool::replay::Progress::new();
+    let result = crate::delivery::spool::replay::replay(&c.delivery, &known, file, sink, &mut |d, t| bar.update(d, t));
     bar.finish();
     match result {
         Ok(r) => {
@@ -265,7 +265,7 @@ fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(crate::spool::replay::ReplayError::Read { path, source }) => {
+        Err(crate::delivery::spool::replay::ReplayError::Read { path, source }) => {
             eprintln!("replay: cannot read {}: {source}", path.display());
             ExitCode::from(2)
         }

@@ -13,7 +13,7 @@
 //! - [`template`]: `{field}` templates and `${NAME}` environment expansion.
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
-//! - [`spool`]: the crash-safe on-disk spool.
+//!   - [`delivery::spool`]: the crash-safe on-disk spool.
 //! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type.
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
@@ -34,5 +34,4 @@ pub mod notify;
 pub mod routes;
 pub mod server;
 pub mod sinks;
-pub mod spool;
 pub mod template;

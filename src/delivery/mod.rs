@@ -2,12 +2,13 @@
 //! must reach, and answers when the 202 may be sent:
 //!
 //! - [`direct::Direct`]: after every sink confirmed;
-//! - [`crate::spool::Spool`]: after the event is durably on disk; sinks are fed from there.
+//! - [`spool::Spool`]: after the event is durably on disk; sinks are fed from there.
 //!
 //! Dedup lives here too, because "seen" must mean "safely taken", which only the delivery
 //! layer knows.
 
 pub mod direct;
+pub mod spool;
 
 use crate::event::Envelope;
 use crate::sinks::{BoxFuture, Sink};

@@ -1,4 +1,4 @@
-//! SPEC §5, rule by rule, plus every fixture in `../shared/fixtures/`.
+//! SPEC §5, rule by rule, plus every fixture in `tests/fixtures/`.
 
 use super::*;
 use chrono::TimeZone;
@@ -6,7 +6,7 @@ use serde_json::json;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn received() -> DateTime<Utc> {

@@ -3,10 +3,8 @@
 //! oversized bodies against the real binary. The same three parsers have cargo-fuzz targets
 //! under `fuzz/` (see docs/performance.md).
 
-mod common;
-
+use crate::helpers::*;
 use chrono::TimeZone;
-use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde_json::{json, Map, Value};

@@ -1,8 +1,6 @@
 //! Helpers shared by the broker-sink integration tests: events, a retrying delivery loop and
 //! a TCP proxy that a test can cut and restore.
 
-#![allow(dead_code)]
-
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,7 @@
 //! The HTTP contract of SPEC §4, the normalised output of every fixture, authentication,
 //! routing semantics, direct delivery and signals — against the real binary.
 
-mod common;
-
-use common::*;
+use crate::helpers::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

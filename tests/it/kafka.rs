@@ -1,9 +1,7 @@
 //! The `kafka` sink against librdkafka's in-process mock cluster, read back with a real
 //! consumer.
 
-mod broker_support;
-
-use broker_support::*;
+use crate::helpers::brokers::*;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;

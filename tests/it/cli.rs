@@ -1,8 +1,6 @@
 //! The command line of SPEC §2: `check`, `token`, `explain`, flags and exit codes.
 
-mod common;
-
-use common::*;
+use crate::helpers::*;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 

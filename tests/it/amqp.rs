@@ -1,9 +1,7 @@
 //! The `amqp` sink against the RabbitMQ on 127.0.0.1:5672 (guest/guest). These tests fail,
 //! rather than skip, when RabbitMQ is unreachable. Every test uses its own exchange and queue.
 
-mod broker_support;
-
-use broker_support::*;
+use crate::helpers::brokers::*;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };

@@ -1,9 +1,7 @@
 //! `Type=notify`: READY=1 is sent only once both listeners accept connections, and
 //! STOPPING=1 on shutdown.
 
-mod common;
-
-use common::*;
+use crate::helpers::*;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Helpers for black-box tests: the real binary on port 0, signed tokens, a tiny HTTP
 //! client, and a capture HTTP server whose answers a test controls.
-#![allow(dead_code)]
+
+pub mod brokers;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,7 +23,7 @@ pub fn bin() -> &'static str {
 }
 
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 /// An HS256 token like Webio's, for organisation `org`, without `exp`.

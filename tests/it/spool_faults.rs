@@ -1,10 +1,7 @@
 //! Fault tests of the spool (issue 4): the real binary, real sockets, real kill -9.
 //! No timing assertions: "promptly" means "before the generous deadline of `wait_for`".
 
-mod common;
-mod spool_support;
-
-use spool_support::*;
+use crate::helpers::spool::*;
 use std::collections::BTreeSet;
 use std::time::Duration;
 

@@ -2,8 +2,6 @@
 //! whose answers the test controls, and plain-socket webhook posts. Everything is blocking
 //! std code, so a test reads top to bottom.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -209,7 +207,7 @@ impl Answer {
 }
 
 pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let r = crate::common::request(addr, method, path, headers, body);
+    let r = crate::helpers::request(addr, method, path, headers, body);
     let head = r.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("\r\n");
     Answer { status: r.status, head, body: r.body }
 }
@@ -339,7 +337,7 @@ level = "info"
 }
 
 fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
-    crate::common::ready_addr(line, key)
+    crate::helpers::ready_addr(line, key)
 }
 
 pub struct Router {
