@@ -8,6 +8,7 @@ use crate::event::{BodyError, NormaliseOptions};
 use crate::jsonl::{body_fields, JsonlFile};
 use crate::routes::Routes;
 use crate::server::{self, error::RequestError};
+use crate::shutdown::Shutdown;
 use crate::sinks::Sink;
 use http::HeaderName;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Routes and the sinks they name, swapped whole on reload.
 pub struct RouteTable {
@@ -168,13 +169,15 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let admin = Arc::new(server::admin::Admin::new(metrics.clone(), cfg.auth.disabled));
     let admin_listener = bind(cfg.admin.listen).await?;
     let admin_addr = shown(&admin_listener);
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let shutdown = Shutdown::new(cfg.delivery.shutdown_timeout);
+    // The admin listener outlives the webhook listener: probes read 503 while stopping.
+    let admin_stop = CancellationToken::new();
     let a = admin.clone();
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         Duration::from_secs(5),
-        admin_stop_rx,
-        Duration::from_secs(1),
+        admin_stop.clone(),
+        shutdown.clone(),
         move |req| server::admin::handle(a.clone(), req),
     ));
 
@@ -206,12 +209,14 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
 
     let hook = bind(cfg.server.listen).await?;
     let hook_addr = shown(&hook);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let drain = cfg.delivery.shutdown_timeout;
     let s = state.clone();
-    let hook_task = tokio::spawn(server::serve(hook, cfg.server.request_timeout, stop_rx, drain, move |req| {
-        server::webhook::handle(s.clone(), req)
-    }));
+    let hook_task = tokio::spawn(server::serve(
+        hook,
+        cfg.server.request_timeout,
+        shutdown.child_token(),
+        shutdown.clone(),
+        move |req| server::webhook::handle(s.clone(), req),
+    ));
 
     state.ready.store(true, Ordering::Release);
     admin.set_state(state.clone());
@@ -222,16 +227,20 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
 
     wait_for_shutdown(&state).await;
 
-    tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+    // One deadline for every phase below (SPEC §10): each runs until it, never longer.
+    shutdown.trigger();
+    let deadline = shutdown.deadline();
+    tracing::info!(timeout = ?cfg.delivery.shutdown_timeout, "shutting down: refusing new work, finishing in-flight requests");
     crate::notify::stopping();
     state.ready.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
-    let _ = hook_task.await;
-    state.delivery.shutdown(drain).await;
+    let _ = tokio::time::timeout_at(deadline, hook_task).await;
+    state.delivery.shutdown(deadline).await;
     let sinks: Vec<_> = state.table().sinks.values().cloned().collect();
-    let _ = tokio::time::timeout(drain, futures_util::future::join_all(sinks.iter().map(|s| s.flush(drain)))).await;
-    let _ = admin_stop_tx.send(true);
-    let _ = admin_task.await;
+    let left = shutdown.remaining();
+    let _ =
+        tokio::time::timeout_at(deadline, futures_util::future::join_all(sinks.iter().map(|s| s.flush(left)))).await;
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_millis(500), admin_task).await;
     if let Some(w) = watchdog {
         w.abort();
     }

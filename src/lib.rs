@@ -18,6 +18,7 @@
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
+//! - [`shutdown`]: the cancellation tree and the one shutdown deadline.
 
 pub mod app;
 pub mod auth;
@@ -33,5 +34,6 @@ pub mod metrics;
 pub mod notify;
 pub mod routes;
 pub mod server;
+pub mod shutdown;
 pub mod sinks;
 pub mod template;

@@ -59,7 +59,7 @@ impl Delivery for Direct {
         })
     }
 
-    fn shutdown(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+    fn shutdown(&self, _deadline: tokio::time::Instant) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 }

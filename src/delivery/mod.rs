@@ -44,8 +44,8 @@ pub trait Delivery: Send + Sync + 'static {
         true
     }
 
-    /// Stop: flush what can be flushed within `timeout`.
-    fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+    /// Stop: flush what can be flushed before `deadline` (the shutdown's one deadline).
+    fn shutdown(&self, deadline: tokio::time::Instant) -> BoxFuture<'_, ()>;
 }
 
 /// Records one attempt's outcome in the metrics and the log. `outcome` is `ok`, `retry` or `dead`.

@@ -21,22 +21,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 pub type Body = Full<Bytes>;
 
 /// Open connections per listener; beyond it new connections wait in the kernel backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Serves `listener` until `stop` turns true, then waits up to `drain` for in-flight
-/// requests to finish. A connection is cut when its headers take longer than
+/// Serves `listener` until `stop` is cancelled, then lets in-flight requests finish until
+/// the shutdown's one deadline (SPEC §10). A connection is cut when its headers take longer than
 /// `header_timeout`, and when an answer cannot be written for as long (a peer that stops
 /// reading); the webhook handler bounds the body time itself.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     header_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
+    stop: CancellationToken,
+    shutdown: crate::shutdown::Shutdown,
     handler: F,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -47,7 +48,7 @@ pub async fn serve<F, Fut>(
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
         };
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -59,7 +60,7 @@ pub async fn serve<F, Fut>(
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -81,14 +82,9 @@ pub async fn serve<F, Fut>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(shutdown.deadline(), graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The `Ref` returned by `wait_for` must not live across an await.
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// A JSON answer.

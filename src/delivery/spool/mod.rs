@@ -209,27 +209,34 @@ impl Delivery for Spool {
         !self.closing.load(Ordering::Acquire)
     }
 
-    fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+    fn shutdown(&self, deadline: tokio::time::Instant) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.closing.store(true, Ordering::Release);
-            let deadline = Instant::now() + timeout;
-            // Let the sinks drain while any of them is making progress.
+            // Let the sinks drain while any of them is making progress, leaving a little of
+            // the deadline for the writer's last commit.
+            let drain_until = deadline.checked_sub(Duration::from_millis(500)).unwrap_or(deadline);
             loop {
                 let busy: Vec<_> = self.registry.all().into_iter().filter(|q| q.status() == queue::BUSY).collect();
-                if busy.is_empty() || Instant::now() >= deadline {
+                if busy.is_empty() || tokio::time::Instant::now() >= drain_until {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let _ = self.shared.stop.send(true);
             for task in self.registry.take_tasks() {
-                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+                let _ = tokio::time::timeout_at(deadline, task).await;
             }
-            // The writer commits what the drains reported, then stops.
+            // The writer commits what the drains reported, then stops. A disk that hangs must
+            // not hold the process past the deadline: the thread is then left behind (what it
+            // did not commit repeats after the restart, which at-least-once allows).
             self.shared.writer.lock().expect("writer lock").take();
             let thread = self.writer_thread.lock().expect("writer thread lock").take();
             if let Some(thread) = thread {
-                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                let joined =
+                    tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || thread.join())).await;
+                if joined.is_err() {
+                    tracing::error!(file = %self.shared.path.display(), "spool writer did not stop before the shutdown deadline; leaving it");
+                }
             }
             let left: BTreeMap<String, u64> = self.pending().into_iter().filter(|(_, n)| *n > 0).collect();
             if left.is_empty() {
@@ -320,7 +327,7 @@ mod tests {
         assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate));
         wait("the healthy sink", || up.got.lock().unwrap().len() >= n).await;
         assert_eq!(spool.pending()["down"], n as u64);
-        spool.shutdown(Duration::from_millis(200)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
         drop(spool);
 
         // Restart: the backlog is only on disk now; more arrives while it is read back.
@@ -340,7 +347,7 @@ mod tests {
         .await;
         wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(Duration::from_secs(1)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
@@ -366,7 +373,7 @@ mod tests {
         wait("the drain", || sink.got.lock().unwrap().len() == 3).await;
         wait("space", || spool.shared.used.load(Ordering::Acquire) == 0).await;
         assert_eq!(spool.submit(envelope(9), t).await, Ok(Accepted::New));
-        spool.shutdown(Duration::from_secs(1)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
@@ -391,6 +398,6 @@ mod tests {
         assert!(letter.reason.contains("down") && letter.reason.contains("3 attempts"), "{}", letter.reason);
         assert_eq!(letter.envelope().unwrap().event.id, id);
         wait("the event row to go", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(Duration::from_secs(1)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 }
