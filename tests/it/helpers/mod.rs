@@ -3,6 +3,7 @@
 
 pub mod brokers;
 pub mod spool;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
