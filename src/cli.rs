@@ -1,13 +1,14 @@
 //! The command line. `main.rs` calls [`main`]; each subcommand is a small function here.
 //! Exit codes: 0 ok, 2 bad configuration or usage, 1 runtime failure.
 
-use crate::config::{Config, ConfigError, Loaded};
+use crate::config::{Config, ConfigError, Loaded, Purpose};
 use crate::event::normalise;
 use crate::routes::Routes;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,16 +39,33 @@ pub enum Command {
         #[arg(long, value_name = "ID")]
         org: Option<String>,
         /// Lifetime, e.g. 1h, 30m; "0" for a token without `exp`, like Webio's.
-        #[arg(long, default_value = "1h")]
-        ttl: String,
+        #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Ttl,
     },
     /// Show the normalised event and its routes for a payload file (`-` = stdin); sends nothing.
     Explain {
+        /// A Webio webhook body (JSON), or `-` to read it from stdin.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Organisation id, as if from the token (default: auth.organisation_id).
+        #[arg(long, value_name = "ID")]
+        org: Option<String>,
+    },
+    /// Run routing test cases against the configured routes; exit 1 when one fails.
+    Test {
+        /// Test files (TOML, `[[cases]]` with a payload and the routes and sinks it must reach).
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
     },
     /// Re-inject dead letters (a dead-letter JSON Lines file) into the spool; run it while the daemon is stopped.
     Replay {
+        /// The dead-letter file (JSON Lines, as the daemon writes it).
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Deliver every line to this sink instead of the one recorded in the line.
@@ -73,16 +91,40 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let loaded = match Config::load(cli.config.as_deref(), cli.routes.as_deref()) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Completions need no configuration at all; explain and test need the routes, not the
+    // secrets (a routes file is tested in CI, where there is no JWT secret).
+    let purpose = match &command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Explain { .. } | Command::Test { .. } => Purpose::Routing,
+        _ => Purpose::Serve,
+    };
+    let loaded = match Config::load_for(cli.config.as_deref(), cli.routes.as_deref(), purpose) {
         Ok(l) => l,
         Err(e) => return config_error(&e),
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::Serve => serve(loaded),
         Command::Check => check(&loaded),
-        Command::Token { org, ttl } => token(&loaded, org, &ttl),
-        Command::Explain { file } => explain(&loaded, &file),
+        Command::Token { org, ttl } => token(&loaded, org, ttl),
+        Command::Explain { file, org } => explain(&loaded, &file, org),
+        Command::Test { files } => test(&loaded, &files),
+        Command::Completions { .. } => unreachable!("answered above"),
         Command::Replay { file, sink } => replay(&loaded, &file, sink.as_deref()),
+    }
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "webio-router", &mut script);
+    match std::io::stdout().write_all(&script) {
+        // `completions bash | head` closes the pipe early: not an error.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("completions: cannot write: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::SUCCESS,
     }
 }
 
@@ -100,9 +142,9 @@ fn serve(loaded: Loaded) -> ExitCode {
     match runtime.block_on(crate::app::serve(loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(crate::app::ServeError::Config(e)) => config_error(&e),
+        // Logged once, on stderr like every log line (the journal, `kubectl logs`).
         Err(e) => {
             tracing::error!(error = %e, "webio-router stopped");
-            eprintln!("webio-router: {e}");
             ExitCode::from(1)
         }
     }
@@ -148,10 +190,10 @@ fn check(loaded: &Loaded) -> ExitCode {
         };
         println!("auth: header {}, {} secret(s), {}, {}", c.auth.header, loaded.secrets.len(), algs.join("/"), org);
     }
-    println!("delivery: {:?}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
+    println!("delivery: {}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
-        println!("  sink {name}: {} ({:?})", sink.type_name(), sink.format());
+        println!("  sink {name}: {} (format {})", sink.type_name(), sink.format().as_str());
     }
     for r in &routes.routes {
         let when = if r.when.is_empty() {
@@ -165,21 +207,24 @@ fn check(loaded: &Loaded) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn token(loaded: &Loaded, org: Option<String>, ttl: &str) -> ExitCode {
+/// `--ttl`: a lifetime, or none (`0`) for a token without `exp`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ttl(Option<Duration>);
+
+fn parse_ttl(text: &str) -> Result<Ttl, String> {
+    match text.trim() {
+        "0" | "none" => Ok(Ttl(None)),
+        t => humantime::parse_duration(t)
+            .map(|d| Ttl(Some(d)))
+            .map_err(|_| "not a duration: write e.g. 1h, 30m or 90s, or 0 for a token without `exp`".to_owned()),
+    }
+}
+
+fn token(loaded: &Loaded, org: Option<String>, Ttl(ttl): Ttl) -> ExitCode {
     let auth = &loaded.config.auth;
     let Some(secret) = loaded.secrets.first() else {
         eprintln!("token: no secret configured (auth.secrets or auth.secret_files)");
         return ExitCode::from(2);
-    };
-    let ttl = match ttl.trim() {
-        "0" | "none" => None,
-        t => match humantime::parse_duration(t) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("token: --ttl {t:?}: {e}");
-                return ExitCode::from(2);
-            }
-        },
     };
     let org = org.or_else(|| Some(auth.organisation_id.clone()).filter(|o| !o.is_empty()));
     let alg = auth.algorithms.first().copied().unwrap_or(crate::config::Algorithm::HS256);
@@ -197,7 +242,12 @@ fn read_input(file: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
-fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
+/// The organisation a payload is normalised with: `--org`, else `auth.organisation_id`.
+fn organisation(loaded: &Loaded, org: Option<String>) -> Option<String> {
+    org.or_else(|| Some(loaded.config.auth.organisation_id.clone())).filter(|o| !o.is_empty())
+}
+
+fn explain(loaded: &Loaded, file: &Path, org: Option<String>) -> ExitCode {
     let routes = match Routes::load(&loaded.config.routes_file) {
         Ok(r) => r,
         Err(e) => return config_error(&e),
@@ -209,8 +259,7 @@ fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let org = Some(loaded.config.auth.organisation_id.clone()).filter(|o| !o.is_empty());
-    let event = match normalise(&body, org, &loaded.normalise, chrono::Utc::now()) {
+    let event = match normalise(&body, organisation(loaded, org), &loaded.normalise, chrono::Utc::now()) {
         Ok(ev) => ev,
         Err(e) => {
             eprintln!("explain: the router would refuse this body with 400: {e}");
@@ -226,6 +275,57 @@ fn explain(loaded: &Loaded, file: &Path) -> ExitCode {
     let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));
     ExitCode::SUCCESS
+}
+
+/// `test`: every file is checked before any case runs (a bad file: exit 2); then each case
+/// prints `ok` or `FAIL` with what it expected and what happened (any failure: exit 1).
+fn test(loaded: &Loaded, files: &[PathBuf]) -> ExitCode {
+    let routes = match Routes::load(&loaded.config.routes_file) {
+        Ok(r) => r,
+        Err(e) => return config_error(&e),
+    };
+    let org = organisation(loaded, None);
+    let mut suites = Vec::new();
+    let mut bad = false;
+    for file in files {
+        match crate::routes::cases::load(file, &routes, &loaded.normalise, org.as_deref()) {
+            Ok(cases) => suites.push((file, cases)),
+            Err(e) => {
+                eprintln!("{e}");
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return ExitCode::from(2);
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for (file, cases) in &suites {
+        for case in cases {
+            let mismatches = case.run(&routes);
+            let place = format!("{}:{}", file.display(), case.line);
+            if mismatches.is_empty() {
+                passed += 1;
+                println!("ok    {place}: {}", case.name);
+            } else {
+                failed += 1;
+                println!("FAIL  {place}: {}", case.name);
+                for m in mismatches {
+                    println!("      {}: expected {}, actual {}", m.what, m.expected, m.actual);
+                }
+            }
+        }
+    }
+    println!(
+        "\n{} case(s) against {}: {passed} passed, {failed} failed",
+        passed + failed,
+        loaded.config.routes_file.display()
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// `replay`: dead letters back into the spool (see `spool::replay`). Exit 1 when a line was skipped.

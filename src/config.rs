@@ -63,6 +63,50 @@ impl FloorBoundary for str {
     }
 }
 
+/// The candidate a misspelt `name` most likely meant: the same name in another case
+/// (`statuscode` → `statusCode`), else the most similar one if it is similar enough to be a
+/// typo (Jaro-Winkler ≥ 0.8 on lowercase: `lisen` → `listen`, `fsyn` → `fsync`).
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let lower = name.to_lowercase();
+    let mut best: Option<(f64, &str)> = None;
+    for c in candidates {
+        let c_lower = c.to_lowercase();
+        let score = if c_lower == lower { 2.0 } else { strsim::jaro_winkler(&lower, &c_lower) };
+        if score >= 0.8 && best.map_or(true, |(b, _)| score > b) {
+            best = Some((score, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// "unknown key `lisen`: did you mean `listen`? (known keys: `listen`, `path`)".
+pub fn unknown_message(what: &str, name: &str, candidates: &[&str], known: &str) -> String {
+    let hint = did_you_mean(name, candidates.iter().copied()).map(|c| format!(": did you mean `{c}`?"));
+    let list = candidates.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    match (hint, candidates.is_empty()) {
+        (Some(h), _) => format!("unknown {what} `{name}`{h} ({known}: {list})"),
+        (None, false) => format!("unknown {what} `{name}` ({known}: {list})"),
+        (None, true) => format!("unknown {what} `{name}`"),
+    }
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" and "unknown variant `x`,
+/// expected …" in the words of a configuration file, with a "did you mean"; any other
+/// message is returned as it is.
+pub fn explain_serde_message(msg: &str) -> String {
+    let (what, known, rest) = if let Some(rest) = msg.strip_prefix("unknown field `") {
+        ("key", "known keys", rest)
+    } else if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        ("value", "one of", rest)
+    } else {
+        return msg.to_owned();
+    };
+    let Some((name, tail)) = rest.split_once('`') else { return msg.to_owned() };
+    // The expected names are the backquoted words after the name.
+    let candidates: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+    unknown_message(what, name, &candidates, known)
+}
+
 /// Several diagnostics at once: `check` reports them all, not just the first.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError(pub Vec<Diagnostic>);
@@ -149,14 +193,55 @@ fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 }
 
 mod duration {
-    use serde::{Deserialize, Deserializer};
+    use serde::de::{Error, Unexpected, Visitor};
+    use serde::Deserializer;
+    use std::fmt;
     use std::time::Duration;
 
+    /// A duration is a string with a unit. A bare number is refused with the string it
+    /// probably meant (`retry_max = 30` → write `"30s"`), not a bare "expected a string".
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"10s\", \"5m\""))
-        })
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    fn no_unit<E: Error>(n: impl fmt::Display) -> E {
+        E::custom(format!(
+            "{n} is not a duration: write \"{n}s\" (a string with a unit, e.g. \"250ms\", \"10s\", \"5m\")"
+        ))
+    }
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a duration string such as \"250ms\", \"10s\" or \"5m\"")
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<Duration, E> {
+            if let Ok(n) = s.trim().parse::<f64>() {
+                return Err(no_unit(n));
+            }
+            humantime::parse_duration(s.trim())
+                .map_err(|e| E::custom(format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"10s\", \"5m\"")))
+        }
+
+        fn visit_i64<E: Error>(self, n: i64) -> Result<Duration, E> {
+            Err(no_unit(n))
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<Duration, E> {
+            Err(no_unit(n))
+        }
+
+        fn visit_f64<E: Error>(self, n: f64) -> Result<Duration, E> {
+            Err(no_unit(n))
+        }
+
+        fn visit_bool<E: Error>(self, b: bool) -> Result<Duration, E> {
+            Err(E::invalid_type(Unexpected::Bool(b), &self))
+        }
     }
 }
 
@@ -287,6 +372,22 @@ pub enum DeliveryMode {
     Direct,
 }
 
+impl DeliveryMode {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::Spool => "spool",
+            DeliveryMode::Direct => "direct",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
@@ -338,6 +439,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -362,10 +472,87 @@ pub struct Loaded {
     pub normalise: NormaliseOptions,
 }
 
+/// Only `SECTION__KEY` names and `ROUTES_FILE` are ours: Kubernetes injects service links such
+/// as `WEBIO_ROUTER_PORT=tcp://…` for a Service named webio-router. `key` is without the prefix.
+fn is_config_variable(key: &str) -> bool {
+    key.contains("__") || key.eq_ignore_ascii_case("routes_file")
+}
+
+/// figment reads an environment value as TOML when it parses and as a plain string when it
+/// does not, so `WEBIO_ROUTER_AUTH__SECRET_FILES='["/a"'` (a missing bracket) would silently
+/// become the string `["/a"`. A value that starts like a TOML list, table or quoted string
+/// must parse. The value is never echoed: it may be a secret.
+fn check_environment_syntax(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<(), ConfigError> {
+    let mut errs = Vec::new();
+    for (name, value) in vars {
+        let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else { continue };
+        let Some(key) =
+            name.get(ENV_PREFIX.len()..).filter(|_| name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX))
+        else {
+            continue;
+        };
+        if !is_config_variable(key) || key.eq_ignore_ascii_case("auth__organisation_id") {
+            continue;
+        }
+        let v = value.trim();
+        let (what, example) = match v.chars().next() {
+            Some('[') => ("a TOML list", r#"["/run/secrets/jwt"] or [1, 2]"#),
+            Some('{') => ("a TOML inline table", r#"{ key = "value" }"#),
+            Some('"') => ("a quoted string", r#""text""#),
+            _ => continue,
+        };
+        // figment falls back to the raw text when it cannot parse a value.
+        let parsed: figment::value::Value = v.parse().unwrap_or_else(|never| match never {});
+        if matches!(&parsed, figment::value::Value::String(_, s) if s == v) {
+            errs.push(Diagnostic::new(
+                format!("environment {name}"),
+                format!("the value starts like {what} but does not parse (value not shown); write e.g. {example}"),
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError(errs))
+    }
+}
+
+/// figment's error kinds in the words of a configuration (its own wording nests backquotes:
+/// "expected `one of `listen`, `path``").
+fn figment_message(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::UnknownField(name, expected) => unknown_message("key", name, expected, "known keys"),
+        Kind::UnknownVariant(name, expected) => unknown_message("value", name, expected, "one of"),
+        Kind::Message(m) => explain_serde_message(m),
+        other => other.to_string(),
+    }
+}
+
+/// What a command needs of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Everything `serve` needs, secrets included (`serve`, `check`, `token`).
+    Serve,
+    /// Routing only (`explain`, `test`): no secret is read or required, so that a routes
+    /// file can be tested in its owner's CI, which has no JWT secret.
+    Routing,
+}
+
 impl Config {
     /// Loads and validates. `path` is `--config`; without it `webio-router.toml` in the
     /// working directory is used when it exists.
     pub fn load(path: Option<&Path>, routes_override: Option<&Path>) -> Result<Loaded, ConfigError> {
+        Self::load_for(path, routes_override, Purpose::Serve)
+    }
+
+    pub fn load_for(
+        path: Option<&Path>,
+        routes_override: Option<&Path>,
+        purpose: Purpose,
+    ) -> Result<Loaded, ConfigError> {
         let file = match path {
             Some(p) if !p.is_file() => {
                 return Err(Diagnostic::new(p.display().to_string(), "config file not found or not a file").into())
@@ -380,7 +567,7 @@ impl Config {
                 .map_err(|e| Diagnostic::new(source.clone(), format!("cannot read: {e}")))?;
             // Parsing with `toml` first gives line:col for syntax errors and unknown keys.
             if let Err(e) = toml::from_str::<Config>(&text) {
-                let msg = e.message().to_owned();
+                let msg = explain_serde_message(e.message());
                 return Err(match e.span() {
                     Some(span) => Diagnostic::at(source, &text, span.start, msg),
                     None => Diagnostic::new(source, msg),
@@ -389,10 +576,8 @@ impl Config {
             }
             figment = figment.merge(Toml::string(&text));
         }
-        // Only `SECTION__KEY` names and `ROUTES_FILE` are ours: Kubernetes injects service
-        // links such as `WEBIO_ROUTER_PORT=tcp://…` for a Service named webio-router.
-        figment = figment
-            .merge(Env::prefixed(ENV_PREFIX).filter(|k| k.as_str().contains("__") || k == "routes_file").split("__"));
+        check_environment_syntax(std::env::vars_os())?;
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).filter(|k| is_config_variable(k.as_str())).split("__"));
         let mut config: Config = figment.extract().map_err(|e| {
             ConfigError(
                 e.into_iter()
@@ -411,10 +596,8 @@ impl Config {
                         } else {
                             file.as_ref().map_or("configuration".into(), |f| f.display().to_string())
                         };
-                        Diagnostic::new(
-                            source,
-                            if key.is_empty() { e.kind.to_string() } else { format!("{key}: {}", e.kind) },
-                        )
+                        let message = figment_message(&e.kind);
+                        Diagnostic::new(source, if key.is_empty() { message } else { format!("{key}: {message}") })
                     })
                     .collect(),
             )
@@ -428,13 +611,12 @@ impl Config {
             config.routes_file = r.to_path_buf();
         }
         let source = file.as_ref().map_or("configuration".to_owned(), |f| f.display().to_string());
-        config.validate(&source).map(|(secrets, normalise)| Loaded { config, file, secrets, normalise })
+        config.validate(&source, purpose).map(|(secrets, normalise)| Loaded { config, file, secrets, normalise })
     }
 
-    fn validate(&self, source: &str) -> Result<(Vec<Secret>, NormaliseOptions), ConfigError> {
-        let mut errs = Vec::new();
-        let mut err = |m: String| errs.push(Diagnostic::new(source, m));
-
+    /// The secrets of `auth.secrets` then `auth.secret_files`, in order (index 0 signs
+    /// tokens), each problem reported through `err` (never with the secret in it).
+    fn secrets(&self, err: &mut impl FnMut(String)) -> Vec<Secret> {
         let mut secrets = self.auth.secrets.clone();
         for (i, s) in self.auth.secrets.iter().enumerate() {
             if s.expose().len() < MIN_SECRET_BYTES {
@@ -465,6 +647,28 @@ impl Config {
         }
         if secrets.is_empty() && !self.auth.disabled {
             err("auth: no secret configured (auth.secrets or auth.secret_files); set auth.disabled = true only for local experiments".into());
+        }
+        secrets
+    }
+
+    /// Reads the secrets again (inline and files), for a reload: what `serve` would refuse
+    /// to start with is refused here too.
+    pub fn load_secrets(&self, source: &str) -> Result<Vec<Secret>, ConfigError> {
+        let mut errs = Vec::new();
+        let secrets = self.secrets(&mut |m| errs.push(Diagnostic::new(source, m)));
+        if errs.is_empty() {
+            Ok(secrets)
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+
+    fn validate(&self, source: &str, purpose: Purpose) -> Result<(Vec<Secret>, NormaliseOptions), ConfigError> {
+        let mut errs = Vec::new();
+        let mut err = |m: String| errs.push(Diagnostic::new(source, m));
+        let mut secrets = Vec::new();
+        if purpose == Purpose::Serve {
+            secrets = self.secrets(&mut err);
         }
         if self.auth.algorithms.is_empty() {
             err("auth.algorithms: at least one of HS256, HS384, HS512 is required".into());

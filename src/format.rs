@@ -18,6 +18,15 @@ pub enum Format {
 pub const CLOUDEVENTS_SOURCE: &str = "webio-router";
 
 impl Format {
+    /// As written in `routes.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Event => "event",
+            Format::Cloudevents => "cloudevents",
+            Format::Raw => "raw",
+        }
+    }
+
     pub fn content_type(self) -> &'static str {
         match self {
             Format::Event | Format::Raw => "application/json",

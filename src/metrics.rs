@@ -93,13 +93,47 @@ pub fn install() -> PrometheusHandle {
             // Fails only when another recorder is installed (tests); rendering still works.
             let _ = metrics::set_global_recorder(recorder);
             describe();
-            for reason in crate::auth::REASONS {
-                counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
-            }
-            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            preregister();
             handle
         })
         .clone()
+}
+
+/// `rejected_total` reasons: every value of `BodyError::reason`.
+const REJECT_REASONS: &[&str] = &["not_json", "not_object", "missing_type", "type_not_string", "empty_type"];
+
+/// Every family is on `/metrics` from the start, its known label values at zero: a dashboard
+/// shows 0 rather than "no data", and `increase()` sees the first event instead of a series
+/// that appears already at 1. Families labelled by sink start with each sink
+/// ([`register_sink`]).
+fn preregister() {
+    for status in STATUSES {
+        counter!(REQUESTS, "status" => status.to_string()).absolute(0);
+    }
+    // A histogram is exported once it has a handle, with every bucket at 0.
+    let _ = histogram!(REQUEST_DURATION);
+    for t in KNOWN_TYPES.iter().copied().chain(["other"]) {
+        for shape in ["legacy", "current"] {
+            counter!(EVENTS, "type" => t, "shape" => shape).absolute(0);
+        }
+        counter!(UNROUTED, "type" => t).absolute(0);
+    }
+    for reason in crate::auth::REASONS {
+        counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
+    }
+    // Index 0 is the secret every configuration has; later ones appear with their first use.
+    counter!(AUTH_SECRET_USED, "index" => "0").absolute(0);
+    counter!(DUPLICATES).absolute(0);
+    for reason in REJECT_REASONS {
+        counter!(REJECTED, "reason" => *reason).absolute(0);
+    }
+    gauge!(SPOOL_BYTES).set(0.0);
+    counter!(SPOOL_FLUSHES).absolute(0);
+    counter!(SPOOL_APPENDS).absolute(0);
+    for outcome in ["ok", "error"] {
+        counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
+    }
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 fn describe() {
@@ -122,11 +156,13 @@ fn describe() {
     describe_counter!(CONFIG_RELOADS, "routes.toml reloads, by outcome.");
 }
 
-/// Creates the counters of a sink at zero, so that `increase()` sees its first failure.
+/// Creates the series of a sink at zero, so that `increase()` sees its first failure and
+/// dashboards list the sink before its first delivery.
 pub fn register_sink(sink: &str) {
     for outcome in ["ok", "retry", "dead"] {
         counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).absolute(0);
     }
+    let _ = histogram!(DELIVERY_DURATION, "sink" => sink.to_owned());
 }
 
 // Per-request metrics keep their handles: building a labelled key and looking it up in the
@@ -274,4 +310,21 @@ pub fn sink_up(sink: &str, up: bool) {
 
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REJECT_REASONS;
+
+    #[test]
+    fn every_reason_a_body_is_rejected_for_is_preregistered() {
+        let opts = crate::event::NormaliseOptions::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for body in [&b"nope"[..], b"[]", b"{}", br#"{"type":1}"#, br#"{"type":""}"#] {
+            let e = crate::event::normalise(body, None, &opts, chrono::Utc::now()).unwrap_err();
+            assert!(REJECT_REASONS.contains(&e.reason()), "{} is not preregistered", e.reason());
+            seen.insert(e.reason());
+        }
+        assert_eq!(seen.len(), REJECT_REASONS.len(), "a preregistered reason is never used: {seen:?}");
+    }
 }

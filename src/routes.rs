@@ -1,23 +1,27 @@
 //! `routes.toml`: named sinks and ordered routes. Parsing keeps source spans so every
 //! problem is reported as `file:line:col: message`; matching is pure and allocation-light.
 
-use crate::config::{ConfigError, Diagnostic};
-use crate::event::{is_field, Event, FieldValue};
+use crate::config::{did_you_mean, explain_serde_message, ConfigError, Diagnostic};
+use crate::event::{is_field, Event, FieldValue, FIELDS};
 use crate::sinks::SinkConfig;
 use crate::template::expand_env;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-/// A sink table with a span for each key, so option errors point at their line.
-type RawSink = Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>;
+pub mod cases;
 
+/// The file's structure and its routes. Sink tables are read again from the spanned
+/// document ([`DeTable`]) so that each option keeps its own position.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
-    sinks: BTreeMap<Spanned<String>, RawSink>,
+    #[allow(dead_code)]
+    sinks: BTreeMap<String, toml::Table>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -87,60 +91,28 @@ impl Routes {
 
     /// Parses `text` (named `source` in diagnostics); `env` resolves `${NAME}`.
     pub fn parse(source: &str, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Routes, ConfigError> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
-            Some(span) => Diagnostic::at(source, text, span.start, e.message().to_owned()),
-            None => Diagnostic::new(source, e.message().to_owned()),
-        })?;
+        let toml_error = |e: toml::de::Error| match e.span() {
+            Some(span) => Diagnostic::at(source, text, span.start, explain_serde_message(e.message())),
+            None => Diagnostic::new(source, explain_serde_message(e.message())),
+        };
+        let raw: RawFile = toml::from_str(text).map_err(toml_error)?;
+        let doc = DeTable::parse(text).map_err(toml_error)?;
         let mut errs = Vec::new();
         let at = |offset: usize, msg: String| Diagnostic::at(source, text, offset, msg);
 
         let mut sinks = BTreeMap::new();
         // Sinks already reported as invalid: routes naming them are not reported again.
         let mut broken = Vec::new();
-        for (name, table) in raw.sinks {
-            let (name_span, name) = (name.span(), name.into_inner());
-            let mut value = toml::Table::new();
-            let mut key_spans = BTreeMap::new();
-            let mut expanded = true;
-            let table = table.into_inner();
-            let sink_type = table.iter().find(|(k, _)| k.get_ref() == "type").and_then(|(_, v)| v.get_ref().as_str());
-            let templates = crate::sinks::template_options(sink_type.unwrap_or(""));
-            for (k, v) in table {
-                let (span, key) = (v.span(), k.into_inner());
-                let mut v = v.into_inner();
-                // A value from the environment is data, never template syntax: braces in an API
-                // key must neither break the load nor be echoed in a template error.
-                let literal = |name: &str| {
-                    let value = env(name)?;
-                    Some(if templates.contains(&key.as_str()) {
-                        value.replace('{', "{{").replace('}', "}}")
-                    } else {
-                        value
-                    })
-                };
-                if let Err(e) = expand_value(&mut v, &literal) {
-                    errs.push(at(span.start, format!("sinks.{name}.{key}: {e}")));
-                    expanded = false;
-                }
-                key_spans.insert(key.clone(), span.start);
-                value.insert(key, v);
-            }
-            if !expanded {
-                // Already reported; validating the unexpanded text would only add noise.
-                broken.push(name);
-                continue;
-            }
-            match toml::Value::Table(value).try_into::<SinkConfig>() {
+        let no_sinks = DeTable::new();
+        let tables = doc.get_ref().get("sinks").and_then(|s| s.get_ref().as_table()).unwrap_or(&no_sinks);
+        for (name, table) in tables.iter() {
+            let (name_span, name) = (name.span(), name.get_ref().to_string());
+            match parse_sink(&name, name_span.clone(), table.clone(), text, &env) {
                 Ok(cfg) => {
-                    for (key, msg) in cfg.validate() {
-                        let top = key.split('.').next().unwrap_or(&key);
-                        let offset = key_spans.get(top).copied().unwrap_or(name_span.start);
-                        errs.push(at(offset, format!("sinks.{name}.{key}: {msg}")));
-                    }
                     sinks.insert(name, cfg);
                 }
-                Err(e) => {
-                    errs.push(at(name_span.start, format!("sinks.{name}: {}", e.message())));
+                Err(problems) => {
+                    errs.extend(problems.into_iter().map(|(offset, msg)| at(offset, msg)));
                     broken.push(name);
                 }
             }
@@ -148,7 +120,6 @@ impl Routes {
 
         let mut routes = Vec::new();
         for (i, route) in raw.routes.into_iter().enumerate() {
-            let span = route.span();
             let r = route.into_inner();
             let name = r.name.unwrap_or_else(|| format!("#{}", i + 1));
             let mut when = Vec::new();
@@ -160,7 +131,9 @@ impl Routes {
                 flatten_when(field, value.into_inner(), &mut flat);
                 for (field, value) in flat {
                     if !is_field(&field) {
-                        errs.push(at(fspan.start, format!("routes[{i}] ({name}): unknown field {field:?} in `when` (use a normalised field name or extra.<name>)")));
+                        let hint = did_you_mean(&field, FIELDS.iter().copied())
+                            .map_or(String::new(), |f| format!(": did you mean {f:?}?"));
+                        errs.push(at(fspan.start, format!("routes[{i}] ({name}): unknown field {field:?} in `when`{hint} (use a normalised field name or extra.<name>)")));
                         continue;
                     }
                     match patterns(value) {
@@ -178,21 +151,22 @@ impl Routes {
                 errs.push(at(to_span.start, format!("routes[{i}] ({name}): `to` names no sink")));
             }
             for s in &to {
-                if !sinks.contains_key(s)
-                    && !errs.iter().any(|d: &Diagnostic| d.message.starts_with(&format!("sinks.{s}:")))
-                {
+                if !sinks.contains_key(s) && !broken.contains(s) {
+                    let defined = tables.iter().map(|(k, _)| k.get_ref().as_ref());
+                    let hint = did_you_mean(s, defined).map_or(String::new(), |d| format!(" (did you mean {d:?}?)"));
                     errs.push(at(
                         to_span.start,
-                        format!("routes[{i}] ({name}): sink {s:?} is not defined under [sinks]"),
+                        format!("routes[{i}] ({name}): sink {s:?} is not defined under [sinks]{hint}"),
                     ));
                 }
             }
-            let _ = span;
             routes.push(Route { name, when, to, stop: r.stop });
         }
         if errs.is_empty() {
             Ok(Routes { sinks, routes })
         } else {
+            // In file order, whatever order the checks ran in.
+            errs.sort_by_key(|d| d.line);
             Err(ConfigError(errs))
         }
     }
@@ -217,14 +191,127 @@ impl Routes {
     }
 }
 
+/// One sink table: `${NAME}` expanded, `type` checked, options deserialised and validated.
+/// Problems come back as `(byte offset, message)`, each at the option it is about.
+fn parse_sink(
+    name: &str,
+    name_span: Range<usize>,
+    mut table: Spanned<DeValue<'_>>,
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<SinkConfig, Vec<(usize, String)>> {
+    let table_span = table.span();
+    let DeValue::Table(options) = table.get_mut() else {
+        return Err(vec![(table_span.start, format!("sinks.{name}: must be a table of options"))]);
+    };
+    let types = crate::sinks::TYPES.join(", ");
+    let sink_type = match options.remove("type") {
+        None => return Err(vec![(name_span.start, format!("sinks.{name}: missing `type` (one of {types})"))]),
+        Some(t) => match t.get_ref().as_str() {
+            Some(s) if crate::sinks::TYPES.contains(&s) => s.to_owned(),
+            Some(s) => {
+                let hint = did_you_mean(s, crate::sinks::TYPES.iter().copied())
+                    .map_or(String::new(), |d| format!(": did you mean {d:?}?"));
+                return Err(vec![(
+                    t.span().start,
+                    format!("sinks.{name}.type: unknown sink type {s:?}{hint} (one of {types})"),
+                )]);
+            }
+            None => return Err(vec![(t.span().start, format!("sinks.{name}.type: must be a string, one of {types}"))]),
+        },
+    };
+    // Spans of the options as written, before expansion changes any value.
+    let written = options.clone();
+
+    let mut problems = Vec::new();
+    let templates = crate::sinks::template_options(&sink_type);
+    for (key, value) in options.iter_mut() {
+        let key = key.get_ref().to_string();
+        // A value from the environment is data, never template syntax: braces in an API
+        // key must neither break the load nor be echoed in a template error.
+        let literal = |var: &str| {
+            let value = env(var)?;
+            Some(if templates.contains(&key.as_str()) { value.replace('{', "{{").replace('}', "}}") } else { value })
+        };
+        let span = value.span();
+        if let Err(e) = expand_value(value.get_mut(), &literal) {
+            problems.push((span.start, format!("sinks.{name}.{key}: {e}")));
+        }
+    }
+    if !problems.is_empty() {
+        // Validating the unexpanded text would only add noise.
+        return Err(problems);
+    }
+    match SinkConfig::deserialize_typed(&sink_type, ValueDeserializer::from(table)) {
+        Ok(Some(cfg)) => {
+            for (key, msg) in cfg.validate() {
+                let offset = value_span(&written, &key).map_or(name_span.start, |s| s.start);
+                problems.push((offset, format!("sinks.{name}.{key}: {msg}")));
+            }
+            if problems.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(problems)
+            }
+        }
+        Ok(None) => unreachable!("the type was checked above"),
+        Err(e) => {
+            let span = e.span().unwrap_or(name_span.clone());
+            let mut msg = explain_serde_message(e.message());
+            // serde quotes the value it refused; one that came from `${NAME}` may be a secret.
+            if text.get(span.clone()).is_some_and(|t| t.contains("${")) {
+                let expected = msg.rfind(", expected ").map_or("", |i| &msg[i..]).to_owned();
+                msg = format!("invalid value from the environment (not shown){expected}");
+            }
+            let key = if msg.starts_with("unknown key") { None } else { key_at(&written, span.start) };
+            let prefix = key.map_or(format!("sinks.{name}"), |k| format!("sinks.{name}.{k}"));
+            Err(vec![(span.start, format!("{prefix}: {msg}"))])
+        }
+    }
+}
+
+/// The span of the value at `path` (`url`, `headers.x-api-key`, `properties.compression.type`:
+/// a key may itself contain dots, so the longest key that fits is taken at each level).
+fn value_span(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
+    let mut best: Option<Range<usize>> = None;
+    for (k, v) in table.iter() {
+        let k = k.get_ref().as_ref();
+        if path == k {
+            return Some(v.span());
+        }
+        if let Some(rest) = path.strip_prefix(k).and_then(|r| r.strip_prefix('.')) {
+            best = match v.get_ref().as_table() {
+                Some(t) => value_span(t, rest).or(Some(v.span())),
+                None => Some(v.span()),
+            };
+        }
+    }
+    best
+}
+
+/// The dotted path of the innermost option whose key or value contains `offset`.
+fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
+    for (k, v) in table.iter() {
+        let inside = |r: Range<usize>| r.contains(&offset);
+        if inside(k.span()) || inside(v.span()) {
+            let inner = v.get_ref().as_table().and_then(|t| key_at(t, offset));
+            return Some(match inner {
+                Some(i) => format!("{}.{i}", k.get_ref()),
+                None => k.get_ref().to_string(),
+            });
+        }
+    }
+    None
+}
+
 fn expand_value(
-    v: &mut toml::Value,
+    v: &mut DeValue<'_>,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), crate::template::TemplateError> {
     match v {
-        toml::Value::String(s) => *s = expand_env(s, env)?,
-        toml::Value::Array(a) => a.iter_mut().try_for_each(|v| expand_value(v, env))?,
-        toml::Value::Table(t) => t.iter_mut().try_for_each(|(_, v)| expand_value(v, env))?,
+        DeValue::String(s) => *s = std::borrow::Cow::Owned(expand_env(s, env)?),
+        DeValue::Array(a) => a.iter_mut().try_for_each(|v| expand_value(v.get_mut(), env))?,
+        DeValue::Table(t) => t.iter_mut().try_for_each(|(_, v)| expand_value(v.get_mut(), env))?,
         _ => {}
     }
     Ok(())

@@ -30,7 +30,7 @@ pub struct Template {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
-    #[error("unknown field {{{0}}} in template (fields: type, shape, conversationId, … or extra.<name>)")]
+    #[error("unknown field {{{0}}} in template{hint} (fields: type, shape, conversationId, … or extra.<name>)", hint = field_hint(.0))]
     UnknownField(String),
     #[error("unclosed `{{` in template")]
     Unclosed,
@@ -40,6 +40,12 @@ pub enum TemplateError {
     UnsetVar(String),
     #[error("unclosed `${{` in value")]
     UnclosedVar,
+}
+
+/// ": did you mean {statusCode}?" for a near miss such as `{statuscode}`.
+fn field_hint(name: &str) -> String {
+    crate::config::did_you_mean(name, crate::event::FIELDS.iter().copied())
+        .map_or(String::new(), |f| format!(": did you mean {{{f}}}?"))
 }
 
 impl Template {

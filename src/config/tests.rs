@@ -236,7 +236,7 @@ fn an_unknown_environment_key_is_an_error_naming_the_variable() {
             let e = load_err();
             let text = e.to_string();
             assert!(text.starts_with(&format!("environment {named}: ")), "{var}: {text}");
-            assert!(text.contains("unknown field"), "{var}: {text}");
+            assert!(text.contains("unknown key"), "{var}: {text}");
             assert!(!text.contains(SECRET), "{var}: a value must not be echoed: {text}");
         });
     }
@@ -586,4 +586,151 @@ fn a_wrongly_typed_secret_is_refused_without_echoing_it() {
         assert!(e.contains("WEBIO_ROUTER_AUTH__SECRETS"), "{e}");
         assert!(!e.contains(SECRET2), "{e}");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diagnostics that say what to write
+
+#[test]
+fn a_misspelt_key_gets_a_did_you_mean_at_its_line() {
+    for (text, (line, col), written, meant) in [
+        ("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n", (3, 1), "lisen", Some("listen")),
+        ("[delivery]\nretry_maxx = \"1s\"\n", (2, 1), "retry_maxx", Some("retry_max")),
+        ("[auth]\nsecret = \"x\"\n", (2, 1), "secret", Some("secrets")),
+        ("[server]\nnothing_like_it = 1\n", (2, 1), "nothing_like_it", None),
+    ] {
+        jail(|j| {
+            file(j, text);
+            let e = load_err();
+            let d = &e.0[0];
+            assert_eq!(d.line, Some((line, col)), "{text:?}: {e}");
+            assert!(d.message.starts_with(&format!("unknown key `{written}`")), "{e}");
+            match meant {
+                Some(m) => assert!(d.message.contains(&format!("did you mean `{m}`?")), "{e}"),
+                None => assert!(!d.message.contains("did you mean"), "{e}"),
+            }
+        });
+    }
+}
+
+#[test]
+fn an_unknown_environment_key_reads_cleanly_with_a_did_you_mean() {
+    jail(|j| {
+        file(j, &with_secret(""));
+        j.set_env("WEBIO_ROUTER_SERVER__LISEN", "1");
+        let e = load_err().to_string();
+        assert_eq!(
+            e,
+            "environment WEBIO_ROUTER_SERVER__LISEN: server.lisen: unknown key `lisen`: did you mean `listen`? \
+             (known keys: `listen`, `path`, `max_body_bytes`, `request_timeout`)"
+        );
+    });
+}
+
+#[test]
+fn a_value_in_the_wrong_case_gets_a_did_you_mean() {
+    jail(|j| {
+        file(j, &with_secret("[delivery]\nmode = \"Spool\"\n"));
+        let e = load_err();
+        assert_eq!(e.0[0].line, Some((4, 8)), "{e}");
+        assert!(e.0[0].message.contains("did you mean `spool`?"), "{e}");
+    });
+    jail(|j| {
+        file(j, &with_secret(""));
+        j.set_env("WEBIO_ROUTER_LOG__FORMAT", "JSON");
+        let e = load_err().to_string();
+        assert!(e.contains("did you mean `json`?"), "{e}");
+    });
+}
+
+#[test]
+fn a_duration_written_as_a_number_says_to_write_a_string_with_a_unit() {
+    for (value, want) in [("30", "write \"30s\""), ("1.5", "write \"1.5s\""), ("\"30\"", "write \"30s\"")] {
+        jail(|j| {
+            file(j, &with_secret(&format!("[delivery]\nretry_max = {value}\n")));
+            let e = load_err();
+            assert_eq!(e.0[0].line, Some((4, 13)), "{e}");
+            assert!(e.0[0].message.contains(want), "{value}: {e}");
+            assert!(!e.0[0].message.contains("expected a string"), "{value}: {e}");
+        });
+    }
+    jail(|j| {
+        file(j, &with_secret(""));
+        j.set_env("WEBIO_ROUTER_DELIVERY__RETRY_MAX", "30");
+        let e = load_err().to_string();
+        assert!(e.contains("WEBIO_ROUTER_DELIVERY__RETRY_MAX") && e.contains("write \"30s\""), "{e}");
+    });
+    jail(|j| {
+        file(j, &format!("[auth]\nsecrets = [\"{SECRET}\"]\nleeway = true\n"));
+        let e = load_err().to_string();
+        assert!(e.contains("a duration string such as"), "{e}");
+    });
+}
+
+#[test]
+fn an_environment_value_that_looks_like_toml_but_does_not_parse_is_an_error() {
+    for value in [r#"["/run/secrets/a""#, r#"{ a = "#, r#""unterminated"#, r#"["a", "b"] trailing"#] {
+        jail(|j| {
+            file(j, &with_secret(""));
+            j.set_env("WEBIO_ROUTER_AUTH__SECRET_FILES", value);
+            let e = load_err();
+            let text = e.to_string();
+            assert!(text.starts_with("environment WEBIO_ROUTER_AUTH__SECRET_FILES: "), "{value}: {text}");
+            assert!(text.contains("does not parse"), "{value}: {text}");
+            assert!(!text.contains("/run/secrets/a") && !text.contains("unterminated"), "value echoed: {text}");
+        });
+    }
+    // The same text for a string key would otherwise silently become that string.
+    jail(|j| {
+        file(j, &with_secret(""));
+        j.set_env("WEBIO_ROUTER_AUTH__HEADER", r#"["x-token""#);
+        assert!(load_err().to_string().contains("WEBIO_ROUTER_AUTH__HEADER"));
+    });
+}
+
+#[test]
+fn well_formed_toml_values_in_the_environment_still_work() {
+    jail(|j| {
+        j.create_file("secret", SECRET).unwrap();
+        file(j, "");
+        j.set_env("WEBIO_ROUTER_AUTH__SECRET_FILES", r#"["secret"]"#);
+        j.set_env("WEBIO_ROUTER_AUTH__HEADER", r#""x-quoted""#);
+        j.set_env("WEBIO_ROUTER_NORMALISE__LEGACY_SEND_STATUS_CODES", "[1, 5]");
+        // Not ours: Kubernetes service links may hold anything.
+        j.set_env("WEBIO_ROUTER_PORT", "[not toml");
+        let l = load().unwrap();
+        assert_eq!(l.secrets, vec![Secret::new(SECRET)]);
+        assert_eq!(l.config.auth.header, "x-quoted");
+        assert_eq!(l.config.normalise.legacy_send_status_codes, vec![1, 5]);
+    });
+}
+
+#[test]
+fn routing_commands_need_no_secret() {
+    jail(|j| {
+        file(j, "[auth]\nsecret_files = [\"/nonexistent/secret\"]\n");
+        assert!(load().is_err());
+        let l = Config::load_for(None, None, Purpose::Routing).unwrap();
+        assert!(l.secrets.is_empty());
+    });
+    jail(|j| {
+        // Everything else is still checked.
+        file(j, "[normalise]\nsource_timezone = \"Mars/Olympus\"\n");
+        assert!(Config::load_for(None, None, Purpose::Routing).is_err());
+    });
+}
+
+#[test]
+fn modes_and_formats_print_as_they_are_written() {
+    assert_eq!(DeliveryMode::Spool.to_string(), "spool");
+    assert_eq!(DeliveryMode::Direct.to_string(), "direct");
+    assert_eq!(LogFormat::Json.to_string(), "json");
+    assert_eq!(crate::format::Format::Cloudevents.as_str(), "cloudevents");
+}
+
+#[test]
+fn did_you_mean_prefers_the_same_name_in_another_case() {
+    assert_eq!(did_you_mean("statuscode", ["status", "statusCode"]), Some("statusCode"));
+    assert_eq!(did_you_mean("lisen", ["listen", "path"]), Some("listen"));
+    assert_eq!(did_you_mean("zzz", ["listen", "path"]), None);
 }

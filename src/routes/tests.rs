@@ -287,6 +287,35 @@ fn an_unknown_field_in_when_is_reported_at_the_key() {
 }
 
 #[test]
+fn a_near_miss_field_name_in_when_or_a_template_gets_a_did_you_mean() {
+    for (written, meant) in [
+        ("statuscode", "statusCode"),
+        ("conversationID", "conversationId"),
+        ("customerUID", "customerUid"),
+        ("convrsationId", "conversationId"),
+    ] {
+        let text = format!("{SINKS}[[routes]]\nwhen = {{ {written} = 1 }}\nto = \"a\"\n");
+        let d = errs(&text);
+        assert!(d[0].message.contains(&format!("did you mean \"{meant}\"?")), "{written}: {}", d[0]);
+
+        let text = format!("[sinks.s]\ntype = \"file\"\npath = \"var/{{{written}}}.jsonl\"\n");
+        let d = errs(&text);
+        assert!(d[0].message.contains(&format!("did you mean {{{meant}}}?")), "{written}: {}", d[0]);
+    }
+    let d = errs(&format!("{SINKS}[[routes]]\nwhen = {{ nothing_like_it = 1 }}\nto = \"a\"\n"));
+    assert!(!d[0].message.contains("did you mean"), "{}", d[0]);
+}
+
+#[test]
+fn a_misspelt_sink_in_to_and_a_misspelt_top_level_key_get_a_did_you_mean() {
+    let d = errs("[sinks.archive]\ntype = \"file\"\npath = \"x\"\n[[routes]]\nto = \"archiv\"\n");
+    assert!(d[0].message.contains("did you mean \"archive\"?"), "{}", d[0]);
+    let d = errs("[[route]]\nto = \"a\"\n");
+    assert_eq!(d[0].line, Some((1, 3)), "{}", d[0]);
+    assert!(d[0].message.contains("did you mean `routes`?"), "{}", d[0]);
+}
+
+#[test]
 fn every_normalised_field_and_extra_names_are_accepted_in_when() {
     for field in crate::event::FIELDS {
         ok(&format!("{SINKS}[[routes]]\nwhen = {{ {field} = \"x\" }}\nto = \"a\"\n"));
@@ -313,7 +342,7 @@ fn an_unknown_template_field_is_reported_for_every_templated_option() {
         ("type = \"http\"\nurl = \"http://h/{nope}\"", "\"http://h/{nope}\"", "sinks.s.url"),
         (
             "type = \"http\"\nurl = \"http://h/\"\nheaders = { \"x-k\" = \"{nope}\" }",
-            "{ \"x-k\"",
+            "\"{nope}\" }",
             "sinks.s.headers.x-k",
         ),
         (
@@ -417,12 +446,18 @@ fn the_environment_lookup_is_the_one_given() {
 }
 
 #[test]
-fn an_unknown_sink_type_is_reported_at_the_sink() {
-    let text = "[sinks.s]\ntype = \"carrier-pigeon\"\npath = \"x\"\n";
-    let d = errs(text);
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!(d[0].line, Some(pos(text, "s]")), "{}", d[0]);
-    assert!(d[0].message.starts_with("sinks.s: ") && d[0].message.contains("carrier-pigeon"), "{}", d[0]);
+fn an_unknown_sink_type_is_reported_at_its_type_with_the_nearest_type() {
+    for (written, hint) in [("carrier-pigeon", None), ("fil", Some("\"file\"")), ("Kafka", Some("\"kafka\""))] {
+        let text = format!("[sinks.s]\npath = \"x\"\ntype = \"{written}\"\n");
+        let d = errs(&text);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].line, Some(pos(&text, &format!("\"{written}\""))), "{}", d[0]);
+        assert!(d[0].message.starts_with("sinks.s.type: ") && d[0].message.contains(written), "{}", d[0]);
+        match hint {
+            Some(h) => assert!(d[0].message.contains(&format!("did you mean {h}?")), "{}", d[0]),
+            None => assert!(!d[0].message.contains("did you mean"), "{}", d[0]),
+        }
+    }
 }
 
 #[test]
@@ -432,7 +467,7 @@ fn a_sink_without_a_type_is_refused() {
 }
 
 #[test]
-fn an_unknown_sink_option_is_reported() {
+fn an_unknown_sink_option_is_reported_at_its_own_line() {
     for (table, option) in [
         ("type = \"file\"\npath = \"x\"\nflush = true", "flush"),
         ("type = \"http\"\nurl = \"http://h/\"\nmethod = \"PUT\"", "method"),
@@ -442,9 +477,56 @@ fn an_unknown_sink_option_is_reported() {
         let text = format!("\n[sinks.s]\n{table}\n");
         let d = errs(&text);
         assert_eq!(d.len(), 1, "{table}: {d:?}");
-        assert_eq!(d[0].line.unwrap().0, 2, "{table}: {}", d[0]);
+        assert_eq!(d[0].line, Some(pos(&text, &format!("{option} ="))), "{table}: {}", d[0]);
         assert!(d[0].message.starts_with("sinks.s: ") && d[0].message.contains(option), "{table}: {}", d[0]);
     }
+}
+
+#[test]
+fn a_misspelt_sink_option_gets_a_did_you_mean() {
+    for (table, written, meant) in [
+        ("type = \"file\"\npath = \"x\"\nfsyn = true", "fsyn", "fsync"),
+        ("type = \"http\"\nurl = \"http://h/\"\nheader = {}", "header", "headers"),
+        ("type = \"amqp\"\nurl = \"amqp://h\"\nexchange = \"e\"\nrouting_keys = \"k\"", "routing_keys", "routing_key"),
+    ] {
+        let text = format!("[sinks.s]\n{table}\n");
+        let d = errs(&text);
+        assert_eq!(d[0].line, Some(pos(&text, &format!("{written} ="))), "{}", d[0]);
+        assert!(d[0].message.contains(&format!("did you mean `{meant}`?")), "{}", d[0]);
+    }
+}
+
+#[test]
+fn a_badly_typed_sink_option_is_reported_at_its_value_naming_its_key() {
+    let text = "[sinks.s]\ntype = \"http\"\nurl = \"http://h/\"\nheaders = { \"x-a\" = \"1\", \"x-b\" = 2 }\n[sinks.f]\ntype = \"file\"\npath = \"x\"\nfsync = \"yes\"\n";
+    let d = errs(text);
+    assert_eq!(d.len(), 2, "{d:?}");
+    // In file order.
+    assert_eq!(d[0].line, Some(pos(text, "2 }")), "{}", d[0]);
+    assert!(d[0].message.starts_with("sinks.s.headers.x-b: "), "{}", d[0]);
+    assert_eq!(d[1].line, Some(pos(text, "\"yes\"")), "{}", d[1]);
+    assert!(d[1].message.starts_with("sinks.f.fsync: "), "{}", d[1]);
+}
+
+#[test]
+fn a_wrongly_typed_value_from_the_environment_is_not_echoed() {
+    let text = "[sinks.f]\ntype = \"file\"\npath = \"x\"\nfsync = \"${CRM_API_KEY}\"\n";
+    let d = errs(text);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].line.unwrap().0, 4, "{}", d[0]);
+    assert!(!d[0].message.contains("k-123"), "the value leaked: {}", d[0]);
+    assert!(d[0].message.contains("expected a boolean"), "{}", d[0]);
+}
+
+#[test]
+fn each_bad_kafka_property_is_reported_at_its_own_line() {
+    let text = "[sinks.k]\ntype = \"kafka\"\nbrokers = \"h:9092\"\ntopic = \"t\"\n[sinks.k.properties]\n\"linger.ms\" = 5\n\"compression.type\" = \"lz5\"\n\"no.such.property\" = 1\n";
+    let d = errs(text);
+    assert_eq!(d.len(), 2, "{d:?}");
+    let compression = d.iter().find(|d| d.message.contains("compression.type")).expect("compression.type reported");
+    assert_eq!(compression.line.unwrap().0, pos(text, "\"compression.type\"").0, "{compression}");
+    let unknown = d.iter().find(|d| d.message.contains("no.such.property")).expect("unknown property reported");
+    assert_eq!(unknown.line.unwrap().0, pos(text, "\"no.such.property\"").0, "{unknown}");
 }
 
 #[test]

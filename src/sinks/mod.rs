@@ -76,6 +76,28 @@ pub enum SinkConfig {
     Kafka(kafka::KafkaConfig),
 }
 
+/// The `type` values of a sink table, as [`SinkConfig`] spells them.
+pub const TYPES: &[&str] = &["file", "http", "amqp", "kafka"];
+
+impl SinkConfig {
+    /// The options of a sink whose `type` is `sink_type`, from its table without the `type`
+    /// key; `None` for an unknown type. Unlike the `type`-tagged enum, which buffers the table
+    /// first, this keeps the deserializer's position of each error (a misspelt option is
+    /// reported at its own line, not at the table header).
+    pub fn deserialize_typed<'de, D: serde::Deserializer<'de>>(
+        sink_type: &str,
+        d: D,
+    ) -> Result<Option<SinkConfig>, D::Error> {
+        Ok(Some(match sink_type {
+            "file" => SinkConfig::File(Deserialize::deserialize(d)?),
+            "http" => SinkConfig::Http(Deserialize::deserialize(d)?),
+            "amqp" => SinkConfig::Amqp(Deserialize::deserialize(d)?),
+            "kafka" => SinkConfig::Kafka(Deserialize::deserialize(d)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
 /// A problem with one option of a sink: `(key, message)`.
 pub type OptionError = (String, String);
 

@@ -420,3 +420,69 @@ fn the_example_configurations_use_only_known_keys() {
     assert_known_keys(SYSTEMD_CONFIG, &repo_file(SYSTEMD_CONFIG));
     assert_known_keys(CONFIGMAP, &configmap_config());
 }
+
+/// A router in spool mode with one sink, as a fresh deployment starts.
+fn fresh_router() -> crate::helpers::Router {
+    let config = r#"
+routes_file = "{dir}/routes.toml"
+[auth]
+secrets = ["test-secret-0123456789-0123456789-abcdef"]
+[delivery]
+mode = "spool"
+spool_dir = "{dir}/spool"
+dead_letter_file = "{dir}/var/dead-letter.jsonl"
+"#;
+    let routes = "[sinks.archive]\ntype = \"file\"\npath = \"{dir}/events.jsonl\"\n[[routes]]\nto = [\"archive\"]\n";
+    crate::helpers::router(config, routes).spawn()
+}
+
+#[test]
+fn a_fresh_router_exports_every_metric_family_before_any_traffic() {
+    let r = fresh_router();
+    let text = crate::helpers::get(r.admin, "/metrics").body;
+    for name in NAMES {
+        assert!(text.contains(&format!("# TYPE {name} ")), "no # TYPE line for {name}:\n{text}");
+        let sample = if HISTOGRAMS.contains(name) { format!("{name}_count") } else { name.to_string() };
+        let has_sample = text
+            .lines()
+            .any(|l| l.strip_prefix(&sample).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')));
+        assert!(has_sample, "no sample of {name} before any traffic:\n{text}");
+    }
+    // Known label values start at zero, so that increase() sees the first one.
+    for series in [
+        r#"webio_router_requests_total{status="202"} 0"#,
+        r#"webio_router_requests_total{status="401"} 0"#,
+        r#"webio_router_events_total{type="messageStatusUpdate",shape="legacy"} 0"#,
+        r#"webio_router_events_total{type="other",shape="current"} 0"#,
+        r#"webio_router_unrouted_total{type="inboundMessage"} 0"#,
+        "webio_router_duplicates_total 0",
+        r#"webio_router_config_reloads_total{outcome="ok"} 0"#,
+        r#"webio_router_config_reloads_total{outcome="error"} 0"#,
+        r#"webio_router_rejected_total{reason="not_json"} 0"#,
+        "webio_router_request_duration_seconds_count 0",
+        r#"webio_router_deliveries_total{sink="archive",outcome="dead"} 0"#,
+        r#"webio_router_delivery_duration_seconds_count{sink="archive"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series} missing:\n{text}");
+    }
+    promtool_check_metrics(&text);
+}
+
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is required (Debian package `prometheus`; .ci/run installs it)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
