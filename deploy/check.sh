@@ -161,25 +161,29 @@ for version in latest "$min_kubernetes"; do
     ok "${#core[@]} manifests valid"
 done
 
-# ServiceMonitor (monitoring.coreos.com/v1) is a CRD and Kustomization a kustomize file:
-# kubernetes-validate has no schema for either and only warns ("Couldn't find schema"),
+# ServiceMonitor (monitoring.coreos.com/v1) is a CRD, Kustomization and Component kustomize
+# files: kubernetes-validate has no schema for them and only warns ("Couldn't find schema"),
 # exit status 0; it has no flag to skip them. They are parsed here, and their references,
 # like those of the other manifests, are checked below.
-step "kubernetes-validate $k8s/servicemonitor.yaml $k8s/kustomization.yaml (no schemas: warnings expected)"
-"${KUBERNETES_VALIDATE[@]}" "$k8s/servicemonitor.yaml" "$k8s/kustomization.yaml" 2>&1 | sed 's/^/    | /'
+operator=$k8s/prometheus-operator
+step "kubernetes-validate $operator/*.yaml $k8s/kustomization.yaml (no schemas: warnings expected)"
+"${KUBERNETES_VALIDATE[@]}" "$operator/servicemonitor.yaml" "$operator/kustomization.yaml" \
+    "$k8s/kustomization.yaml" 2>&1 | sed 's/^/    | /'
 
 step "Kubernetes cross-references (selectors, ports, volumes, kustomization resources)"
 "${PYTHON[@]}" - "$k8s" <<'PY'
 import os, sys, yaml
 
 k8s = sys.argv[1]
+operator = os.path.join(k8s, "prometheus-operator")
 docs = {}
-for name in sorted(os.listdir(k8s)):
-    if name.endswith(".yaml"):
-        with open(os.path.join(k8s, name)) as f:
-            for doc in yaml.safe_load_all(f):
-                if doc:
-                    docs[doc["kind"]] = doc
+for d in (k8s, operator):
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(d, name)) as f:
+                for doc in yaml.safe_load_all(f):
+                    if doc:
+                        docs[doc["kind"]] = doc
 problems = []
 
 def check(cond, msg):
@@ -192,9 +196,27 @@ def subset(small, big):
     return all(big.get(k) == v for k, v in (small or {}).items())
 
 kust, dep, svc, sm = docs["Kustomization"], docs["Deployment"], docs["Service"], docs["ServiceMonitor"]
-cm, secret = docs["ConfigMap"], docs["Secret"]
+cm, secret, component = docs["ConfigMap"], docs["Secret"], docs["Component"]
 files = {n for n in os.listdir(k8s) if n.endswith(".yaml") and n != "kustomization.yaml"}
 check(set(kust["resources"]) == files, "kustomization lists every manifest: %s" % sorted(files))
+check(component["resources"] == ["servicemonitor.yaml"], "the prometheus-operator component adds the ServiceMonitor")
+# One scrape path: the component that adds the ServiceMonitor removes every prometheus.io
+# annotation, and the default kustomization does not include the component.
+annotations = {k for k in dep["spec"]["template"]["metadata"].get("annotations", {}) if k.startswith("prometheus.io/")}
+removed = set()
+for p in component.get("patches", []):
+    if p.get("target", {}).get("kind") == "Deployment" and p["target"].get("name") == dep["metadata"]["name"]:
+        for op in yaml.safe_load(p["patch"]):
+            prefix = "/spec/template/metadata/annotations/"
+            if op.get("op") == "remove" and op["path"].startswith(prefix):
+                removed.add(op["path"][len(prefix):].replace("~1", "/").replace("~0", "~"))
+check(annotations and removed == annotations,
+      "the component removes the scrape annotations %s (one scrape path)" % sorted(annotations))
+check("prometheus-operator" not in (kust.get("components") or []),
+      "the default kustomization scrapes through the annotations only")
+router_image = next(c["image"] for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "webio-router")
+check(any(i["name"] == router_image.split(":")[0] for i in kust.get("images", [])),
+      "kustomization's images entry names the router image %s" % router_image)
 
 pod = dep["spec"]["template"]
 check(subset(dep["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]),
@@ -247,6 +269,23 @@ if problems:
         print("    FAILED:", p, file=sys.stderr)
     sys.exit(1)
 PY
+
+# kubectl's built-in kustomize, where present, renders both variants: each must scrape once.
+if command -v kubectl >/dev/null; then
+    step "kubectl kustomize: one scrape path with and without the prometheus-operator component"
+    default_out=$(kubectl kustomize "$k8s")
+    cp -r "$k8s" "$work/k8s"
+    sed -i 's/^# components:/components:/; s/^#   - prometheus-operator/  - prometheus-operator/' \
+        "$work/k8s/kustomization.yaml"
+    operator_out=$(kubectl kustomize "$work/k8s")
+    grep -q 'prometheus.io/scrape' <<<"$default_out" && ! grep -q 'kind: ServiceMonitor' <<<"$default_out" \
+        || fail "default: expected the annotations and no ServiceMonitor"
+    ! grep -q 'prometheus.io/' <<<"$operator_out" && grep -q 'kind: ServiceMonitor' <<<"$operator_out" \
+        || fail "prometheus-operator: expected a ServiceMonitor and no annotations"
+    ok "default: annotations only; prometheus-operator: ServiceMonitor only"
+else
+    step "kubectl kustomize: skipped (kubectl not installed; the structure was checked above)"
+fi
 
 # ---------------------------------------------------------------------------- Prometheus
 

@@ -645,7 +645,8 @@ impl Config {
                 Err(e) => err(format!("auth.secret_files: cannot read {}: {e}", f.display())),
             }
         }
-        if secrets.is_empty() && !self.auth.disabled {
+        // An unreadable secret file is reported above already.
+        if secrets.is_empty() && !self.auth.disabled && self.auth.secret_files.is_empty() {
             err("auth: no secret configured (auth.secrets or auth.secret_files); set auth.disabled = true only for local experiments".into());
         }
         secrets
