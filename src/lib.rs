@@ -5,6 +5,9 @@
 //!
 //! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `replay`).
 //! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once.
+//! - [`app`]: the daemon as a value: [`app::App::build`] binds and opens everything,
+//!   [`app::App::run`] serves until its [`shutdown::Shutdown`] fires; `serve` adds signals.
+//! - [`state`]: what the handlers share (route table, verifier, delivery, readiness).
 //! - [`server`]: the hyper webhook listener, the admin listener, and the one function that
 //!   maps a request error to an HTTP answer.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
@@ -36,4 +39,5 @@ pub mod routes;
 pub mod server;
 pub mod shutdown;
 pub mod sinks;
+pub mod state;
 pub mod template;

@@ -2,7 +2,7 @@
 //! listener, answering `/readyz` with 503 until the daemon is ready.
 
 use super::{json, Body};
-use crate::app::State;
+use crate::state::State;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;

@@ -2,10 +2,10 @@
 
 use super::error::RequestError;
 use super::Body;
-use crate::app::State;
 use crate::delivery::Accepted;
 use crate::event::{normalise, Envelope};
 use crate::metrics;
+use crate::state::State;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};

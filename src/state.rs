@@ -1,0 +1,133 @@
+//! What the request handlers share: the route table (swapped whole on SIGHUP), the token
+//! verifier, the delivery mode, readiness. Built by [`crate::app::App`]; read by the
+//! listeners in [`crate::server`].
+
+use crate::auth::Verifier;
+use crate::config::ConfigError;
+use crate::delivery::Delivery;
+use crate::event::{BodyError, NormaliseOptions};
+use crate::jsonl::{body_fields, JsonlFile};
+use crate::routes::Routes;
+use crate::server::error::RequestError;
+use crate::sinks::Sink;
+use http::HeaderName;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Routes and the sinks they name, swapped whole on reload.
+pub struct RouteTable {
+    pub routes: Routes,
+    pub sinks: HashMap<String, Arc<dyn Sink>>,
+}
+
+impl RouteTable {
+    /// Builds the sinks of `routes`, reusing those of `previous` whose configuration did not
+    /// change (so a reload does not reconnect to every broker).
+    pub fn build(routes: Routes, previous: Option<&RouteTable>) -> Result<RouteTable, ConfigError> {
+        let mut sinks = HashMap::new();
+        let mut errs = Vec::new();
+        for (name, cfg) in &routes.sinks {
+            let reused = previous
+                .and_then(|p| (p.routes.sinks.get(name) == Some(cfg)).then(|| p.sinks.get(name).cloned()).flatten());
+            match reused.map(Ok).unwrap_or_else(|| cfg.build(name)) {
+                Ok(s) => {
+                    crate::metrics::register_sink(name);
+                    sinks.insert(name.clone(), s);
+                }
+                Err(e) => errs.push(crate::config::Diagnostic::new(format!("sinks.{name}"), e.message)),
+            }
+        }
+        if errs.is_empty() {
+            Ok(RouteTable { routes, sinks })
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+}
+
+pub struct State {
+    pub path: String,
+    pub auth_header: HeaderName,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub verifier: Verifier,
+    pub normalise: NormaliseOptions,
+    pub delivery: Arc<dyn Delivery>,
+    pub metrics: PrometheusHandle,
+    pub(crate) routes_file: PathBuf,
+    pub(crate) table: RwLock<Arc<RouteTable>>,
+    pub(crate) rejected: JsonlFile,
+    pub(crate) ready: AtomicBool,
+}
+
+impl State {
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.read().expect("route table lock").clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.delivery.is_ready()
+    }
+
+    /// Keeps a refused body, with the reason, so that nothing is lost. If even that fails,
+    /// the sender is told to retry.
+    pub async fn reject(
+        &self,
+        body: &[u8],
+        err: &BodyError,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), RequestError> {
+        crate::metrics::rejected(err.reason());
+        let (text, hex) = body_fields(body);
+        let mut record = json!({
+            "receivedAt": crate::event::format_time(at),
+            "reason": err.reason(),
+            "error": err.to_string(),
+        });
+        match (text, hex) {
+            (Some(t), _) => record["body"] = t.into(),
+            (None, Some(h)) => record["bodyHex"] = h.into(),
+            _ => {}
+        }
+        self.rejected.append(&record).await.map_err(|e| {
+            tracing::error!(file = %self.rejected.path().display(), error = %e, "cannot record a rejected body");
+            RequestError::Unavailable {
+                reason: "cannot record the rejected body".into(),
+                retry_after: Duration::from_secs(30),
+            }
+        })
+    }
+
+    /// Sets gauges that are read rather than counted (sink up/down).
+    pub fn refresh_gauges(&self) {
+        for (name, sink) in &self.table().sinks {
+            crate::metrics::sink_up(name, sink.is_up());
+        }
+    }
+
+    /// SIGHUP: reload routes.toml; an invalid file is refused and the old routes stay.
+    pub fn reload_routes(&self) -> Result<(), ConfigError> {
+        let current = self.table();
+        let result = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)));
+        match result {
+            Ok(table) => {
+                self.delivery.sinks_changed(&table.sinks);
+                let (routes, sinks) = (table.routes.routes.len(), table.sinks.len());
+                *self.table.write().expect("route table lock") = Arc::new(table);
+                crate::metrics::config_reload(true);
+                tracing::info!(file = %self.routes_file.display(), routes, sinks, "routes reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                crate::metrics::config_reload(false);
+                tracing::error!(file = %self.routes_file.display(), error = %e, "routes reload refused; the previous routes stay in force");
+                Err(e)
+            }
+        }
+    }
+}
