@@ -97,7 +97,8 @@ impl App {
             auth_header: HeaderName::from_bytes(cfg.auth.header.as_bytes()).expect("validated at load"),
             max_body_bytes: cfg.server.max_body_bytes,
             request_timeout: cfg.server.request_timeout,
-            verifier: Verifier::new(&loaded),
+            verifier: RwLock::new(Arc::new(Verifier::new(&loaded))),
+            config_file: loaded.file.clone(),
             normalise: loaded.normalise.clone(),
             delivery,
             metrics,
@@ -105,10 +106,11 @@ impl App {
             table: RwLock::new(Arc::new(table)),
             rejected: JsonlFile::new(cfg.delivery.rejected_file()),
             ready: AtomicBool::new(false),
+            restart_settings: cfg.restart_settings(),
         });
         state.refresh_gauges();
         admin.set_state(state.clone());
-        if state.verifier.is_disabled() {
+        if state.verifier().is_disabled() {
             tracing::warn!("auth.disabled = true: webhooks are NOT authenticated; use this only for local experiments");
         }
 
@@ -194,7 +196,7 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; SIGHUP reloads routes.toml.
+/// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets and routes.toml.
 pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let app = App::build(loaded).await?;
     let shutdown = app.shutdown();
@@ -208,7 +210,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT trigger the shutdown; SIGHUP reloads routes.toml.
+/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets and routes.toml.
 async fn handle_signals(state: Arc<State>, shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
@@ -224,7 +226,7 @@ async fn handle_signals(state: Arc<State>, shutdown: Shutdown) {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::notify::reloading();
-                let _ = state.reload_routes();
+                let _ = state.reload();
                 crate::notify::ready();
             }
         }

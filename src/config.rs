@@ -431,6 +431,12 @@ impl Config {
         config.validate(&source).map(|(secrets, normalise)| Loaded { config, file, secrets, normalise })
     }
 
+    /// The settings a SIGHUP does not apply (everything but `auth` and `routes_file`), as
+    /// text, to tell an operator that a changed file needs a restart.
+    pub fn restart_settings(&self) -> String {
+        format!("{:?} {:?} {:?} {:?} {:?}", self.server, self.admin, self.normalise, self.delivery, self.log)
+    }
+
     fn validate(&self, source: &str) -> Result<(Vec<Secret>, NormaliseOptions), ConfigError> {
         let mut errs = Vec::new();
         let mut err = |m: String| errs.push(Diagnostic::new(source, m));

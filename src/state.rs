@@ -3,7 +3,7 @@
 //! listeners in [`crate::server`].
 
 use crate::auth::Verifier;
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 use crate::delivery::Delivery;
 use crate::event::{BodyError, NormaliseOptions};
 use crate::jsonl::{body_fields, JsonlFile};
@@ -55,7 +55,11 @@ pub struct State {
     pub auth_header: HeaderName,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
-    pub verifier: Verifier,
+    /// The token check, swapped whole when SIGHUP re-reads the secrets.
+    pub(crate) verifier: RwLock<Arc<Verifier>>,
+    /// The configuration file read at start (`None`: built-in defaults + environment), read
+    /// again on SIGHUP for the secrets.
+    pub(crate) config_file: Option<PathBuf>,
     pub normalise: NormaliseOptions,
     pub delivery: Arc<dyn Delivery>,
     pub metrics: PrometheusHandle,
@@ -63,11 +67,17 @@ pub struct State {
     pub(crate) table: RwLock<Arc<RouteTable>>,
     pub(crate) rejected: JsonlFile,
     pub(crate) ready: AtomicBool,
+    /// What a reload cannot change, as it was at start (to warn when the file differs).
+    pub(crate) restart_settings: String,
 }
 
 impl State {
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.read().expect("route table lock").clone()
+    }
+
+    pub fn verifier(&self) -> Arc<Verifier> {
+        self.verifier.read().expect("verifier lock").clone()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -110,24 +120,44 @@ impl State {
         }
     }
 
-    /// SIGHUP: reload routes.toml; an invalid file is refused and the old routes stay.
-    pub fn reload_routes(&self) -> Result<(), ConfigError> {
-        let current = self.table();
-        let result = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)));
-        match result {
-            Ok(table) => {
-                self.delivery.sinks_changed(&table.sinks);
-                let (routes, sinks) = (table.routes.routes.len(), table.sinks.len());
-                *self.table.write().expect("route table lock") = Arc::new(table);
+    /// SIGHUP: re-reads the configuration's secrets (`auth.*`, inline and files) and
+    /// routes.toml. All or nothing: an invalid secret or routes file is refused with a log
+    /// line and what was in force stays. Other settings (listeners, spool, …) need a restart;
+    /// a change to them is logged, not applied.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        match self.try_reload() {
+            Ok(()) => {
                 crate::metrics::config_reload(true);
-                tracing::info!(file = %self.routes_file.display(), routes, sinks, "routes reloaded");
                 Ok(())
             }
             Err(e) => {
                 crate::metrics::config_reload(false);
-                tracing::error!(file = %self.routes_file.display(), error = %e, "routes reload refused; the previous routes stay in force");
+                tracing::error!(error = %e, "reload refused; the previous secrets and routes stay in force");
                 Err(e)
             }
         }
+    }
+
+    fn try_reload(&self) -> Result<(), ConfigError> {
+        let loaded = Config::load(self.config_file.as_deref(), Some(&self.routes_file))?;
+        let current = self.table();
+        let table = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)))?;
+        let verifier = Verifier::new(&loaded);
+        self.delivery.sinks_changed(&table.sinks);
+        let (routes, sinks) = (table.routes.routes.len(), table.sinks.len());
+        *self.table.write().expect("route table lock") = Arc::new(table);
+        *self.verifier.write().expect("verifier lock") = Arc::new(verifier);
+        tracing::info!(
+            config = %self.config_file.as_ref().map_or("built-in defaults + environment".into(), |f| f.display().to_string()),
+            routes_file = %self.routes_file.display(),
+            secrets = loaded.secrets.len(),
+            routes,
+            sinks,
+            "configuration reloaded (secrets and routes)"
+        );
+        if loaded.config.restart_settings() != self.restart_settings {
+            tracing::warn!("settings other than auth and routes changed; they take effect at the next restart");
+        }
+        Ok(())
     }
 }

@@ -52,7 +52,7 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
         return Err(RequestError::MethodNotAllowed);
     }
     let verified = state
-        .verifier
+        .verifier()
         .verify(req.headers().get(&state.auth_header).map(|v| v.as_bytes()))
         .map_err(RequestError::Auth)?;
     metrics::auth_secret_used(verified.secret_index);

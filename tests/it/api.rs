@@ -468,7 +468,7 @@ fn sighup_reloads_routes_and_a_bad_file_keeps_the_old_routes() {
 
     std::fs::write(r.path("routes.toml"), "[[routes]]\nto = [\"missing-sink\"]\n").unwrap();
     r.signal("HUP");
-    r.wait_log("routes reload refused", Duration::from_secs(10));
+    r.wait_log("reload refused", Duration::from_secs(10));
     let resp = r.post(br#"{"type":"inboundMessage","conversationId":"2"}"#);
     assert_eq!(resp.json()["routes"], 1, "old routes stay after a bad reload");
     assert_eq!(r.jsonl("var/events.jsonl").len(), 2);
@@ -481,7 +481,7 @@ fn sighup_reloads_routes_and_a_bad_file_keeps_the_old_routes() {
     )
     .unwrap();
     r.signal("HUP");
-    r.wait_log("routes reloaded", Duration::from_secs(10));
+    r.wait_log("configuration reloaded", Duration::from_secs(10));
     let resp = r.post(br#"{"type":"inboundMessage","conversationId":"3"}"#);
     assert_eq!(resp.json()["routes"], 2);
     assert_eq!(r.jsonl("other.jsonl").len(), 1);
