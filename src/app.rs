@@ -43,6 +43,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Spool(#[from] crate::delivery::spool::SpoolError),
+    #[error("{0}")]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// A built daemon: both listeners bound (the admin one already serving), routes, sinks and
@@ -56,6 +58,7 @@ pub struct App {
     admin_stop: CancellationToken,
     shutdown: Shutdown,
     mode: DeliveryMode,
+    control: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
 }
 
 impl App {
@@ -114,7 +117,14 @@ impl App {
             tracing::warn!("auth.disabled = true: webhooks are NOT authenticated; use this only for local experiments");
         }
 
-        let webhook = match bind(cfg.server.listen).await {
+        let listeners = async {
+            let control = match cfg.admin.control_socket() {
+                Some(path) => Some((crate::control::bind(path)?, path.to_owned())),
+                None => None,
+            };
+            Ok::<_, ServeError>((bind(cfg.server.listen).await?, control))
+        };
+        let (webhook, control) = match listeners.await {
             Ok(l) => l,
             Err(e) => {
                 // The spool is open: close it properly before giving up.
@@ -123,7 +133,17 @@ impl App {
             }
         };
         let webhook_addr = local_addr(&webhook, cfg.server.listen);
-        Ok(App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode: cfg.delivery.mode })
+        Ok(App {
+            state,
+            webhook,
+            webhook_addr,
+            admin_addr,
+            admin_task,
+            admin_stop,
+            shutdown,
+            mode: cfg.delivery.mode,
+            control,
+        })
     }
 
     /// The bound webhook listener (the real port when configured with port 0).
@@ -150,7 +170,10 @@ impl App {
     /// off, the listener closed, in-flight requests finished, the delivery mode closed (what is
     /// left stays in the spool), sinks flushed, the admin listener closed.
     pub async fn run(self) {
-        let App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode } = self;
+        let App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode, control } = self;
+        let control_task = control.map(|(listener, path)| {
+            tokio::spawn(crate::control::serve(listener, path, state.clone(), shutdown.child_token()))
+        });
         let s = state.clone();
         let hook_task = tokio::spawn(server::serve(
             webhook,
@@ -177,6 +200,10 @@ impl App {
             .await;
         admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_millis(500), admin_task).await;
+        if let Some(t) = control_task {
+            // It stopped with the shutdown; this only waits for the socket file's removal.
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        }
         tracing::info!("stopped");
     }
 }

@@ -211,11 +211,20 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The control socket (Unix, mode 0600); empty disables it.
+    pub control_socket: PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: ([127, 0, 0, 1], 9095).into() }
+        AdminConfig { listen: ([127, 0, 0, 1], 9095).into(), control_socket: PathBuf::from("var/control.sock") }
+    }
+}
+
+impl AdminConfig {
+    /// The control socket's path, unless disabled.
+    pub fn control_socket(&self) -> Option<&Path> {
+        Some(self.control_socket.as_path()).filter(|p| !p.as_os_str().is_empty())
     }
 }
 

@@ -8,6 +8,8 @@
 //! - [`app`]: the daemon as a value: [`app::App::build`] binds and opens everything,
 //!   [`app::App::run`] serves until its [`shutdown::Shutdown`] fires; `serve` adds signals.
 //! - [`state`]: what the handlers share (route table, verifier, delivery, readiness).
+//! - [`control`]: the control socket, the one way to change a running daemon (pause,
+//!   resume, replay) and the status `sinks` and `GET /sinks` show.
 //! - [`server`]: the hyper webhook listener, the admin listener, and the one function that
 //!   maps a request error to an HTTP answer.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
@@ -27,6 +29,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dedup;
 pub mod delivery;
 pub mod event;

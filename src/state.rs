@@ -113,6 +113,57 @@ impl State {
         })
     }
 
+    /// Every sink of routes.toml, and every sink the spool still holds work for, by name.
+    pub fn sinks_status(&self) -> Vec<crate::control::SinkStatus> {
+        let table = self.table();
+        let mut states = self.delivery.sink_states();
+        let now = std::time::SystemTime::now();
+        let mut names: Vec<String> = table.sinks.keys().chain(states.keys()).cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let st = states.remove(&name).unwrap_or_default();
+                crate::control::SinkStatus {
+                    sink_type: table.routes.sinks.get(&name).map(|c| c.type_name().to_owned()),
+                    up: table.sinks.get(&name).is_some_and(|s| s.is_up()),
+                    paused: st.paused,
+                    pending: st.pending,
+                    oldest_pending_seconds: st
+                        .oldest_pending
+                        .map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64()),
+                    last_error: st.last_error,
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    /// `pause` / `resume` from the control socket.
+    pub async fn set_paused(&self, sink: &str, paused: bool) -> Result<(), crate::delivery::ControlRefused> {
+        let known = self.table().sinks.contains_key(sink) || self.delivery.sink_states().contains_key(sink);
+        if !known {
+            return Err(crate::delivery::ControlRefused::UnknownSink(sink.to_owned()));
+        }
+        self.delivery.set_paused(sink, paused).await?;
+        crate::metrics::sink_paused(sink, paused);
+        Ok(())
+    }
+
+    /// `replay` from the control socket: dead-letter lines back into the spool.
+    pub async fn replay(
+        &self,
+        lines: Vec<String>,
+        only: Option<&str>,
+    ) -> Result<crate::control::ReplayOutcome, crate::delivery::ControlRefused> {
+        let known: std::collections::BTreeSet<String> = self.table().sinks.keys().cloned().collect();
+        if let Some(s) = only.filter(|s| !known.contains(*s)) {
+            return Err(crate::delivery::ControlRefused::UnknownSink(s.to_owned()));
+        }
+        self.delivery.replay(lines, only.map(str::to_owned), known).await
+    }
+
     /// Sets gauges that are read rather than counted (sink up/down).
     pub fn refresh_gauges(&self) {
         for (name, sink) in &self.table().sinks {

@@ -47,6 +47,10 @@ pub fn try_spawn_app(config: &str, routes: &str) -> Result<TestApp, String> {
     let mut loaded = Config::load(Some(&cfg_path), None).map_err(|e| e.to_string())?;
     loaded.config.server.listen = "127.0.0.1:0".parse().unwrap();
     loaded.config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    if loaded.config.admin.control_socket.is_relative() && !loaded.config.admin.control_socket.as_os_str().is_empty() {
+        // Not in the test process's working directory, shared by every test.
+        loaded.config.admin.control_socket = dir.path().join("control.sock");
+    }
 
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
