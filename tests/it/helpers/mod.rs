@@ -3,6 +3,7 @@
 
 pub mod brokers;
 pub mod spool;
+pub mod tls;
 pub mod tmpfs;
 
 use std::collections::HashMap;
