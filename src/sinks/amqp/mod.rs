@@ -1,14 +1,14 @@
 //! `amqp` sink (RabbitMQ, lapin).
 //!
 //! - One connection and one channel in publisher-confirm mode, owned by a background task
-//!   ([`connection`]) that connects (over TLS for `amqps://`), declares the exchange (durable,
+//!   (`connection.rs`) that connects (over TLS for `amqps://`), declares the exchange (durable,
 //!   unless `declare = false`) and, when the connection or the channel is lost, reconnects with
 //!   exponential backoff and jitter. Building the sink never waits for the broker.
 //! - A delivery counts only when its publisher confirm (`basic.ack`) arrived. A `basic.nack`, a
 //!   lost connection or a confirm that does not arrive within `confirm_timeout` is retryable;
 //!   a mandatory message returned as unroutable (`basic.return`) is permanent.
 //! - Publishes are pipelined: the channel lock covers only handing the frames to lapin, never
-//!   the wait for the confirm, so many confirms are in flight at once; [`confirms`] answers
+//!   the wait for the confirm, so many confirms are in flight at once; `confirms.rs` answers
 //!   each publish with its own outcome.
 //! - TLS uses the binary's one rustls provider ([`crate::tls`]) and trusts the public roots
 //!   plus the `tls_ca_file` certificates.

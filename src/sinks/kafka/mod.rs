@@ -10,9 +10,11 @@
 //!   the brokers are away), a delivery waits up to `queue_timeout` for room instead of
 //!   dropping the message or growing memory without bound; then it fails as retryable.
 //! - After a fatal idempotent-producer error the producer is replaced by a fresh one.
-
 //! - TLS and SASL (PLAIN, SCRAM-SHA-256/512) and the gzip, snappy, lz4 and zstd codecs are
 //!   librdkafka's, set through `properties`; the build links the system OpenSSL for them.
+//!
+//! `config.rs` turns the sink table into librdkafka's configuration; `context.rs` holds
+//! librdkafka's callbacks (logs, errors, statistics → `is_up`).
 
 mod config;
 mod context;
