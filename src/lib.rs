@@ -19,7 +19,9 @@
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
 //!   - [`delivery::spool`]: the crash-safe on-disk spool.
-//! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type.
+//! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
+//!   folders: config, connection/confirms or callbacks).
+//! - [`tls`]: the binary's one rustls crypto provider (ring).
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
@@ -44,3 +46,4 @@ pub mod shutdown;
 pub mod sinks;
 pub mod state;
 pub mod template;
+pub mod tls;

@@ -9,6 +9,7 @@ mod helpers;
 
 mod amqp;
 mod api;
+mod broker_tls;
 mod cli;
 mod deploy_metrics;
 mod hostile;

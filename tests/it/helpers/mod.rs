@@ -4,6 +4,7 @@
 pub mod app;
 pub mod brokers;
 pub mod spool;
+pub mod tls;
 pub mod tmpfs;
 
 pub use app::{spawn_app, TestApp};
