@@ -63,14 +63,40 @@ pub enum Command {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Re-inject dead letters (a dead-letter JSON Lines file) into the spool; run it while the daemon is stopped.
+    /// Re-inject dead letters (a dead-letter JSON Lines file) into the spool: through the
+    /// control socket while the daemon runs, or into the spool file while it is stopped.
     Replay {
-        /// The dead-letter file (JSON Lines, as the daemon writes it).
+        /// A dead-letter file (JSON Lines, as written to delivery.dead_letter_file).
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Deliver every line to this sink instead of the one recorded in the line.
         #[arg(long, value_name = "NAME")]
         sink: Option<String>,
+    },
+    #[command(flatten)]
+    Control(Control),
+}
+
+/// Operator commands that go through a running daemon's control socket.
+#[derive(Subcommand, Debug)]
+pub enum Control {
+    /// Show every sink: type, up, paused, pending, age of the oldest pending event, last error.
+    Sinks {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop delivering to SINK; its events wait in the spool (survives a restart).
+    Pause {
+        /// A sink named in routes.toml.
+        #[arg(value_name = "SINK")]
+        sink: String,
+    },
+    /// Deliver to SINK again, backlog first.
+    Resume {
+        /// A sink named in routes.toml.
+        #[arg(value_name = "SINK")]
+        sink: String,
     },
 }
 
@@ -111,6 +137,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Test { files } => test(&loaded, &files),
         Command::Completions { .. } => unreachable!("answered above"),
         Command::Replay { file, sink } => replay(&loaded, &file, sink.as_deref()),
+        Command::Control(c) => control(&loaded, c),
     }
 }
 
@@ -328,9 +355,117 @@ fn test(loaded: &Loaded, files: &[PathBuf]) -> ExitCode {
     }
 }
 
-/// `replay`: dead letters back into the spool (see `spool::replay`). Exit 1 when a line was skipped.
+/// The control socket of the configuration, when it is enabled.
+fn control_socket(loaded: &Loaded) -> Result<&Path, crate::control::ControlError> {
+    loaded.config.admin.control_socket().ok_or(crate::control::ControlError::Disabled)
+}
+
+/// `sinks`, `pause`, `resume`: through the running daemon's control socket.
+fn control(loaded: &Loaded, command: Control) -> ExitCode {
+    use crate::control::{call, Request, Response};
+    let path = match control_socket(loaded) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (request, json) = match &command {
+        Control::Sinks { json } => (Request::Sinks, *json),
+        Control::Pause { sink } => (Request::Pause { sink: sink.clone() }, false),
+        Control::Resume { sink } => (Request::Resume { sink: sink.clone() }, false),
+    };
+    match call(path, &request, None) {
+        Err(e) => {
+            eprintln!("{e} (is webio-router running with this configuration?)");
+            ExitCode::from(1)
+        }
+        Ok(Response::Error { error }) => {
+            eprintln!("{error}");
+            ExitCode::from(1)
+        }
+        Ok(Response::Ok { sinks, .. }) => {
+            match (&command, sinks) {
+                (Control::Sinks { .. }, Some(sinks)) if json => {
+                    let doc = serde_json::json!({ "sinks": sinks });
+                    println!("{}", serde_json::to_string_pretty(&doc).expect("JSON values serialise"));
+                }
+                (Control::Sinks { .. }, Some(sinks)) => print_sinks(&sinks),
+                (Control::Pause { sink }, _) => println!("paused {sink}: its events wait in the spool"),
+                (Control::Resume { sink }, _) => println!("resumed {sink}"),
+                _ => {}
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_sinks(sinks: &[crate::control::SinkStatus]) {
+    println!("{:<20} {:<6} {:<5} {:<7} {:>9} {:>10}  LAST ERROR", "SINK", "TYPE", "UP", "PAUSED", "PENDING", "OLDEST");
+    for s in sinks {
+        let oldest = s.oldest_pending_seconds.map_or("-".to_owned(), |a| {
+            humantime::format_duration(std::time::Duration::from_secs(a as u64)).to_string()
+        });
+        println!(
+            "{:<20} {:<6} {:<5} {:<7} {:>9} {:>10}  {}",
+            s.name,
+            s.sink_type.as_deref().unwrap_or("-"),
+            if s.up { "yes" } else { "no" },
+            if s.paused { "yes" } else { "no" },
+            s.pending,
+            oldest,
+            s.last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+/// `replay` while the daemon runs: the lines go through the control socket.
+fn replay_online(path: &Path, file: &Path, sink: Option<&str>) -> ExitCode {
+    use crate::control::{call, Request, Response};
+    let mut f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("replay: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match call(path, &Request::Replay { sink: sink.map(str::to_owned) }, Some(&mut f)) {
+        Err(e) => {
+            eprintln!("replay: {e}");
+            ExitCode::from(1)
+        }
+        Ok(Response::Error { error }) => {
+            eprintln!("replay: {error}");
+            ExitCode::from(1)
+        }
+        Ok(Response::Ok { replay, .. }) => {
+            let r = replay.unwrap_or_default();
+            let n: u64 = r.injected.values().sum();
+            let per: Vec<_> = r.injected.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            println!("replayed {n} dead letter(s) through the running daemon ({})", per.join(", "));
+            println!("skipped {} already pending", r.already_pending);
+            for (line, why) in &r.skipped {
+                eprintln!("{}:{line}: skipped: {why}", file.display());
+            }
+            if n > 0 {
+                println!("move {} aside so that the same letters are not replayed twice", file.display());
+            }
+            if r.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// `replay`: dead letters back into the spool, through the daemon when it runs, else into
+/// the spool file (see `spool::replay`). Exit 1 when a line was skipped.
 fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
     let c = &loaded.config;
+    if let Some(path) = c.admin.control_socket().filter(|p| crate::control::daemon_answers(p)) {
+        return replay_online(path, file, sink);
+    }
     if c.delivery.mode != crate::config::DeliveryMode::Spool {
         eprintln!("replay: delivery.mode is \"direct\": there is no spool to replay into");
         return ExitCode::from(2);
@@ -373,5 +508,25 @@ fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
             eprintln!("replay: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_argument_of_every_command_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for cmd in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if arg.get_help().is_none() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                    missing.push(format!("{} {}", cmd.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
     }
 }

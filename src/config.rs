@@ -296,11 +296,20 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The control socket (Unix, mode 0600); empty disables it.
+    pub control_socket: PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: ([127, 0, 0, 1], 9095).into() }
+        AdminConfig { listen: ([127, 0, 0, 1], 9095).into(), control_socket: PathBuf::from("var/control.sock") }
+    }
+}
+
+impl AdminConfig {
+    /// The control socket's path, unless disabled.
+    pub fn control_socket(&self) -> Option<&Path> {
+        Some(self.control_socket.as_path()).filter(|p| !p.as_os_str().is_empty())
     }
 }
 
@@ -612,6 +621,12 @@ impl Config {
         }
         let source = file.as_ref().map_or("configuration".to_owned(), |f| f.display().to_string());
         config.validate(&source, purpose).map(|(secrets, normalise)| Loaded { config, file, secrets, normalise })
+    }
+
+    /// The settings a SIGHUP does not apply (everything but `auth` and `routes_file`), as
+    /// text, to tell an operator that a changed file needs a restart.
+    pub fn restart_settings(&self) -> String {
+        format!("{:?} {:?} {:?} {:?} {:?}", self.server, self.admin, self.normalise, self.delivery, self.log)
     }
 
     /// The secrets of `auth.secrets` then `auth.secret_files`, in order (index 0 signs

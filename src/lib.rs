@@ -5,6 +5,11 @@
 //!
 //! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `replay`).
 //! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once.
+//! - [`app`]: the daemon as a value: [`app::App::build`] binds and opens everything,
+//!   [`app::App::run`] serves until its [`shutdown::Shutdown`] fires; `serve` adds signals.
+//! - [`state`]: what the handlers share (route table, verifier, delivery, readiness).
+//! - [`control`]: the control socket, the one way to change a running daemon (pause,
+//!   resume, replay) and the status `sinks` and `GET /sinks` show.
 //! - [`server`]: the hyper webhook listener, the admin listener, and the one function that
 //!   maps a request error to an HTTP answer.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
@@ -14,7 +19,9 @@
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
 //!   - [`delivery::spool`]: the crash-safe on-disk spool.
-//! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type.
+//! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
+//!   folders: config, connection/confirms or callbacks).
+//! - [`tls`]: the binary's one rustls crypto provider (ring).
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
@@ -24,6 +31,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dedup;
 pub mod delivery;
 pub mod event;
@@ -36,4 +44,6 @@ pub mod routes;
 pub mod server;
 pub mod shutdown;
 pub mod sinks;
+pub mod state;
 pub mod template;
+pub mod tls;

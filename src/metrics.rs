@@ -26,6 +26,7 @@ pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
 pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
+pub const SINK_PAUSED: &str = "webio_router_sink_paused";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -46,6 +47,7 @@ pub const NAMES: &[&str] = &[
     SINK_UP,
     BUILD_INFO,
     CONFIG_RELOADS,
+    SINK_PAUSED,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -153,7 +155,8 @@ fn describe() {
     describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
-    describe_counter!(CONFIG_RELOADS, "routes.toml reloads, by outcome.");
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads (secrets and routes.toml, on SIGHUP), by outcome.");
+    describe_gauge!(SINK_PAUSED, "1 while the sink is paused (webio-router pause), else 0.");
 }
 
 /// Creates the series of a sink at zero, so that `increase()` sees its first failure and
@@ -163,6 +166,7 @@ pub fn register_sink(sink: &str) {
         counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).absolute(0);
     }
     let _ = histogram!(DELIVERY_DURATION, "sink" => sink.to_owned());
+    gauge!(SINK_PAUSED, "sink" => sink.to_owned()).increment(0.0);
 }
 
 // Per-request metrics keep their handles: building a labelled key and looking it up in the
@@ -306,6 +310,10 @@ pub fn spool_flush(appends: u64) {
 
 pub fn sink_up(sink: &str, up: bool) {
     gauge!(SINK_UP, "sink" => sink.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn sink_paused(sink: &str, paused: bool) {
+    gauge!(SINK_PAUSED, "sink" => sink.to_owned()).set(if paused { 1.0 } else { 0.0 });
 }
 
 pub fn config_reload(ok: bool) {

@@ -16,6 +16,11 @@ pub fn ready() {
     send(&[NotifyState::Ready]);
 }
 
+/// READY=1 with a STATUS= line (shown by `systemctl status`), in one datagram.
+pub fn ready_with_status(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
 pub fn reloading() {
     send(&[NotifyState::Reloading]);
 }

@@ -24,6 +24,27 @@ pub enum Accepted {
     Duplicate,
 }
 
+/// One sink's delivery state, for `webio-router sinks` and `GET /sinks`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SinkState {
+    pub paused: bool,
+    pub pending: u64,
+    /// When the oldest pending event was accepted.
+    pub oldest_pending: Option<std::time::SystemTime>,
+    pub last_error: Option<String>,
+}
+
+/// Why an operator's request (pause, resume, replay) was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlRefused {
+    #[error("no sink named {0:?} in routes.toml")]
+    UnknownSink(String),
+    #[error("delivery.mode = \"direct\" keeps no spool: pausing and replaying need delivery.mode = \"spool\"")]
+    NoSpool,
+    #[error("{0}")]
+    Spool(#[from] spool::SpoolError),
+}
+
 /// Why an event was not taken; the sender should retry after `retry_after`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
@@ -42,6 +63,28 @@ pub trait Delivery: Send + Sync + 'static {
     /// Ready to take events (spool open, …).
     fn is_ready(&self) -> bool {
         true
+    }
+
+    /// Delivery state by sink name (sinks with nothing to report may be absent).
+    fn sink_states(&self) -> HashMap<String, SinkState> {
+        HashMap::new()
+    }
+
+    /// Pauses or resumes `sink` (known to routes.toml or to the spool); the state outlives a
+    /// restart.
+    fn set_paused(&self, _sink: &str, _paused: bool) -> BoxFuture<'_, Result<(), ControlRefused>> {
+        Box::pin(async { Err(ControlRefused::NoSpool) })
+    }
+
+    /// Re-injects dead-letter `lines` (JSON Lines) as new pending work, for `only` or each
+    /// line's own sink, which must be among `known`.
+    fn replay(
+        &self,
+        _lines: Vec<String>,
+        _only: Option<String>,
+        _known: std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<crate::control::ReplayOutcome, ControlRefused>> {
+        Box::pin(async { Err(ControlRefused::NoSpool) })
     }
 
     /// Stop: flush what can be flushed before `deadline` (the shutdown's one deadline).

@@ -1,8 +1,8 @@
-//! Admin listener: `GET /metrics`, `/healthz`, `/readyz`. It is up before the webhook
+//! Admin listener, read-only: `GET /metrics`, `/healthz`, `/readyz`, `/sinks`. It is up before the webhook
 //! listener, answering `/readyz` with 503 until the daemon is ready.
 
 use super::{json, Body};
-use crate::app::State;
+use crate::state::State;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -46,6 +46,11 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
                 .expect("static response parts are valid")
         }
         "/healthz" => json(StatusCode::OK, json!({"status": "ok"})),
+        // Read-only: changing a sink's state goes through the control socket only.
+        "/sinks" => match state {
+            Some(s) => json(StatusCode::OK, json!({ "sinks": s.sinks_status() })),
+            None => json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting"})),
+        },
         "/readyz" => {
             let mut warnings = Vec::new();
             if admin.auth_disabled {

@@ -2,10 +2,10 @@
 
 use super::error::RequestError;
 use super::Body;
-use crate::app::State;
 use crate::delivery::Accepted;
 use crate::event::{normalise, Envelope};
 use crate::metrics;
+use crate::state::State;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -52,7 +52,7 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
         return Err(RequestError::MethodNotAllowed);
     }
     let verified = state
-        .verifier
+        .verifier()
         .verify(req.headers().get(&state.auth_header).map(|v| v.as_bytes()))
         .map_err(RequestError::Auth)?;
     metrics::auth_secret_used(verified.secret_index);

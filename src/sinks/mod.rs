@@ -5,6 +5,7 @@
 //! [`SinkError::permanent`].
 
 pub mod amqp;
+pub(crate) mod duration;
 pub mod file;
 pub mod http;
 pub mod kafka;

@@ -134,7 +134,8 @@ async fn a_mandatory_publish_with_no_bound_queue_is_a_permanent_failure() {
         .await
         .expect_err("an unroutable mandatory message is not delivered");
     assert!(err.is_permanent(), "returned message must be permanent: {err:?}");
-    assert!(err.message.contains("unroutable") && err.message.contains("NO_ROUTE"), "{}", err.message);
+    let reason = err.to_string();
+    assert!(reason.contains("unroutable") && reason.contains("NO_ROUTE"), "{reason}");
 
     // Without `mandatory`, RabbitMQ drops it and confirms: that is the documented trade-off.
     let lax = amqp_sink("bus-lax", &rabbit_url(), &rabbit.exchange, "mandatory = false");
@@ -188,34 +189,54 @@ async fn a_connection_cut_mid_run_loses_no_event() {
     let deadline = Instant::now() + Duration::from_secs(25);
     let failures = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicU32::new(0));
+    // Worker 0 stops after 5 events until the connection is cut, so the run cannot be over
+    // before the cut, however fast the broker; the other workers deliver through the cut.
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
 
     // Eight workers deliver the events in turn, each retrying until its event is confirmed.
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let (sink, envs, failures, done) = (sink.clone(), envs.clone(), failures.clone(), done.clone());
+            let mut cut = cut_rx.clone();
             tokio::spawn(async move {
-                for env in envs.iter().skip(w).step_by(8) {
-                    let f = deliver_until_ok(sink.as_ref(), env, deadline).await.expect("delivered in the end");
-                    failures.fetch_add(f, Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::Relaxed);
+                for (i, env) in envs.iter().skip(w).step_by(8).enumerate() {
+                    if w == 0 && i == 5 {
+                        cut.wait_for(|cut| *cut).await.unwrap();
+                    }
+                    loop {
+                        match sink.deliver(env).await {
+                            Ok(()) => break,
+                            Err(e) if e.is_permanent() => panic!("event {}: {e}", env.event.id),
+                            Err(e) => {
+                                failures.fetch_add(1, Ordering::SeqCst);
+                                assert!(Instant::now() < deadline, "event {} not delivered in time: {e}", env.event.id);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             })
         })
         .collect();
 
-    eventually("a third of the events are confirmed", Duration::from_secs(10), || done.load(Ordering::Relaxed) >= 100)
+    eventually("a third of the events are confirmed", Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 100)
         .await;
     proxy.cut().await;
+    assert!(done.load(Ordering::SeqCst) < 300, "the cut happened mid-run");
     eventually("the sink reports itself down", Duration::from_secs(5), || !sink.is_up()).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(done.load(Ordering::Relaxed) < 300, "the cut happened mid-run");
+    let before = failures.load(Ordering::SeqCst);
+    cut_tx.send_replace(true);
+    eventually("deliveries fail while the broker is cut off", Duration::from_secs(5), || {
+        failures.load(Ordering::SeqCst) > before
+    })
+    .await;
     proxy.restore().await;
     for w in workers {
         w.await.unwrap();
     }
     assert!(sink.is_up());
-    assert!(failures.load(Ordering::Relaxed) > 0, "some deliveries failed during the cut and were retried");
 
     let messages = rabbit.drain().await;
     let ids: HashSet<String> = messages
@@ -255,44 +276,70 @@ async fn a_sink_built_while_the_broker_is_away_starts_down_and_connects_later() 
     rabbit.cleanup().await;
 }
 
+/// Why a sink table is refused when it is read (typed options: URL, exchange type, durations).
+fn refused(toml_text: &str) -> String {
+    match toml::from_str::<webio_router::sinks::SinkConfig>(toml_text) {
+        Ok(cfg) => panic!("accepted: {cfg:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
-fn check_reports_a_bad_amqp_url_a_bad_exchange_type_and_a_bad_routing_key() {
+fn check_reports_a_bad_amqp_url_a_bad_exchange_type_a_bad_duration_and_a_bad_routing_key() {
+    // Options with a type are refused as the table is read, each with what was wrong.
+    let base = "type = \"amqp\"\nexchange = \"webio\"\n";
+    let url = refused(&format!("{base}url = \"http://127.0.0.1:5672/\""));
+    assert!(url.contains("url: must start with amqp:// or amqps://"), "{url}");
+    let url = format!("{base}url = \"amqp://127.0.0.1/\"\n");
+    let kind = refused(&format!("{url}exchange_type = \"topical\""));
+    assert!(kind.contains("topical") && kind.contains("direct") && kind.contains("headers"), "{kind}");
+    for key in ["confirm_timeout", "connect_wait", "reconnect_max"] {
+        let e = refused(&format!("{url}{key} = \"soon\""));
+        assert!(e.contains("invalid duration \"soon\""), "{key}: {e}");
+    }
+    for bad in ["amqp://", "amqp://host:port/", "amqp://h/?heartbeat=often", "rabbit.example:5672"] {
+        let e = refused(&format!("type = \"amqp\"\nurl = \"{bad}\"\nexchange = \"x\""));
+        assert!(e.contains("url: "), "{bad}: {e}");
+    }
+
+    // The others are checked together, each under its own key.
     let cfg = sink_config(
         r#"
         type = "amqp"
-        url = "http://127.0.0.1:5672/"
-        exchange = "webio"
-        exchange_type = "topical"
+        url = "amqp://127.0.0.1:5672/"
+        exchange = "amq.topic"
         routing_key = "webio.{nope}"
-        confirm_timeout = "soon"
         "#,
     );
     let errs = cfg.validate();
     let keys: Vec<&str> = errs.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["url", "exchange_type", "routing_key", "confirm_timeout"], "{errs:?}");
-    assert!(errs[1].1.contains("direct, fanout, topic, headers"), "{errs:?}");
+    assert_eq!(keys, ["exchange", "routing_key"], "{errs:?}");
+    assert!(errs[0].1.contains("declare = false"), "{errs:?}");
 
-    for bad in ["amqp://", "amqp://host:port/", "amqp://h/?heartbeat=often", "rabbit.example:5672"] {
-        let cfg = sink_config(&format!("type = \"amqp\"\nurl = \"{bad}\"\nexchange = \"x\""));
-        assert!(cfg.validate().iter().any(|(k, _)| k == "url"), "{bad} must be refused");
-    }
     let ok =
         sink_config("type = \"amqp\"\nurl = \"amqps://u:p@rabbit.example:5671/vh?heartbeat=10\"\nexchange = \"x\"");
     assert_eq!(ok.validate(), vec![]);
 
-    // The same through `routes.toml`, as `webio-router check` reports it.
+    // The same through `routes.toml`, as `webio-router check` reports them.
     let text = r#"
 [sinks.bus]
 type = "amqp"
 url = "amqp//nowhere"
 exchange = "webio"
 
+[sinks.slow]
+type = "amqp"
+url = "amqp://127.0.0.1/"
+exchange = "webio"
+confirm_timeout = "10 parsecs"
+
 [[routes]]
-to = ["bus"]
+to = ["bus", "slow"]
 "#;
     let err = webio_router::routes::Routes::parse("routes.toml", text, |_| None).expect_err("refused");
     let shown = err.to_string();
-    assert!(shown.contains("sinks.bus.url"), "{shown}");
+    assert!(shown.contains("sinks.bus: url: must start with amqp://"), "{shown}");
+    assert!(shown.contains("sinks.slow: invalid duration \"10 parsecs\""), "{shown}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The HTTP contract of SPEC §4, the normalised output of every fixture, authentication,
-//! routing semantics, direct delivery and signals — against the real binary.
+//! routing semantics, direct delivery and signals. In-process ([`spawn_app`]) where HTTP is
+//! the point; the real binary where metrics, signals or log lines are.
 
 use crate::helpers::*;
 use serde_json::{json, Value};
@@ -27,7 +28,7 @@ fn strip_volatile(mut v: Value) -> Value {
 
 #[test]
 fn a_valid_token_and_object_body_are_accepted_with_202_and_the_event_id() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     let resp = r.post(INBOUND);
     assert_eq!(resp.status, 202, "{}", resp.body);
     let body = resp.json();
@@ -45,7 +46,7 @@ fn a_valid_token_and_object_body_are_accepted_with_202_and_the_event_id() {
 
 #[test]
 fn every_webio_fixture_is_normalised_to_its_expected_event() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     let dir = fixtures().join("webio");
     let mut inputs: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -68,7 +69,7 @@ fn every_webio_fixture_is_normalised_to_its_expected_event() {
 
 #[test]
 fn bad_bodies_are_refused_with_400_and_kept_in_rejected_jsonl_with_the_reason() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     let dir = fixtures().join("bad");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -89,7 +90,7 @@ fn bad_bodies_are_refused_with_400_and_kept_in_rejected_jsonl_with_the_reason() 
 
 #[test]
 fn the_content_type_is_not_trusted_and_json_is_parsed_whatever_it_says() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     let t = token();
     for (i, ct) in ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream"].iter().enumerate() {
         let body = format!(r#"{{"type":"inboundMessage","conversationId":"{i}"}}"#);
@@ -165,7 +166,7 @@ fn every_auth_refusal_class_is_a_401_naming_the_reason_never_the_token() {
 
 #[test]
 fn a_token_with_no_expiry_is_accepted_and_one_within_the_leeway_too() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     let hs256 = json!({"alg": "HS256"});
     for (i, claims) in
         [json!({"organisationId": 42}), json!({"organisationId": "42", "exp": now() - 10})].into_iter().enumerate()
@@ -195,7 +196,7 @@ fn during_a_rotation_both_secrets_are_accepted_and_counted_by_index() {
 
 #[test]
 fn a_body_over_max_body_bytes_gets_413() {
-    let r = router("[server]\nmax_body_bytes = 1024\n", ARCHIVE).spawn();
+    let r = spawn_app("[server]\nmax_body_bytes = 1024\n", ARCHIVE);
     let big = format!(r#"{{"type":"inboundMessage","body":"{}"}}"#, "x".repeat(4096));
     assert_eq!(r.post(big.as_bytes()).status, 413);
     // Without a content-length (chunked), the limit still holds.
@@ -215,7 +216,7 @@ fn a_body_over_max_body_bytes_gets_413() {
 
 #[test]
 fn other_methods_get_405_with_allow_post_and_other_paths_404() {
-    let r = spawn_router(ARCHIVE);
+    let r = spawn_app("", ARCHIVE);
     for m in ["GET", "PUT", "DELETE", "PATCH"] {
         let resp = request(r.addr, m, PATH, &[], b"");
         assert_eq!(resp.status, 405, "{m}");
@@ -294,13 +295,13 @@ name = "all"
 to = ["b", "typed"]
 "#;
 
-fn ids(r: &Router, file: &str) -> Vec<String> {
+fn ids(r: &TestApp, file: &str) -> Vec<String> {
     r.jsonl(file).iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect()
 }
 
 #[test]
 fn routes_apply_in_order_with_stop_fan_out_wildcards_and_one_delivery_per_sink() {
-    let r = spawn_router(ROUTING);
+    let r = spawn_app("", ROUTING);
     let failed = r.post(br#"{"type":"messageStatusUpdate","communicationActionId":"1","statusCode":"3"}"#);
     let delivered = r.post(br#"{"type":"messageStatusUpdate","communicationActionId":"2","statusCode":"2"}"#);
     let closed = r.post(br#"{"type":"conversationClosed","conversationId":"9","closedBy":"agent-17"}"#);
@@ -467,7 +468,7 @@ fn sighup_reloads_routes_and_a_bad_file_keeps_the_old_routes() {
 
     std::fs::write(r.path("routes.toml"), "[[routes]]\nto = [\"missing-sink\"]\n").unwrap();
     r.signal("HUP");
-    r.wait_log("routes reload refused", Duration::from_secs(10));
+    r.wait_log("reload refused", Duration::from_secs(10));
     let resp = r.post(br#"{"type":"inboundMessage","conversationId":"2"}"#);
     assert_eq!(resp.json()["routes"], 1, "old routes stay after a bad reload");
     assert_eq!(r.jsonl("var/events.jsonl").len(), 2);
@@ -480,7 +481,7 @@ fn sighup_reloads_routes_and_a_bad_file_keeps_the_old_routes() {
     )
     .unwrap();
     r.signal("HUP");
-    r.wait_log("routes reloaded", Duration::from_secs(10));
+    r.wait_log("configuration reloaded", Duration::from_secs(10));
     let resp = r.post(br#"{"type":"inboundMessage","conversationId":"3"}"#);
     assert_eq!(resp.json()["routes"], 2);
     assert_eq!(r.jsonl("other.jsonl").len(), 1);
@@ -508,17 +509,21 @@ fn sigterm_finishes_in_flight_requests_and_exits_0() {
 #[test]
 fn readyz_turns_503_while_shutting_down() {
     let cap = Capture::start(200);
-    cap.delay_ms.store(3000, std::sync::atomic::Ordering::SeqCst);
+    // The sink holds its answer until the test releases it: the daemon is still stopping
+    // (an in-flight request) for as long as the test looks at /readyz.
+    cap.delay_ms.store(60_000, std::sync::atomic::Ordering::SeqCst);
     let routes =
         format!("[sinks.slow]\ntype = \"http\"\nurl = \"{}\"\n[[routes]]\nto = [\"slow\"]\n", cap.url("/slow"));
-    let mut r = spawn_router(&routes);
+    let mut r = router("", &routes).env("WEBIO_ROUTER_DELIVERY__SHUTDOWN_TIMEOUT", "60s").spawn();
+    assert_eq!(get(r.admin, "/readyz").status, 200);
     let addr = r.addr;
     let in_flight = std::thread::spawn(move || post(addr, INBOUND));
     cap.wait_for(1, Duration::from_secs(5));
     r.signal("TERM");
-    r.wait_log("shutting down", Duration::from_secs(5));
-    assert_eq!(get(r.admin, "/readyz").status, 503);
-    in_flight.join().unwrap();
+    wait_until("/readyz answers 503", Duration::from_secs(10), || get(r.admin, "/readyz").status == 503);
+    assert!(!in_flight.is_finished(), "the request was still in flight while /readyz said 503");
+    cap.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(in_flight.join().unwrap().status, 202);
     assert_eq!(r.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
 

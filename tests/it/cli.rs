@@ -389,7 +389,7 @@ fn every_file_argument_has_help_text() {
     for (cmd, help) in [
         ("explain", "A Webio webhook body"),
         ("test", "Test files"),
-        ("replay", "The dead-letter file"),
+        ("replay", "A dead-letter file"),
         ("completions", "The shell"),
     ] {
         let out = run(dir.path(), &[cmd, "--help"], &[]);

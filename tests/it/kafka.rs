@@ -158,7 +158,7 @@ async fn a_message_too_large_is_a_permanent_failure() {
     cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
     let err = sink.deliver(&numbered("inboundMessage", 2)).await.expect_err("refused by the broker");
     assert!(err.is_permanent(), "{err:?}");
-    assert!(err.message.contains("too large"), "{}", err.message);
+    assert!(err.to_string().contains("too large"), "{err}");
     // The producer stays usable afterwards.
     deliver_until_ok(sink.as_ref(), &numbered("inboundMessage", 3), deadline).await.unwrap();
 
@@ -184,17 +184,16 @@ async fn a_full_producer_queue_applies_back_pressure_instead_of_dropping() {
         async move { futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await }
     });
     // With a short queue_timeout the third one gives up, retryable, once the wait is over.
-    let queued: Vec<_> = envs[..2]
-        .iter()
-        .map(|e| {
-            let (sink, e) = (impatient.clone(), e.clone());
-            tokio::spawn(async move { sink.deliver(&e).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A delivery hands its record to librdkafka when first polled, so polling the first two
+    // once fills the queue before the third starts.
+    let mut queued: Vec<_> = envs[..2].iter().map(|e| impatient.deliver(e)).collect();
+    for q in &mut queued {
+        let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(q.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "a record waits for its delivery report: {polled:?}");
+    }
     let started = Instant::now();
     let queue_full = impatient.deliver(&envs[2]).await.expect_err("the queue is full");
-    assert!(!queue_full.is_permanent() && queue_full.message.contains("queue"), "{queue_full:?}");
+    assert!(!queue_full.is_permanent() && queue_full.to_string().contains("queue"), "{queue_full:?}");
     assert!(started.elapsed() >= Duration::from_millis(300), "it waited for room first");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!waiting.is_finished(), "deliveries wait while the broker is away");
@@ -204,7 +203,7 @@ async fn a_full_producer_queue_applies_back_pressure_instead_of_dropping() {
     let results = tokio::time::timeout(Duration::from_secs(20), waiting).await.expect("delivered").unwrap();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     for q in queued {
-        q.await.unwrap().expect("the queued ones are delivered too");
+        q.await.expect("the queued ones are delivered too");
     }
     eventually("the sink reports itself up", Duration::from_secs(5), || sink.is_up()).await;
     let got = consume(&cluster, "webio.inboundMessage", 5).await;
@@ -278,7 +277,7 @@ async fn a_fatal_producer_error_is_retryable_and_a_new_producer_takes_over() {
     // The producer cannot get its idempotence PID: librdkafka raises a fatal error, after
     // which that producer refuses every message.
     let err = sink.deliver(&env).await.expect_err("fatal producer error");
-    assert!(!err.is_permanent() && err.message.contains("fatal"), "{err:?}");
+    assert!(!err.is_permanent() && err.to_string().contains("fatal"), "{err:?}");
     let failures = deliver_until_ok(sink.as_ref(), &env, Instant::now() + Duration::from_secs(15)).await.unwrap();
     assert!(failures <= 1, "the replacement producer delivers at once ({failures} more failures)");
     assert_eq!(consume(&cluster, "webio.inboundMessage", 1).await.len(), 1);

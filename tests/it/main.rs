@@ -9,9 +9,11 @@ mod helpers;
 
 mod amqp;
 mod api;
+mod broker_tls;
 mod cli;
 mod deploy_metrics;
 mod hostile;
 mod kafka;
+mod reload;
 mod spool_faults;
 mod systemd_notify;

@@ -1,12 +1,15 @@
 //! Helpers shared by the broker-sink integration tests: events, a retrying delivery loop and
-//! a TCP proxy that a test can cut and restore.
+//! a TCP proxy (plain or TLS-terminating) that a test can cut and restore.
 
 use bytes::Bytes;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::AbortHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use webio_router::event::{normalise, Envelope, NormaliseOptions};
 use webio_router::sinks::{Sink, SinkConfig, SinkError};
 
@@ -65,45 +68,89 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
     }
 }
 
-/// A TCP proxy on 127.0.0.1 in front of `upstream`. `cut` closes every proxied connection and
-/// stops listening (new connections are refused); `restore` listens again on the same port.
+/// A TCP proxy on 127.0.0.1 in front of `upstream`, optionally terminating TLS. `cut` closes
+/// every proxied connection and stops listening (new connections are refused), and returns
+/// only once every socket of the proxy is closed; `restore` listens again on the same port.
 pub struct Proxy {
     pub addr: SocketAddr,
     upstream: SocketAddr,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    tls: Option<TlsAcceptor>,
+    running: Mutex<Option<(CancellationToken, TaskTracker)>>,
+    stats: Arc<TlsStats>,
+}
+
+/// What a TLS-terminating proxy saw.
+#[derive(Default)]
+pub struct TlsStats {
+    /// Handshakes completed.
+    pub sessions: AtomicUsize,
+    /// Handshakes that failed (e.g. the client did not trust the certificate).
+    pub failed: AtomicUsize,
 }
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        Self::start_with(upstream, None).await
+    }
+
+    /// A proxy that terminates TLS with `server` and forwards the plaintext to `upstream`.
+    pub async fn start_tls(upstream: SocketAddr, server: Arc<rustls::ServerConfig>) -> Proxy {
+        Self::start_with(upstream, Some(TlsAcceptor::from(server))).await
+    }
+
+    async fn start_with(upstream: SocketAddr, tls: Option<TlsAcceptor>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Proxy { addr: listener.local_addr().unwrap(), upstream, tasks: Arc::default() };
+        let proxy = Proxy {
+            addr: listener.local_addr().unwrap(),
+            upstream,
+            tls,
+            running: Mutex::new(None),
+            stats: Arc::default(),
+        };
         proxy.serve(listener);
         proxy
     }
 
-    fn serve(&self, listener: TcpListener) {
-        let (upstream, tasks) = (self.upstream, self.tasks.clone());
-        let tasks2 = tasks.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                tasks2.lock().unwrap().push(conn.abort_handle());
-            }
-        });
-        tasks.lock().unwrap().push(accept.abort_handle());
+    pub fn stats(&self) -> &TlsStats {
+        &self.stats
     }
 
-    /// Drops the listener and every proxied connection.
+    fn serve(&self, listener: TcpListener) {
+        let (upstream, tls, stats) = (self.upstream, self.tls.clone(), self.stats.clone());
+        let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (stop2, tracker2) = (stop.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                // `biased`: once cut, no new connection is served, even one already accepted.
+                let (client, _) = tokio::select! {
+                    biased;
+                    _ = stop2.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(c) => c,
+                        Err(_) => return,
+                    },
+                };
+                let (stop, tls, stats) = (stop2.clone(), tls.clone(), stats.clone());
+                tracker2.spawn(async move {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {}
+                        _ = forward(client, upstream, tls, &stats) => {}
+                    }
+                });
+            }
+        });
+        *self.running.lock().unwrap() = Some((stop, tracker));
+    }
+
+    /// Drops the listener and every proxied connection, and waits until they are closed.
     pub async fn cut(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
+        let running = self.running.lock().unwrap().take();
+        if let Some((stop, tracker)) = running {
+            stop.cancel();
+            tracker.close();
+            tracker.wait().await;
         }
-        // Let the aborted tasks drop their sockets.
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     /// Listens on the same port again.
@@ -112,5 +159,24 @@ impl Proxy {
         socket.set_reuseaddr(true).unwrap();
         socket.bind(self.addr).unwrap();
         self.serve(socket.listen(128).unwrap());
+    }
+}
+
+async fn forward(client: TcpStream, upstream: SocketAddr, tls: Option<TlsAcceptor>, stats: &TlsStats) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+    match tls {
+        None => {
+            let mut client = client;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
+        Some(acceptor) => match acceptor.accept(client).await {
+            Ok(mut client) => {
+                stats.sessions.fetch_add(1, Ordering::SeqCst);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+            Err(_) => {
+                stats.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        },
     }
 }

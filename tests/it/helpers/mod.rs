@@ -1,9 +1,13 @@
 //! Helpers for black-box tests: the real binary on port 0, signed tokens, a tiny HTTP
 //! client, and a capture HTTP server whose answers a test controls.
 
+pub mod app;
 pub mod brokers;
 pub mod spool;
+pub mod tls;
 pub mod tmpfs;
+
+pub use app::{spawn_app, TestApp};
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -25,6 +29,15 @@ pub fn bin() -> &'static str {
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Polls `f` until it holds; panics naming `what` after `limit`. The one way tests wait.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// An HS256 token like Webio's, for organisation `org`, without `exp`.
@@ -91,13 +104,24 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
     request(addr, "GET", path, &[], b"")
 }
 
-/// A running `webio-router serve` in its own temp directory.
+/// A running `webio-router serve` in its own temp directory (its process: [`Started`]).
 pub struct Router {
-    pub child: Child,
+    pub process: Started,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub dir: tempfile::TempDir,
-    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::ops::Deref for Router {
+    type Target = Started;
+    fn deref(&self) -> &Started {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Router {
+    fn deref_mut(&mut self) -> &mut Started {
+        &mut self.process
+    }
 }
 
 pub struct RouterBuilder {
@@ -155,6 +179,18 @@ impl RouterBuilder {
     }
 
     pub fn spawn(self) -> Router {
+        let started = self.start();
+        let line = match started.ready.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => panic!("router did not become ready; log:\n{}", started.log.lock().unwrap().join("\n")),
+        };
+        let addr = field_addr(&line, "webhook=");
+        let admin = field_addr(&line, "admin=");
+        Router { process: started, addr, admin }
+    }
+
+    /// Starts the process without waiting for it to be ready (its log is collected as it comes).
+    pub fn start(self) -> Started {
         let (dir, cfg, env) = self.write();
         let mut cmd = Command::new(bin());
         cmd.arg("--config")
@@ -173,7 +209,7 @@ impl RouterBuilder {
         let mut child = cmd.spawn().expect("spawn webio-router");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
+        let (tx, ready) = mpsc::channel();
         let l = log.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -183,16 +219,55 @@ impl RouterBuilder {
                 l.lock().unwrap().push(line);
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("router did not become ready; log:\n{}", log.lock().unwrap().join("\n"));
+        Started { child, dir, log, ready }
+    }
+}
+
+/// A router process that may not be ready yet (see [`RouterBuilder::start`]); killed on drop.
+pub struct Started {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Mutex<Vec<String>>>,
+    /// Receives the "webio-router ready" log line.
+    pub ready: mpsc::Receiver<String>,
+}
+
+impl Started {
+    /// Waits until the log has a line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            assert!(Instant::now() < deadline, "no log line with {needle:?}; log:\n{}", self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
             }
-        };
-        let addr = field_addr(&line, "webhook=");
-        let admin = field_addr(&line, "admin=");
-        Router { child, addr, admin, dir, log }
+            assert!(Instant::now() < deadline, "router did not exit; log:\n{}", self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -230,35 +305,6 @@ impl Router {
             .unwrap_or(0.0)
     }
 
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(ok.success());
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "router did not exit; log:\n{}", self.log_text());
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// Waits until the log has a line containing `needle`.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < deadline, "no log line with {needle:?}; log:\n{}", self.log_text());
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Lines of a JSON Lines file under the temp dir (empty if it does not exist).
     pub fn jsonl(&self, rel: &str) -> Vec<serde_json::Value> {
         read_jsonl(&self.path(rel))
@@ -269,13 +315,6 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .map(|t| t.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect())
         .unwrap_or_default()
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the capture server received.
@@ -374,7 +413,12 @@ fn serve_capture(conn: TcpStream, requests: Arc<Mutex<Vec<Captured>>>, status: A
             return;
         }
         requests.lock().unwrap().push(Captured { method, path, headers, body });
-        thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
+        // The delay is re-read while waiting, so that a test can hold an answer and release it
+        // (set it to 0) at the moment it chooses.
+        let held = Instant::now();
+        while held.elapsed() < Duration::from_millis(delay.load(Ordering::SeqCst)) {
+            thread::sleep(Duration::from_millis(5));
+        }
         let st = status.load(Ordering::SeqCst);
         let answer = format!("HTTP/1.1 {st} X\r\ncontent-length: 2\r\nretry-after: 1\r\n\r\n{{}}");
         if conn.write_all(answer.as_bytes()).is_err() {
