@@ -3,7 +3,8 @@
 //!
 //! Map of the crate, in the order a request travels through it:
 //!
-//! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `replay`).
+//! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `test`, `completions`,
+//!   `sinks`, `pause`, `resume`, `replay`).
 //! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once.
 //! - [`app`]: the daemon as a value: [`app::App::build`] binds and opens everything,
 //!   [`app::App::run`] serves until its [`shutdown::Shutdown`] fires; `serve` adds signals.
@@ -14,7 +15,8 @@
 //!   maps a request error to an HTTP answer.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
 //! - [`event`]: normalisation of old and new Webio payloads into [`event::Event`].
-//! - [`routes`]: `routes.toml` parsing, validation with `file:line:col` diagnostics, matching.
+//! - [`routes`]: `routes.toml` parsing, validation with `file:line:col` diagnostics, matching;
+//!   [`routes::cases`]: routing test cases (`webio-router test`).
 //! - [`template`]: `{field}` templates and `${NAME}` environment expansion.
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.

@@ -1,5 +1,6 @@
-//! SPEC §3: precedence, unknown keys, durations and every validation rule. Each test runs in a
-//! `figment::Jail`: its own working directory and environment.
+//! Configuration (README "Configuration"): precedence, unknown keys, durations, every
+//! validation rule and what the diagnostics say. Each test runs in a `figment::Jail`: its own
+//! working directory and environment.
 
 use super::*;
 use figment::Jail;

@@ -1,5 +1,6 @@
-//! SPEC §6: parsing with `file:line:col` diagnostics, `${NAME}` expansion, template validation
-//! and the matching semantics (order, stop, fan-out, once per sink, any-of, wildcards, extra).
+//! routes.toml (README "Routes"): parsing with `file:line:col` diagnostics at the offending
+//! option, `${NAME}` expansion, template validation and the matching semantics (order, stop,
+//! fan-out, once per sink, any-of, wildcards, extra).
 
 use super::*;
 use crate::event::{normalise, NormaliseOptions};
@@ -7,7 +8,7 @@ use crate::format::Format;
 use crate::sinks::{file::FileConfig, http::HttpConfig};
 use serde_json::{json, Value};
 
-const SPEC_EXAMPLE: &str = r#"
+const README_EXAMPLE: &str = r#"
 [sinks.archive]
 type = "file"
 path = "var/events.jsonl"          # JSON Lines, one event a line
@@ -113,7 +114,7 @@ path = "d.jsonl"
 
 #[test]
 fn the_spec_example_parses_with_every_sink_type() {
-    let r = ok(SPEC_EXAMPLE);
+    let r = ok(README_EXAMPLE);
     assert_eq!(r.sinks.keys().collect::<Vec<_>>(), ["archive", "bus", "crm", "stream"]);
     assert_eq!(
         r.sinks["archive"],
@@ -164,7 +165,7 @@ fn the_spec_example_parses_with_every_sink_type() {
 
 #[test]
 fn the_spec_example_routes_as_documented() {
-    let r = ok(SPEC_EXAMPLE);
+    let r = ok(README_EXAMPLE);
     let cases: &[(&str, Value, &[&str], &[&str])] = &[
         (
             "inbound goes to crm, stream and the archive",

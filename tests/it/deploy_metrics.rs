@@ -1,6 +1,6 @@
 //! The deployment artefacts in `deploy/` stay in step with the daemon: the Prometheus rules
 //! and the Grafana dashboard only use metrics the daemon exports, the systemd unit keeps the
-//! properties SPEC section 9 promises, and the example configurations use only known keys.
+//! properties README "Deployment" promises, and the example configurations use only known keys.
 //!
 //! The syntax of each artefact is checked by its own tool in `deploy/check.sh`
 //! (promtool, yamllint, kubernetes-validate, systemd-analyze); this file checks what those
@@ -149,7 +149,7 @@ fn histogram_series_are_only_read_from_histograms() {
     assert_eq!(found, ["webio_router_sink_up", "webio_router_sink_up2"]);
 }
 
-/// The labels of each metric (SPEC section 8, src/metrics.rs). Selectors may also filter on
+/// The labels of each metric (README "Metrics", src/metrics.rs). Selectors may also filter on
 /// the target labels Prometheus adds.
 const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_requests_total", &["status"]),
@@ -345,7 +345,7 @@ fn systemd_and_kubernetes_wait_longer_than_the_shutdown_timeout() {
     assert!(grace > shutdown, "terminationGracePeriodSeconds={grace} must exceed shutdown_timeout={shutdown}s");
 }
 
-/// SPEC section 3: every key the configuration file accepts, by table ("" = top level).
+/// README "Configuration": every key the configuration file accepts, by table ("" = top level).
 const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("", &["routes_file"]),
     ("server", &["listen", "path", "max_body_bytes", "request_timeout"]),
