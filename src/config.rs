@@ -192,6 +192,12 @@ fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
+/// Deserialises a duration string (`"250ms"`, `"10s"`, `"5m"`); a bare number is refused with
+/// the string it probably meant. For `#[serde(deserialize_with = …)]` outside this module.
+pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration::deserialize(d)
+}
+
 mod duration {
     use serde::de::{Error, Unexpected, Visitor};
     use serde::Deserializer;

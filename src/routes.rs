@@ -264,6 +264,12 @@ fn parse_sink(
                 msg = format!("invalid value from the environment (not shown){expected}");
             }
             let key = if msg.starts_with("unknown key") { None } else { key_at(&written, span.start) };
+            // Some options name themselves in their message (`url: …`): say it once.
+            if let Some(last) = key.as_deref().and_then(|k| k.rsplit('.').next()) {
+                if let Some(rest) = msg.strip_prefix(&format!("{last}: ")) {
+                    msg = rest.to_owned();
+                }
+            }
             let prefix = key.map_or(format!("sinks.{name}"), |k| format!("sinks.{name}.{k}"));
             Err(vec![(span.start, format!("{prefix}: {msg}"))])
         }

@@ -510,6 +510,19 @@ fn a_badly_typed_sink_option_is_reported_at_its_value_naming_its_key() {
 }
 
 #[test]
+fn sink_option_errors_name_the_option_once_and_durations_say_what_to_write() {
+    let text = "[sinks.k]\ntype = \"kafka\"\nbrokers = \"h:9092\"\ntopic = \"t\"\nqueue_timeout = 5\n";
+    let d = errs(text);
+    assert_eq!(d[0].line, Some(pos(text, "5\n")), "{}", d[0]);
+    assert!(d[0].message.starts_with("sinks.k.queue_timeout: ") && d[0].message.contains("write \"5s\""), "{}", d[0]);
+
+    let text = "[sinks.q]\ntype = \"amqp\"\nurl = \"ftp://h\"\nexchange = \"e\"\n";
+    let d = errs(text);
+    assert_eq!(d[0].line.unwrap().0, 3, "{}", d[0]);
+    assert!(d[0].message.starts_with("sinks.q.url: ") && !d[0].message.contains("url: url:"), "{}", d[0]);
+}
+
+#[test]
 fn a_wrongly_typed_value_from_the_environment_is_not_echoed() {
     let text = "[sinks.f]\ntype = \"file\"\npath = \"x\"\nfsync = \"${CRM_API_KEY}\"\n";
     let d = errs(text);

@@ -3,12 +3,13 @@
 //!
 //! Use as `#[serde(with = "crate::sinks::duration")]` on a `Duration` field.
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserializer;
 use std::time::Duration;
 
+/// The configuration's own duration reader: the same messages (a bare `5` is refused with
+/// "write \"5s\"") in both files.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse(&text).map_err(serde::de::Error::custom)
+    crate::config::deserialize_duration(d)
 }
 
 /// The one parser, with the message a user sees in `check` (the value, why, an example).
