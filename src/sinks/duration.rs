@@ -6,21 +6,20 @@
 use serde::Deserializer;
 use std::time::Duration;
 
-/// The configuration's own duration reader: the same messages (a bare `5` is refused with
-/// "write \"5s\"") in both files.
+/// The configuration's own duration reader, so that both files say the same (the value, why,
+/// an example; a bare `5` is refused with "write \"5s\"").
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     crate::config::deserialize_duration(d)
-}
-
-/// The one parser, with the message a user sees in `check` (the value, why, an example).
-pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"250ms\", \"10s\", \"5m\""))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::de::value::{Error, I64Deserializer, StrDeserializer};
+
+    fn parse(text: &str) -> Result<Duration, String> {
+        deserialize(StrDeserializer::<Error>::new(text)).map_err(|e| e.to_string())
+    }
 
     #[test]
     fn durations_parse_with_units_and_bad_ones_say_what_to_write() {
@@ -30,5 +29,7 @@ mod tests {
         let err = parse("soon").unwrap_err();
         assert!(err.contains("\"soon\"") && err.contains("\"10s\""), "{err}");
         assert!(parse("10").is_err(), "a unit is required");
+        let err = deserialize(I64Deserializer::<Error>::new(5)).unwrap_err().to_string();
+        assert!(err.contains("write \"5s\""), "{err}");
     }
 }
