@@ -338,8 +338,12 @@ to = ["bus", "slow"]
 "#;
     let err = webio_router::routes::Routes::parse("routes.toml", text, |_| None).expect_err("refused");
     let shown = err.to_string();
-    assert!(shown.contains("sinks.bus: url: must start with amqp://"), "{shown}");
-    assert!(shown.contains("sinks.slow: invalid duration \"10 parsecs\""), "{shown}");
+    // Each at its own line, the option named once.
+    assert!(shown.contains("routes.toml:4:7: sinks.bus.url: must start with amqp://"), "{shown}");
+    assert!(
+        shown.contains("routes.toml:11:19: sinks.slow.confirm_timeout: invalid duration \"10 parsecs\""),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
