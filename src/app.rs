@@ -183,7 +183,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
 
     let (_, table) = prepare(&loaded)?;
     let delivery: Arc<dyn Delivery> = match cfg.delivery.mode {
-        DeliveryMode::Direct => Arc::new(Direct::new(cfg.delivery.dedup_window)),
+        DeliveryMode::Direct => Arc::new(Direct::new(&cfg.delivery)),
         DeliveryMode::Spool => crate::delivery::spool::open(&cfg.delivery, &table.sinks)
             .await
             .map_err(|e| ServeError::Runtime(e.to_string()))?,
@@ -199,7 +199,7 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
         metrics,
         routes_file: cfg.routes_file.clone(),
         table: RwLock::new(Arc::new(table)),
-        rejected: JsonlFile::new(cfg.delivery.rejected_file()),
+        rejected: JsonlFile::rotated(cfg.delivery.rejected_file(), cfg.delivery.max_rejected_bytes),
         ready: AtomicBool::new(false),
     });
     state.refresh_gauges();
