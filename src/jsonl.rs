@@ -85,7 +85,12 @@ impl JsonlFile {
 /// `sync`. On any failure the file is cut back to its length before, so that no partial line
 /// stays behind; the caller should open the file afresh before the next append.
 pub fn append_whole(file: &File, bytes: &[u8], sync: bool) -> io::Result<()> {
-    let before = file.metadata()?.len();
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        // A pipe or a terminal (`/dev/stdout`): a stream can be neither synced nor cut back.
+        return (&*file).write_all(bytes);
+    }
+    let before = meta.len();
     let res = (&*file).write_all(bytes).and_then(|()| if sync { file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // If even the cut fails, the next open finds no final newline and adds one.
@@ -200,6 +205,21 @@ mod tests {
         JsonlFile::new(&path).append(&json!({ "n": 1 })).await.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, "{\"n\":0}\n{\"torn\":\n{\"n\":1}\n");
+    }
+
+    #[test]
+    fn a_stream_such_as_stdout_takes_lines_without_a_sync() {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors, each then owned by one `File`.
+        let (read, write) = unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let f = open_append(Path::new(&format!("/proc/self/fd/{}", fds[1])), true).unwrap();
+        append_whole(&f, b"{}\n", true).unwrap();
+        drop((f, write));
+        assert_eq!(std::io::read_to_string(read).unwrap(), "{}\n");
     }
 
     #[tokio::test]
