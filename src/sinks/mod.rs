@@ -79,13 +79,26 @@ impl SinkError {
         SinkError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None, source: None }
     }
 
-    /// `kind` because of `cause`: the message reads `{context}: {cause}`, and the cause is kept.
+    /// `kind` because of `cause`, which is kept: the message reads `{context}: {cause}: …`,
+    /// down the cause's own chain (hyper's "client error (Connect)" says little without the
+    /// "Connection refused" under it).
     pub fn caused_by(
         kind: ErrorKind,
         context: impl std::fmt::Display,
         cause: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        SinkError { kind, message: format!("{context}: {cause}"), retry_after: None, source: Some(Arc::new(cause)) }
+        let mut message = format!("{context}: {cause}");
+        let mut next = cause.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            // Some errors already print their source.
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            next = e.source();
+        }
+        SinkError { kind, message, retry_after: None, source: Some(Arc::new(cause)) }
     }
 
     pub fn is_permanent(&self) -> bool {
@@ -185,5 +198,28 @@ pub(crate) fn duration_option<'de, D: serde::Deserializer<'de>>(key: &str, d: D)
 pub(crate) fn check_template(errs: &mut Vec<OptionError>, key: &str, text: &str, escape: crate::template::Escape) {
     if let Err(e) = crate::template::Template::parse(text, escape) {
         errs.push((key.to_owned(), e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot append")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn a_sink_error_keeps_its_cause_and_says_the_whole_chain() {
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = SinkError::caused_by(ErrorKind::Retryable, "write var/x.jsonl", Wrapper(enospc));
+        assert!(!e.is_permanent());
+        assert!(e.message.starts_with("write var/x.jsonl: cannot append: No space left on device"), "{e}");
+        assert_eq!(e.to_string(), e.message);
+        assert_eq!(e.io_error().and_then(std::io::Error::raw_os_error), Some(libc::ENOSPC));
+        let source = std::error::Error::source(&e).expect("the cause is the error's source");
+        assert_eq!(source.to_string(), "cannot append");
+        // The plain constructors stay as they were.
+        assert_eq!(SinkError::permanent("HTTP 422").source.is_none(), SinkError::retryable("x").io_error().is_none());
     }
 }
