@@ -90,7 +90,7 @@ impl App {
 
         let (_, table) = prepare(&loaded).map_err(|e| stop_admin(e.into()))?;
         let delivery: Arc<dyn Delivery> = match cfg.delivery.mode {
-            DeliveryMode::Direct => Arc::new(Direct::new(cfg.delivery.dedup_window)),
+            DeliveryMode::Direct => Arc::new(Direct::new(&cfg.delivery)),
             DeliveryMode::Spool => {
                 crate::delivery::spool::open(&cfg.delivery, &table.sinks).await.map_err(|e| stop_admin(e.into()))?
             }
@@ -107,7 +107,7 @@ impl App {
             metrics,
             routes_file: cfg.routes_file.clone(),
             table: RwLock::new(Arc::new(table)),
-            rejected: JsonlFile::new(cfg.delivery.rejected_file()),
+            rejected: JsonlFile::rotated(cfg.delivery.rejected_file(), cfg.delivery.max_rejected_bytes),
             ready: AtomicBool::new(false),
             restart_settings: cfg.restart_settings(),
         });

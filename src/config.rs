@@ -308,6 +308,8 @@ pub struct DeliveryConfig {
     pub retry_max: Duration,
     pub max_attempts: u32,
     pub dead_letter_file: PathBuf,
+    /// `rejected.jsonl` is rotated to `rejected.jsonl.1` before it grows past this.
+    pub max_rejected_bytes: u64,
     #[serde(with = "duration")]
     pub dedup_window: Duration,
     #[serde(with = "duration")]
@@ -324,6 +326,7 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(30),
             max_attempts: 20,
             dead_letter_file: PathBuf::from("var/dead-letter.jsonl"),
+            max_rejected_bytes: 64 << 20,
             dedup_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(20),
         }
@@ -521,6 +524,9 @@ impl Config {
         }
         if d.max_spool_bytes == 0 {
             err("delivery.max_spool_bytes: must be greater than 0".into());
+        }
+        if d.max_rejected_bytes == 0 {
+            err("delivery.max_rejected_bytes: must be greater than 0".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             err(format!("log.level: {:?} is not a level or filter (error, warn, info, debug, trace)", self.log.level));

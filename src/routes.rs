@@ -140,7 +140,12 @@ impl Routes {
                     sinks.insert(name, cfg);
                 }
                 Err(e) => {
-                    errs.push(at(name_span.start, format!("sinks.{name}: {}", e.message())));
+                    // An option's own error starts with its name (`timeout: …`): point at it.
+                    let msg = e.message();
+                    match msg.split_once(": ").and_then(|(key, rest)| Some((key, rest, key_spans.get(key)?))) {
+                        Some((key, rest, offset)) => errs.push(at(*offset, format!("sinks.{name}.{key}: {rest}"))),
+                        None => errs.push(at(name_span.start, format!("sinks.{name}: {msg}"))),
+                    }
                     broken.push(name);
                 }
             }

@@ -338,7 +338,7 @@ to = ["bus", "slow"]
 "#;
     let err = webio_router::routes::Routes::parse("routes.toml", text, |_| None).expect_err("refused");
     let shown = err.to_string();
-    assert!(shown.contains("sinks.bus: url: must start with amqp://"), "{shown}");
+    assert!(shown.contains("sinks.bus.url: must start with amqp://"), "{shown}");
     assert!(shown.contains("sinks.slow: invalid duration \"10 parsecs\""), "{shown}");
 }
 
