@@ -92,7 +92,8 @@ impl App {
         };
 
         let (_, table) = prepare(&loaded).map_err(|e| stop_admin(e.into()))?;
-        let custom_values = CustomValues::new(&cfg.custom_values).map_err(|e| stop_admin(ConfigError::from(e).into()))?;
+        let custom_values =
+            CustomValues::new(&cfg.custom_values).map_err(|e| stop_admin(ConfigError::from(e).into()))?;
         let inbox = if cfg.ingest.enabled() {
             let org = Some(cfg.auth.organisation_id.clone()).filter(|o| !o.is_empty());
             let inbox = Inbox::open(&cfg.ingest, org, cfg.server.max_body_bytes)
@@ -137,17 +138,8 @@ impl App {
             }
         };
         let webhook_addr = local_addr(&webhook, cfg.server.listen);
-        Ok(App {
-            state,
-            webhook,
-            webhook_addr,
-            admin_addr,
-            admin_task,
-            admin_stop,
-            shutdown,
-            mode: cfg.delivery.mode,
-            inbox,
-        })
+        let mode = cfg.delivery.mode;
+        Ok(App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode, inbox })
     }
 
     /// The bound webhook listener (the real port when configured with port 0).

@@ -148,11 +148,7 @@ enum Outcome {
 
 impl Inbox {
     /// Creates `dir`, `dir/done` and `dir/rejected` when missing.
-    pub fn open(
-        cfg: &IngestConfig,
-        organisation_id: Option<String>,
-        max_call_bytes: usize,
-    ) -> io::Result<Inbox> {
+    pub fn open(cfg: &IngestConfig, organisation_id: Option<String>, max_call_bytes: usize) -> io::Result<Inbox> {
         let dir = cfg.dir.clone();
         let (done, rejected) = (dir.join("done"), dir.join("rejected"));
         for d in [&dir, &done, &rejected] {

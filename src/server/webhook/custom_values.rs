@@ -9,10 +9,10 @@
 //! `Cache-Control: no-store` is not cached. This path never touches the spool or the dedup
 //! window: a Custom Value Request is a question, not an event.
 
-use crate::server::error::RequestError;
-use crate::server::Body;
 use crate::config::Diagnostic;
 use crate::metrics;
+use crate::server::error::RequestError;
+use crate::server::Body;
 use crate::template::expand_env;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
@@ -31,6 +31,9 @@ pub const MAX_UPSTREAM_BODY: usize = 1 << 20;
 const MAX_CACHE_ENTRIES: usize = 1024;
 const MAX_CACHE_BYTES: usize = 16 << 20;
 const MAX_CACHED_BODY: usize = 64 << 10;
+
+/// Upstream headers, values expanded and marked sensitive.
+type Headers = Vec<(HeaderName, HeaderValue)>;
 
 /// `[custom_values]`. `Debug` prints header names only: values may hold API keys.
 #[derive(Clone, Deserialize)]
@@ -80,10 +83,7 @@ impl CustomValuesConfig {
     }
 
     /// The upstream URI and the headers with `${NAME}` expanded, or every problem found.
-    fn resolve(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<(Uri, Vec<(HeaderName, HeaderValue)>), Vec<String>> {
+    fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<(Uri, Headers), Vec<String>> {
         let mut errs = Vec::new();
         let upstream = match parse_upstream(&self.upstream) {
             Ok(u) => Some(u),
@@ -126,6 +126,10 @@ fn parse_upstream(url: &str) -> Result<Uri, String> {
     match uri.scheme_str() {
         Some("http") | Some("https") if uri.host().is_some() => {}
         _ => return Err(format!("{url:?} must be an absolute http:// or https:// URL")),
+    }
+    // hyper would silently drop `user:password@`: credentials go in `headers`.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not hold credentials (user:password@); put them in custom_values.headers".into());
     }
     if uri.query().is_some() {
         return Err(format!("{url:?} must not have a query string: the request's query is forwarded as is"));
@@ -172,7 +176,7 @@ pub struct CustomValues {
     upstream: String,
     timeout: Duration,
     cache_ttl: Duration,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: Headers,
     client: HttpsClient,
     cache: Mutex<Cache>,
 }
@@ -202,7 +206,11 @@ impl CustomValues {
     }
 
     /// Answers one authenticated Custom Value Request.
-    pub async fn answer(&self, organisation: Option<String>, query: Option<&str>) -> Result<Response<Body>, RequestError> {
+    pub async fn answer(
+        &self,
+        organisation: Option<String>,
+        query: Option<&str>,
+    ) -> Result<Response<Body>, RequestError> {
         let key = Key { organisation, query: query.map(str::to_owned) };
         let caching = !self.cache_ttl.is_zero();
         if caching {
@@ -216,7 +224,12 @@ impl CustomValues {
                 metrics::custom_value_request("ok");
                 if caching && !no_store {
                     let now = Instant::now();
-                    self.cache.lock().expect("custom value cache lock").insert(key, answer.clone(), now, now + self.cache_ttl);
+                    self.cache.lock().expect("custom value cache lock").insert(
+                        key,
+                        answer.clone(),
+                        now,
+                        now + self.cache_ttl,
+                    );
                 }
                 Ok(answer.response())
             }
@@ -346,7 +359,8 @@ impl Cache {
         }
         self.remove(&key);
         if self.entries.len() >= MAX_CACHE_ENTRIES || self.bytes + size > MAX_CACHE_BYTES {
-            let expired: Vec<Key> = self.entries.iter().filter(|(_, c)| c.expires <= now).map(|(k, _)| k.clone()).collect();
+            let expired: Vec<Key> =
+                self.entries.iter().filter(|(_, c)| c.expires <= now).map(|(k, _)| k.clone()).collect();
             for k in &expired {
                 self.remove(k);
             }
@@ -444,6 +458,9 @@ mod tests {
         assert!(!errs.contains("secret"), "{errs}");
         let with_query = CustomValuesConfig { upstream: "http://h/x?y=1".into(), ..Default::default() };
         assert!(with_query.resolve(|_| None).unwrap_err()[0].contains("query"));
+        let with_password = CustomValuesConfig { upstream: "http://u:pw@h/x".into(), ..Default::default() };
+        let e = with_password.resolve(|_| None).unwrap_err().join("");
+        assert!(e.contains("credentials") && !e.contains("pw"), "{e}");
     }
 
     #[test]
