@@ -175,6 +175,20 @@ fn check(loaded: &Loaded) -> ExitCode {
         println!("auth: header {}, {} secret(s), {}, {}", c.auth.header, loaded.secrets.len(), algs.join("/"), org);
     }
     println!("delivery: {:?}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
+    if c.custom_values.enabled() {
+        let cv = &c.custom_values;
+        println!(
+            "custom values: GET {} -> {} (timeout {:?}, cache {:?}, {} header(s))",
+            c.server.path,
+            cv.upstream,
+            cv.timeout,
+            cv.cache_ttl,
+            cv.headers.len()
+        );
+    }
+    if c.ingest.enabled() {
+        println!("ingest: {} every {:?} (done/, rejected/ beside it)", c.ingest.dir.display(), c.ingest.poll);
+    }
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
         println!("  sink {name}: {} ({:?})", sink.type_name(), sink.format());

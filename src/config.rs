@@ -2,6 +2,8 @@
 //! unknown keys refused, validated once by [`Config::load`] (which `check` runs too).
 
 use crate::event::NormaliseOptions;
+use crate::ingest::IngestConfig;
+use crate::server::webhook::custom_values::CustomValuesConfig;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer};
@@ -148,7 +150,7 @@ fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
-mod duration {
+pub(crate) mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -170,6 +172,8 @@ pub struct Config {
     pub normalise: NormaliseConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    pub custom_values: CustomValuesConfig,
+    pub ingest: IngestConfig,
 }
 
 impl Default for Config {
@@ -182,6 +186,8 @@ impl Default for Config {
             normalise: NormaliseConfig::default(),
             delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
+            custom_values: CustomValuesConfig::default(),
+            ingest: IngestConfig::default(),
         }
     }
 }
@@ -528,6 +534,10 @@ impl Config {
         if d.max_rejected_bytes == 0 {
             err("delivery.max_rejected_bytes: must be greater than 0".into());
         }
+        if self.custom_values.enabled() {
+            self.custom_values.validate().into_iter().for_each(&mut err);
+        }
+        self.ingest.validate().into_iter().for_each(&mut err);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             err(format!("log.level: {:?} is not a level or filter (error, warn, info, debug, trace)", self.log.level));
         }

@@ -27,6 +27,8 @@ pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
 pub const SINK_PAUSED: &str = "webio_router_sink_paused";
+pub const CUSTOM_VALUE_REQUESTS: &str = "webio_router_custom_value_requests_total";
+pub const INGESTED_FILES: &str = "webio_router_ingested_files_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -48,6 +50,8 @@ pub const NAMES: &[&str] = &[
     BUILD_INFO,
     CONFIG_RELOADS,
     SINK_PAUSED,
+    CUSTOM_VALUE_REQUESTS,
+    INGESTED_FILES,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -123,6 +127,11 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (secrets and routes.toml, on SIGHUP), by outcome.");
     describe_gauge!(SINK_PAUSED, "1 while the sink is paused (webio-router pause), else 0.");
+    describe_counter!(
+        CUSTOM_VALUE_REQUESTS,
+        "Custom Value Requests answered, by outcome (ok, cached, error, timeout)."
+    );
+    describe_counter!(INGESTED_FILES, "SFTP-hook files taken from the inbox, by outcome (ok, rejected).");
 }
 
 /// Creates the counters of a sink at zero, so that `increase()` sees its first failure.
@@ -139,7 +148,7 @@ pub fn register_sink(sink: &str) {
 // so series still appear when first counted, as before.
 
 /// HTTP statuses the webhook listener answers; others take the uncached path.
-const STATUSES: [u16; 10] = [200, 202, 400, 401, 404, 405, 408, 413, 500, 503];
+const STATUSES: [u16; 12] = [200, 202, 400, 401, 404, 405, 408, 413, 500, 502, 503, 504];
 static REQUEST_COUNTERS: [OnceLock<Counter>; STATUSES.len()] = [const { OnceLock::new() }; STATUSES.len()];
 static REQUEST_HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
 /// `(type, shape)` pairs: KNOWN_TYPES then `other`, times legacy/current.
@@ -278,6 +287,33 @@ pub fn sink_up(sink: &str, up: bool) {
 
 pub fn sink_paused(sink: &str, paused: bool) {
     gauge!(SINK_PAUSED, "sink" => sink.to_owned()).set(if paused { 1.0 } else { 0.0 });
+}
+
+const CUSTOM_VALUE_OUTCOMES: [&str; 4] = ["ok", "cached", "error", "timeout"];
+const INGEST_OUTCOMES: [&str; 2] = ["ok", "rejected"];
+
+/// Creates the Custom Value counters at zero (when the feature is on).
+pub fn register_custom_values() {
+    for outcome in CUSTOM_VALUE_OUTCOMES {
+        counter!(CUSTOM_VALUE_REQUESTS, "outcome" => outcome).absolute(0);
+    }
+}
+
+/// One Custom Value Request: `ok`, `cached`, `error` or `timeout`.
+pub fn custom_value_request(outcome: &'static str) {
+    counter!(CUSTOM_VALUE_REQUESTS, "outcome" => outcome).increment(1);
+}
+
+/// Creates the ingest counters at zero (when the feature is on).
+pub fn register_ingest() {
+    for outcome in INGEST_OUTCOMES {
+        counter!(INGESTED_FILES, "outcome" => outcome).absolute(0);
+    }
+}
+
+/// One SFTP-hook file moved out of the inbox: `ok` or `rejected`.
+pub fn ingested_file(outcome: &'static str) {
+    counter!(INGESTED_FILES, "outcome" => outcome).increment(1);
 }
 
 pub fn config_reload(ok: bool) {

@@ -170,6 +170,8 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_sink_paused", &["sink"]),
     ("webio_router_build_info", &["version"]),
     ("webio_router_config_reloads_total", &["outcome"]),
+    ("webio_router_custom_value_requests_total", &["outcome"]),
+    ("webio_router_ingested_files_total", &["outcome"]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
@@ -177,6 +179,8 @@ const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "contain
 const VALUES: &[(&str, &str, &[&str])] = &[
     ("webio_router_deliveries_total", "outcome", &["ok", "retry", "dead"]),
     ("webio_router_config_reloads_total", "outcome", &["ok", "error"]),
+    ("webio_router_custom_value_requests_total", "outcome", &["ok", "cached", "error", "timeout"]),
+    ("webio_router_ingested_files_total", "outcome", &["ok", "rejected"]),
     (
         "webio_router_auth_failures_total",
         "reason",
