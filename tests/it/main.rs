@@ -11,6 +11,7 @@ mod amqp;
 mod api;
 mod cli;
 mod deploy_metrics;
+mod flood;
 mod hostile;
 mod kafka;
 mod spool_faults;

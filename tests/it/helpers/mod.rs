@@ -2,6 +2,7 @@
 //! client, and a capture HTTP server whose answers a test controls.
 
 pub mod brokers;
+pub mod process;
 pub mod spool;
 pub mod tmpfs;
 
