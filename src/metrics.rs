@@ -26,6 +26,8 @@ pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
 pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
+pub const CONNECTIONS_OPEN: &str = "webio_router_connections_open";
+pub const CONNECTIONS_SHED: &str = "webio_router_connections_shed_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -46,6 +48,8 @@ pub const NAMES: &[&str] = &[
     SINK_UP,
     BUILD_INFO,
     CONFIG_RELOADS,
+    CONNECTIONS_OPEN,
+    CONNECTIONS_SHED,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -97,6 +101,9 @@ pub fn install() -> PrometheusHandle {
                 counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            for state in ["no_request", "idle", "new"] {
+                counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
+            }
             handle
         })
         .clone()
@@ -120,6 +127,14 @@ fn describe() {
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "routes.toml reloads, by outcome.");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open HTTP connections, both listeners together (bounded below the descriptor limit)."
+    );
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections closed at the bound to make room, by state: no_request, idle, or new (refused: all busy)."
+    );
 }
 
 /// Creates the counters of a sink at zero, so that `increase()` sees its first failure.
@@ -274,4 +289,20 @@ pub fn sink_up(sink: &str, up: bool) {
 
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+static CONNECTIONS_GAUGE: OnceLock<Gauge> = OnceLock::new();
+
+pub fn connections_open(open: usize) {
+    let make = || gauge!(CONNECTIONS_OPEN);
+    if installed() {
+        CONNECTIONS_GAUGE.get_or_init(make).set(open as f64);
+    } else {
+        make().set(open as f64);
+    }
+}
+
+/// One connection closed to make room; `state` is `no_request`, `idle` or `new`.
+pub fn connection_shed(state: &'static str) {
+    counter!(CONNECTIONS_SHED, "state" => state).increment(1);
 }

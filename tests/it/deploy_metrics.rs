@@ -169,6 +169,8 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_sink_up", &["sink"]),
     ("webio_router_build_info", &["version"]),
     ("webio_router_config_reloads_total", &["outcome"]),
+    ("webio_router_connections_open", &[]),
+    ("webio_router_connections_shed_total", &["state"]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
@@ -182,6 +184,7 @@ const VALUES: &[(&str, &str, &[&str])] = &[
         &["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "algorithm", "organisation"],
     ),
     ("webio_router_events_total", "shape", &["legacy", "current"]),
+    ("webio_router_connections_shed_total", "state", &["no_request", "idle", "new"]),
 ];
 
 /// The `label op "value"` matchers of the selector at the start of `text`, if there is one.
