@@ -29,6 +29,8 @@ pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
 pub const SINK_PAUSED: &str = "webio_router_sink_paused";
 pub const CUSTOM_VALUE_REQUESTS: &str = "webio_router_custom_value_requests_total";
 pub const INGESTED_FILES: &str = "webio_router_ingested_files_total";
+pub const CONNECTIONS_OPEN: &str = "webio_router_connections_open";
+pub const CONNECTIONS_SHED: &str = "webio_router_connections_shed_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -52,6 +54,8 @@ pub const NAMES: &[&str] = &[
     SINK_PAUSED,
     CUSTOM_VALUE_REQUESTS,
     INGESTED_FILES,
+    CONNECTIONS_OPEN,
+    CONNECTIONS_SHED,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -103,6 +107,9 @@ pub fn install() -> PrometheusHandle {
                 counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            for state in ["no_request", "idle", "new"] {
+                counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
+            }
             handle
         })
         .clone()
@@ -132,6 +139,14 @@ fn describe() {
         "Custom Value Requests answered, by outcome (ok, cached, error, timeout)."
     );
     describe_counter!(INGESTED_FILES, "SFTP-hook files taken from the inbox, by outcome (ok, rejected).");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open HTTP connections, both listeners together (bounded below the descriptor limit)."
+    );
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections closed at the bound to make room, by state: no_request, idle, or new (refused: all busy)."
+    );
 }
 
 /// Creates the counters of a sink at zero, so that `increase()` sees its first failure.
@@ -318,4 +333,20 @@ pub fn ingested_file(outcome: &'static str) {
 
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+static CONNECTIONS_GAUGE: OnceLock<Gauge> = OnceLock::new();
+
+pub fn connections_open(open: usize) {
+    let make = || gauge!(CONNECTIONS_OPEN);
+    if installed() {
+        CONNECTIONS_GAUGE.get_or_init(make).set(open as f64);
+    } else {
+        make().set(open as f64);
+    }
+}
+
+/// One connection closed to make room; `state` is `no_request`, `idle` or `new`.
+pub fn connection_shed(state: &'static str) {
+    counter!(CONNECTIONS_SHED, "state" => state).increment(1);
 }

@@ -37,6 +37,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
     let state = admin.state.get();
     match req.uri().path() {
         "/metrics" => {
+            super::refresh_gauges();
             if let Some(s) = state {
                 s.refresh_gauges();
             }

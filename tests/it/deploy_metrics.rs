@@ -172,6 +172,8 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_config_reloads_total", &["outcome"]),
     ("webio_router_custom_value_requests_total", &["outcome"]),
     ("webio_router_ingested_files_total", &["outcome"]),
+    ("webio_router_connections_open", &[]),
+    ("webio_router_connections_shed_total", &["state"]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
@@ -187,6 +189,7 @@ const VALUES: &[(&str, &str, &[&str])] = &[
         &["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "algorithm", "organisation"],
     ),
     ("webio_router_events_total", "shape", &["legacy", "current"]),
+    ("webio_router_connections_shed_total", "state", &["no_request", "idle", "new"]),
 ];
 
 /// The `label op "value"` matchers of the selector at the start of `text`, if there is one.

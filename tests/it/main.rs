@@ -15,6 +15,7 @@ mod custom_values;
 mod deploy_metrics;
 mod direct_mode;
 mod file_sink;
+mod flood;
 mod hostile;
 mod http_sink;
 mod ingest;
