@@ -13,5 +13,6 @@ mod cli;
 mod deploy_metrics;
 mod hostile;
 mod kafka;
+mod spool_edges;
 mod spool_faults;
 mod systemd_notify;
