@@ -303,6 +303,9 @@ pub struct DeliveryConfig {
     pub dedup_window: Duration,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// SIGTERM waits, within `shutdown_timeout`, until the spool is empty (for a spool that
+    /// does not outlive the process, such as a pod's `emptyDir`).
+    pub drain_on_shutdown: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -317,6 +320,7 @@ impl Default for DeliveryConfig {
             dead_letter_file: PathBuf::from("var/dead-letter.jsonl"),
             dedup_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(20),
+            drain_on_shutdown: false,
         }
     }
 }

@@ -56,7 +56,7 @@ impl ReservedPort {
     }
 
     fn listen(self) -> TcpListener {
-        use std::os::fd::{AsRawFd, IntoRawFd, FromRawFd};
+        use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
         // SAFETY: `fd` is a bound TCP socket this value owns; `listen` only changes its state,
         // and `from_raw_fd` takes over the ownership that `into_raw_fd` gives up.
         unsafe {
@@ -81,7 +81,8 @@ pub fn free_port() -> ReservedPort {
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
         let mut bound: libc::sockaddr_in = std::mem::zeroed();
         let mut blen = len;
-        let rc = libc::getsockname(fd.as_raw_fd(), &mut bound as *mut libc::sockaddr_in as *mut libc::sockaddr, &mut blen);
+        let rc =
+            libc::getsockname(fd.as_raw_fd(), &mut bound as *mut libc::sockaddr_in as *mut libc::sockaddr, &mut blen);
         assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
         ReservedPort { fd, port: u16::from_be(bound.sin_port) }
     }
@@ -463,6 +464,11 @@ impl Router {
 
     /// SIGKILL, no goodbye.
     pub fn kill9(mut self) {
+        self.kill9_in_place();
+    }
+
+    /// SIGKILL, keeping the value (to be replaced by the next start).
+    pub fn kill9_in_place(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
