@@ -437,6 +437,88 @@ mod tests {
         assert_eq!(store::next_seq(&db).unwrap(), 0, "every event row is gone");
     }
 
+    /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cannot mount a tmpfs (run the tests as root, as .ci/run does)");
+            Tmpfs(dir)
+        }
+
+        fn fill(&self) {
+            use std::io::Write;
+            let mut f = std::fs::File::create(self.0.path().join("filler")).unwrap();
+            while f.write(&[0u8; 4096]).is_ok_and(|n| n > 0) {}
+            while f.write(&[0u8]).is_ok_and(|n| n > 0) {}
+        }
+
+        fn free(&self) {
+            std::fs::remove_file(self.0.path().join("filler")).unwrap();
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_full_disk_the_spool_heals_by_itself_and_its_accounts_stay_exact() {
+        let fs = Tmpfs::mount("2m");
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.spool_dir = fs.0.path().join("spool");
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        let mut accepted = 0;
+        for i in 0..5 {
+            assert_eq!(spool.submit(envelope(i), t.clone()).await, Ok(Accepted::New));
+            accepted += 1;
+        }
+        wait("attempts recorded", || sink.calls.load(Ordering::Acquire) >= 3).await;
+
+        fs.fill();
+        let refused = loop {
+            match spool.submit(envelope(accepted + 100), t.clone()).await {
+                Ok(_) => accepted += 1,
+                Err(r) => break r,
+            }
+            assert!(accepted < 5000, "never refused");
+        };
+        assert_eq!(refused.reason, "the spool cannot be written");
+        assert!(!spool.is_ready());
+        let why = spool.unready_reason().unwrap();
+        assert!(why.contains("No space left on device"), "{why}");
+        // Deliveries go on from memory meanwhile; their bookkeeping waits for the disk.
+        sink.ok.store(true, Ordering::Release);
+        wait("deliveries while the disk is full", || sink.got.lock().unwrap().len() == accepted).await;
+        assert!(!spool.is_ready(), "still full");
+
+        fs.free();
+        wait("the spool to heal", || spool.is_ready()).await;
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(10_000 + i), t.clone()).await, Ok(Accepted::New));
+        }
+        wait("everything delivered", || sink.got.lock().unwrap().len() == accepted + 3).await;
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        drop(spool);
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert_eq!(store::pending_len(&db).unwrap(), 0);
+        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
+    }
+
     #[tokio::test]
     async fn a_full_spool_refuses_and_accepts_again_once_drained() {
         let dir = tempfile::tempdir().unwrap();

@@ -188,7 +188,6 @@ impl Writer {
                 carry = rest;
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
                 let reason = e.to_string();
-                self.shared.set_trouble(Some(format!("the spool cannot commit: {reason}")));
                 broken =
                     Some(Broken { since: Instant::now(), reason, attempts: 0, next_try: Instant::now() + HEAL_FIRST });
             }
@@ -250,6 +249,9 @@ impl Writer {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::spool_write_error();
+                // Not ready before the first refusal is answered: a probe that follows a 503
+                // sees why.
+                self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
                 self.refuse(appends);
                 return Err((e, book));
             }
