@@ -167,6 +167,12 @@ pub fn open_file(path: &Path) -> Result<Database, StoreError> {
     guard::catch(|| Database::builder().set_cache_size(CACHE_BYTES).create(path))?.op("open")
 }
 
+/// Opens the redb file again after a failure; a file that vanished meanwhile is an error,
+/// not a new empty spool.
+pub fn reopen_file(path: &Path) -> Result<Database, StoreError> {
+    guard::catch(|| Database::builder().set_cache_size(CACHE_BYTES).open(path))?.op("reopen")
+}
+
 /// Opens the spool under `dir`: refuses a missing or emptied file where [`MARKER`] says a
 /// spool existed, creates a new one otherwise, and takes redb's exclusive lock on it.
 pub fn open_db(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {

@@ -352,7 +352,7 @@ impl Writer {
             return Err(StoreError::NoSpace { free });
         }
         self.close_db()?;
-        let db = store::open_file(&self.shared.path)?;
+        let db = store::reopen_file(&self.shared.path)?;
         self.reconcile(&db)?;
         // What the reopen rolled back: deliveries recorded without fsync. Apply them again;
         // their freed bytes were counted the first time.
