@@ -183,10 +183,18 @@ impl Spool {
             closing: None,
         };
         let (done_tx, done_rx) = oneshot::channel();
+        let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
-                writer.run(rx);
+                // A bug, not the disk (redb's panics are caught inside): say so on /readyz
+                // rather than answer 503 with no reason.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx)));
+                if run.is_err() {
+                    sh.set_trouble(Some(
+                        "the spool writer stopped on an internal error (see the log); restart the daemon".into(),
+                    ));
+                }
                 let _ = done_tx.send(());
             })
             .map_err(|source| SpoolError::Io {
