@@ -204,13 +204,15 @@ fn resident_memory_stays_under_128_mib_with_1200_bodies_of_200_kb_waiting_for_a_
 // ---------------------------------------------------------------------------------------------
 // A damaged spool
 
-/// Zeroes two pages in the middle of the file that held data.
-fn zero_pages(path: &std::path::Path) {
+/// Zeroes every page of the file that holds `needle` — among them the live page of the
+/// events table that holds the newest record, so the damage is certain to be read.
+fn zero_pages_holding(path: &std::path::Path, needle: &[u8]) {
     let mut bytes = std::fs::read(path).unwrap();
-    let pages: Vec<usize> =
-        (2..bytes.len() / 4096).filter(|p| bytes[p * 4096..(p + 1) * 4096].iter().any(|b| *b != 0)).collect();
-    assert!(pages.len() >= 4, "a spool with data: {} pages", pages.len());
-    for p in [pages[pages.len() / 3], pages[pages.len() / 2]] {
+    let pages: Vec<usize> = (0..bytes.len() / 4096)
+        .filter(|p| bytes[p * 4096..(p + 1) * 4096].windows(needle.len()).any(|w| w == needle))
+        .collect();
+    assert!(!pages.is_empty(), "the record is in the file");
+    for p in pages {
         bytes[p * 4096..(p + 1) * 4096].fill(0);
     }
     std::fs::write(path, bytes).unwrap();
@@ -244,7 +246,7 @@ fn a_spool_with_zeroed_pages_is_refused_with_one_clear_message_then_checked_and_
     assert_eq!(code, 0, "a healthy spool: {out}{err}");
     assert!(out.contains("healthy") && out.contains("crm: 41") && out.contains("oldest pending"), "{out}");
 
-    zero_pages(&setup.path("spool/spool.redb"));
+    zero_pages_holding(&setup.path("spool/spool.redb"), b"hello still-running 1");
     let err = refused_start(&setup);
     assert!(err.contains("exit status: 1"), "exit 1, not a crash: {err}");
     assert!(!err.contains("panicked"), "no panic: {err}");
