@@ -320,6 +320,9 @@ pub struct DeliveryConfig {
     pub dedup_window: Duration,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// SIGTERM waits, within `shutdown_timeout`, until the spool is empty (for a spool that
+    /// does not outlive the process, such as a pod's `emptyDir`).
+    pub drain_on_shutdown: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -335,6 +338,7 @@ impl Default for DeliveryConfig {
             max_rejected_bytes: 64 << 20,
             dedup_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(20),
+            drain_on_shutdown: false,
         }
     }
 }

@@ -23,6 +23,7 @@ pub const SPOOL_PENDING: &str = "webio_router_spool_pending";
 pub const SPOOL_BYTES: &str = "webio_router_spool_bytes";
 pub const SPOOL_FLUSHES: &str = "webio_router_spool_flushes_total";
 pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
+pub const SPOOL_WRITE_ERRORS: &str = "webio_router_spool_write_errors_total";
 pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
@@ -48,6 +49,7 @@ pub const NAMES: &[&str] = &[
     SPOOL_BYTES,
     SPOOL_FLUSHES,
     SPOOL_APPENDS,
+    SPOOL_WRITE_ERRORS,
     SINK_UP,
     BUILD_INFO,
     CONFIG_RELOADS,
@@ -110,6 +112,7 @@ pub fn install() -> PrometheusHandle {
             for state in ["no_request", "idle", "new"] {
                 counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
             }
+            counter!(SPOOL_WRITE_ERRORS).absolute(0);
             handle
         })
         .clone()
@@ -130,6 +133,7 @@ fn describe() {
     describe_gauge!(SPOOL_BYTES, "Bytes of event data held in the spool.");
     describe_counter!(SPOOL_FLUSHES, "Durable spool commits (one fsync each).");
     describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
+    describe_counter!(SPOOL_WRITE_ERRORS, "Spool commits that failed (full disk, I/O error).");
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (secrets and routes.toml, on SIGHUP), by outcome.");
@@ -294,6 +298,11 @@ pub fn spool_bytes(bytes: u64) {
 pub fn spool_flush(appends: u64) {
     counter!(SPOOL_FLUSHES).increment(1);
     counter!(SPOOL_APPENDS).increment(appends);
+}
+
+/// One spool commit that failed (full disk, I/O error).
+pub fn spool_write_error() {
+    counter!(SPOOL_WRITE_ERRORS).increment(1);
 }
 
 pub fn sink_up(sink: &str, up: bool) {

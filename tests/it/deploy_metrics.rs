@@ -166,6 +166,7 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_spool_bytes", &[]),
     ("webio_router_spool_flushes_total", &[]),
     ("webio_router_spool_appends_total", &[]),
+    ("webio_router_spool_write_errors_total", &[]),
     ("webio_router_sink_up", &["sink"]),
     ("webio_router_sink_paused", &["sink"]),
     ("webio_router_build_info", &["version"]),

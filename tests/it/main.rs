@@ -21,5 +21,6 @@ mod http_sink;
 mod ingest;
 mod kafka;
 mod reload;
+mod spool_edges;
 mod spool_faults;
 mod systemd_notify;
