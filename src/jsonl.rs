@@ -91,6 +91,10 @@ pub fn append_whole(file: &File, bytes: &[u8], sync: bool) -> io::Result<()> {
         return (&*file).write_all(bytes);
     }
     let before = meta.len();
+    // Blocks first: on a full disk this fails before a byte is written, so a reader never
+    // sees a partial line, not even for a moment. The cut below stays for the other errors
+    // and for filesystems without `fallocate`.
+    reserve(file, before, bytes.len())?;
     let res = (&*file).write_all(bytes).and_then(|()| if sync { file.sync_data() } else { Ok(()) });
     if let Err(e) = res {
         // If even the cut fails, the next open finds no final newline and adds one.
@@ -99,6 +103,33 @@ pub fn append_whole(file: &File, bytes: &[u8], sync: bool) -> io::Result<()> {
         }
         return Err(e);
     }
+    Ok(())
+}
+
+/// Allocates the blocks that `len` bytes written at `offset` will need, without changing the
+/// file's length (`FALLOC_FL_KEEP_SIZE`). Filesystems that cannot do it are let through.
+#[cfg(target_os = "linux")]
+fn reserve(file: &File, offset: u64, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Ok(());
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a valid open descriptor; the call only allocates blocks past the file's end.
+    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reserve(_file: &File, _offset: u64, _len: usize) -> io::Result<()> {
     Ok(())
 }
 
