@@ -164,8 +164,14 @@ fn a_flood_of_idle_connections_neither_keeps_a_webhook_waiting_nor_cuts_a_reques
     // The listener accepted the whole flood rather than leaving it in its backlog, and made
     // room by closing connections that had sent no request.
     assert_eq!(opened, FLOOD, "connections the listener never accepted");
-    let shed = r.metric("webio_router_connections_shed_total{state=\"no_request\"}");
-    assert!(shed >= (FLOOD - 4096) as f64, "only {shed} connections shed");
+    // The listener sheds as it accepts; on a loaded machine the last few may lag the client.
+    let shed = || r.metric("webio_router_connections_shed_total{state=\"no_request\"}");
+    let enough = (FLOOD - 4096) as f64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shed() < enough && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(shed() >= enough, "only {} connections shed", shed());
     assert_eq!(r.metric("webio_router_connections_shed_total{state=\"new\"}"), 0.0);
 
     // The request that was in progress when the flood came is finished and answered.
