@@ -191,7 +191,7 @@ impl App {
         let hook_task = tokio::spawn(server::serve(
             webhook,
             state.request_timeout,
-            state.tls.as_ref().map(|t| t.acceptor()),
+            state.tls.clone(),
             shutdown.child_token(),
             shutdown.clone(),
             move |req| server::webhook::handle(s.clone(), req),
@@ -232,11 +232,10 @@ impl App {
 fn webhook_tls(loaded: &Loaded) -> Result<Option<Arc<server::tls::Tls>>, ConfigError> {
     let Some((cert, key)) = loaded.config.server.tls_files() else { return Ok(None) };
     let source = loaded.file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
-    let tls = server::tls::load(cert, key)
-        .and_then(server::tls::Tls::new)
+    let certificate = server::tls::Certificate::load(cert, key)
         .map_err(|e| ConfigError::from(Diagnostic::new(source, e.to_string())))?;
-    tracing::info!(cert_file = %cert.display(), sha256 = %tls.fingerprint(), "webhook listener speaks HTTPS only");
-    Ok(Some(Arc::new(tls)))
+    tracing::info!(cert_file = %cert.display(), sha256 = %certificate.fingerprint(), "webhook listener speaks HTTPS only");
+    Ok(Some(Arc::new(server::tls::Tls::new(certificate))))
 }
 
 fn mode_name(mode: DeliveryMode) -> &'static str {

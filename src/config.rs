@@ -229,8 +229,12 @@ impl ServerConfig {
     fn validate_tls(&self) -> Option<String> {
         match (non_empty_path(&self.tls_cert_file), non_empty_path(&self.tls_key_file)) {
             (Some(cert), Some(key)) => crate::server::tls::load(cert, key).err().map(|e| e.to_string()),
-            (Some(_), None) => Some("server.tls_key_file: not set; server.tls_cert_file needs it (both or neither)".into()),
-            (None, Some(_)) => Some("server.tls_cert_file: not set; server.tls_key_file needs it (both or neither)".into()),
+            (Some(_), None) => {
+                Some("server.tls_key_file: not set; server.tls_cert_file needs it (both or neither)".into())
+            }
+            (None, Some(_)) => {
+                Some("server.tls_cert_file: not set; server.tls_key_file needs it (both or neither)".into())
+            }
             (None, None) => None,
         }
     }

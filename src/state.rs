@@ -244,8 +244,9 @@ impl State {
         let certificate = match (&self.tls, loaded.config.server.tls_files()) {
             (Some(_), Some((cert, key))) => {
                 let source = self.config_file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
-                let key = crate::server::tls::load(cert, key).map_err(|e| Diagnostic::new(source, e.to_string()))?;
-                Some((cert.to_owned(), key))
+                let certificate = crate::server::tls::Certificate::load(cert, key)
+                    .map_err(|e| Diagnostic::new(source, e.to_string()))?;
+                Some((cert.to_owned(), certificate))
             }
             _ => None,
         };
@@ -264,9 +265,12 @@ impl State {
             sinks,
             "configuration reloaded (secrets and routes)"
         );
-        if let (Some(tls), Some((cert_file, key))) = (&self.tls, certificate) {
-            let (before, after) = (tls.fingerprint(), crate::server::tls::fingerprint(&key));
-            tls.replace(key);
+        if let (Some(tls), Some((cert_file, certificate))) = (&self.tls, certificate) {
+            let (before, after) = (tls.fingerprint(), certificate.fingerprint());
+            if before != after {
+                // Unchanged, the one in force stays: its sessions can still be resumed.
+                tls.replace(certificate);
+            }
             tracing::info!(
                 cert_file = %cert_file.display(),
                 sha256 = %after,

@@ -76,7 +76,7 @@ pub fn refresh_gauges() {
 pub fn serve<F, Fut>(
     listener: TcpListener,
     header_timeout: Duration,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
     shutdown: crate::shutdown::Shutdown,
     handler: F,
@@ -112,9 +112,9 @@ where
             match &tls {
                 None => tokio::spawn(serve_connection(stream, open, header_timeout, watcher, stop, handler)),
                 // Boxed: the TLS session stays out of the plain connections' tasks.
-                Some(acceptor) => tokio::spawn(Box::pin(serve_tls_connection(
+                Some(tls) => tokio::spawn(Box::pin(serve_tls_connection(
                     stream,
-                    acceptor.clone(),
+                    tls.acceptor(),
                     open,
                     header_timeout,
                     watcher,

@@ -7,16 +7,16 @@
 //!   its first head is complete the connection is "without a request" for the shedding in
 //!   `conns`: half-open handshakes are shed first, like silent sockets, and never starve the
 //!   connections that carry a webhook.
-//! - The certificate is picked per handshake from [`Certificate`], which a reload swaps whole:
-//!   new connections get the new certificate, open ones keep the session they negotiated.
+//! - A reload swaps the [`Certificate`] in force whole, its rustls configuration with it: new
+//!   connections get the new certificate (no session resumed from the old one), open ones
+//!   keep the session they negotiated.
 //! - A file that cannot be used is refused with its path and the reason, never its contents
 //!   (the key file holds a secret, and PEM parse errors quote lines).
 
 use super::head::{self, FirstHead, HANDOFF};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::future::poll_fn;
@@ -99,59 +99,69 @@ pub fn fingerprint(key: &CertifiedKey) -> String {
     pairs.join(":")
 }
 
-/// The certificate the listener presents, read at each handshake and swapped on reload.
-pub struct Certificate(RwLock<Arc<CertifiedKey>>);
+/// A certificate and the rustls configuration that presents it.
+pub struct Certificate {
+    acceptor: TlsAcceptor,
+    key: Arc<CertifiedKey>,
+}
 
 impl fmt::Debug for Certificate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Certificate(sha256 {})", fingerprint(&self.current()))
+        write!(f, "Certificate(sha256 {})", self.fingerprint())
     }
 }
 
 impl Certificate {
-    fn current(&self) -> Arc<CertifiedKey> {
-        self.0.read().expect("certificate lock").clone()
-    }
-}
-
-impl ResolvesServerCert for Certificate {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
-    }
-}
-
-/// The listener's TLS: one rustls configuration for its life, whose certificate a reload swaps.
-pub struct Tls {
-    acceptor: TlsAcceptor,
-    certificate: Arc<Certificate>,
-}
-
-impl Tls {
-    pub fn new(key: Arc<CertifiedKey>) -> Result<Tls, TlsError> {
-        let certificate = Arc::new(Certificate(RwLock::new(key)));
+    pub fn new(key: Arc<CertifiedKey>) -> Result<Certificate, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Setup)?
             .with_no_client_auth()
-            .with_cert_resolver(certificate.clone());
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(key.clone())));
         // The listener serves HTTP/1.1 only: a client that offers only h2 is refused in the
         // handshake rather than sent HTTP/1.1 bytes it would not parse.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), certificate })
+        Ok(Certificate { acceptor: TlsAcceptor::from(Arc::new(config)), key })
     }
 
+    /// [`load`], then [`Certificate::new`].
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Certificate, TlsError> {
+        Certificate::new(load(cert_file, key_file)?)
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.key)
+    }
+}
+
+/// The listener's TLS: the certificate in force, swapped whole on reload. Each certificate
+/// has a rustls configuration of its own, and with it its own session cache: a client cannot
+/// resume a session negotiated under the old certificate, so every connection opened after
+/// the swap is shown the new one, while those already open keep theirs.
+pub struct Tls(RwLock<Arc<Certificate>>);
+
+impl Tls {
+    pub fn new(certificate: Certificate) -> Tls {
+        Tls(RwLock::new(Arc::new(certificate)))
+    }
+
+    /// What a new connection's handshake uses.
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor.clone()
+        self.current().acceptor.clone()
     }
 
     /// The fingerprint of the certificate presented now.
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.certificate.current())
+        self.current().fingerprint()
     }
 
-    /// From the next handshake on, presents `key`.
-    pub fn replace(&self, key: Arc<CertifiedKey>) {
-        *self.certificate.0.write().expect("certificate lock") = key;
+    /// From the next connection on, presents `certificate`.
+    pub fn replace(&self, certificate: Certificate) {
+        *self.0.write().expect("certificate lock") = Arc::new(certificate);
+    }
+
+    fn current(&self) -> Arc<Certificate> {
+        self.0.read().expect("certificate lock").clone()
     }
 }
 
