@@ -266,15 +266,12 @@ impl State {
             "configuration reloaded (secrets and routes)"
         );
         if let (Some(tls), Some((cert_file, certificate))) = (&self.tls, certificate) {
-            let (before, after) = (tls.fingerprint(), certificate.fingerprint());
-            if before != after {
-                // Unchanged, the one in force stays: its sessions can still be resumed.
-                tls.replace(certificate);
-            }
+            let sha256 = certificate.fingerprint();
+            let changed = tls.replace(certificate);
             tracing::info!(
                 cert_file = %cert_file.display(),
-                sha256 = %after,
-                changed = before != after,
+                %sha256,
+                changed,
                 "webhook TLS certificate in force for new connections"
             );
         }

@@ -155,9 +155,15 @@ impl Tls {
         self.current().fingerprint()
     }
 
-    /// From the next connection on, presents `certificate`.
-    pub fn replace(&self, certificate: Certificate) {
-        *self.0.write().expect("certificate lock") = Arc::new(certificate);
+    /// From the next connection on, presents `certificate`. False, and nothing changes, when
+    /// its chain is the one in force already (so that its sessions can still be resumed).
+    pub fn replace(&self, certificate: Certificate) -> bool {
+        let mut current = self.0.write().expect("certificate lock");
+        if current.key.cert == certificate.key.cert {
+            return false;
+        }
+        *current = Arc::new(certificate);
+        true
     }
 
     fn current(&self) -> Arc<Certificate> {

@@ -136,9 +136,10 @@ fn a_replaced_certificate_is_the_one_presented() {
     let before = tls.fingerprint();
     let next = Certificate::load(&b.cert, &b.key).unwrap();
     let expected = next.fingerprint();
-    tls.replace(next);
+    assert!(tls.replace(next));
     assert_ne!(before, expected);
     assert_eq!(tls.fingerprint(), expected);
+    assert!(!tls.replace(Certificate::load(&b.cert, &b.key).unwrap()), "the same chain again changes nothing");
 }
 
 fn rt() -> tokio::runtime::Runtime {
