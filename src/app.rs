@@ -6,7 +6,7 @@
 //! poller is a task of the app too: it starts with [`App::run`] and stops with the shutdown.
 
 use crate::auth::Verifier;
-use crate::config::{ConfigError, DeliveryMode, Loaded};
+use crate::config::{ConfigError, DeliveryMode, Diagnostic, Loaded};
 use crate::delivery::{direct::Direct, Delivery};
 use crate::ingest::Inbox;
 use crate::jsonl::JsonlFile;
@@ -84,6 +84,7 @@ impl App {
         let admin_task = tokio::spawn(server::serve(
             admin_listener,
             Duration::from_secs(5),
+            None,
             admin_stop.clone(),
             shutdown.clone(),
             move |req| server::admin::handle(a.clone(), req),
@@ -95,6 +96,7 @@ impl App {
         };
 
         let (_, table) = prepare(&loaded).map_err(|e| stop_admin(e.into()))?;
+        let tls = webhook_tls(&loaded).map_err(|e| stop_admin(e.into()))?;
         let custom_values =
             CustomValues::new(&cfg.custom_values).map_err(|e| stop_admin(ConfigError::from(e).into()))?;
         let inbox = if cfg.ingest.enabled() {
@@ -127,6 +129,7 @@ impl App {
             rejected: JsonlFile::rotated(cfg.delivery.rejected_file(), cfg.delivery.max_rejected_bytes),
             ready: AtomicBool::new(false),
             restart_settings: cfg.restart_settings(),
+            tls,
         });
         state.refresh_gauges();
         admin.set_state(state.clone());
@@ -188,6 +191,7 @@ impl App {
         let hook_task = tokio::spawn(server::serve(
             webhook,
             state.request_timeout,
+            state.tls.clone(),
             shutdown.child_token(),
             shutdown.clone(),
             move |req| server::webhook::handle(s.clone(), req),
@@ -224,6 +228,16 @@ impl App {
     }
 }
 
+/// The webhook listener's TLS, when `server.tls_cert_file` and `server.tls_key_file` are set.
+fn webhook_tls(loaded: &Loaded) -> Result<Option<Arc<server::tls::Tls>>, ConfigError> {
+    let Some((cert, key)) = loaded.config.server.tls_files() else { return Ok(None) };
+    let source = loaded.file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
+    let certificate = server::tls::Certificate::load(cert, key)
+        .map_err(|e| ConfigError::from(Diagnostic::new(source, e.to_string())))?;
+    tracing::info!(cert_file = %cert.display(), sha256 = %certificate.fingerprint(), "webhook listener speaks HTTPS only");
+    Ok(Some(Arc::new(server::tls::Tls::new(certificate))))
+}
+
 fn mode_name(mode: DeliveryMode) -> &'static str {
     match mode {
         DeliveryMode::Spool => "spool",
@@ -239,7 +253,8 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets and routes.toml.
+/// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets, routes.toml and the
+/// webhook listener's certificate.
 pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let app = App::build(loaded).await?;
     let shutdown = app.shutdown();
@@ -253,7 +268,8 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets and routes.toml.
+/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets, routes.toml and the
+/// webhook listener's certificate.
 async fn handle_signals(state: Arc<State>, shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =

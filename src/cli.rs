@@ -172,10 +172,14 @@ fn check(loaded: &Loaded) -> ExitCode {
         "config: {}",
         loaded.file.as_ref().map_or("built-in defaults + environment".into(), |f| f.display().to_string())
     );
+    let scheme = if c.server.tls_files().is_some() { "https" } else { "http" };
     println!(
-        "webhooks: POST http://{}{} (max body {} bytes, timeout {:?})",
+        "webhooks: POST {scheme}://{}{} (max body {} bytes, timeout {:?})",
         c.server.listen, c.server.path, c.server.max_body_bytes, c.server.request_timeout
     );
+    if let Some((cert, key)) = c.server.tls_files() {
+        println!("tls: certificate {}, key {} (HTTPS only; re-read on SIGHUP)", cert.display(), key.display());
+    }
     println!("admin: http://{}/metrics, /healthz, /readyz", c.admin.listen);
     if c.auth.disabled {
         println!("auth: DISABLED (local experiments only)");

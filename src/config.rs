@@ -200,6 +200,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// PEM certificate chain (the server's certificate first); with `tls_key_file`, the
+    /// webhook listener speaks HTTPS only. Re-read on SIGHUP.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -209,8 +214,35 @@ impl Default for ServerConfig {
             path: "/webhooks/webio".into(),
             max_body_bytes: 262_144,
             request_timeout: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
+}
+
+impl ServerConfig {
+    /// The certificate and key files when TLS is on (both set and not empty).
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((non_empty_path(&self.tls_cert_file)?, non_empty_path(&self.tls_key_file)?))
+    }
+
+    fn validate_tls(&self) -> Option<String> {
+        match (non_empty_path(&self.tls_cert_file), non_empty_path(&self.tls_key_file)) {
+            (Some(cert), Some(key)) => crate::server::tls::load(cert, key).err().map(|e| e.to_string()),
+            (Some(_), None) => {
+                Some("server.tls_key_file: not set; server.tls_cert_file needs it (both or neither)".into())
+            }
+            (None, Some(_)) => {
+                Some("server.tls_cert_file: not set; server.tls_key_file needs it (both or neither)".into())
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+/// An optional path, unset when empty (so that an environment variable can clear it).
+fn non_empty_path(path: &Option<PathBuf>) -> Option<&Path> {
+    path.as_deref().filter(|p| !p.as_os_str().is_empty())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -456,7 +488,14 @@ impl Config {
     /// The settings a SIGHUP does not apply (everything but `auth` and `routes_file`), as
     /// text, to tell an operator that a changed file needs a restart.
     pub fn restart_settings(&self) -> String {
-        format!("{:?} {:?} {:?} {:?} {:?}", self.server, self.admin, self.normalise, self.delivery, self.log)
+        // The certificate files are re-read on SIGHUP (paths included); only turning TLS on or
+        // off needs a restart.
+        let server = ServerConfig {
+            tls_cert_file: self.server.tls_files().map(|_| PathBuf::from("(on)")),
+            tls_key_file: None,
+            ..self.server.clone()
+        };
+        format!("{:?} {:?} {:?} {:?} {:?}", server, self.admin, self.normalise, self.delivery, self.log)
     }
 
     fn validate(&self, source: &str) -> Result<(Vec<Secret>, NormaliseOptions), ConfigError> {
@@ -511,6 +550,9 @@ impl Config {
         }
         if self.server.request_timeout.is_zero() {
             err("server.request_timeout: must be greater than 0".into());
+        }
+        if let Some(e) = self.server.validate_tls() {
+            err(e);
         }
         if self.server.listen == self.admin.listen && self.server.listen.port() != 0 {
             err(format!("admin.listen: {} is also server.listen", self.admin.listen));

@@ -24,7 +24,8 @@
 //!   - [`delivery::spool`]: the crash-safe on-disk spool.
 //! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
 //!   folders: config, connection/confirms or callbacks).
-//! - [`tls`]: the binary's one rustls crypto provider (ring).
+//! - [`tls`]: the binary's one rustls crypto provider (ring); the webhook listener's TLS is
+//!   [`server::tls`].
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.

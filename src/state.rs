@@ -4,7 +4,7 @@
 //! hand events on through [`State::route`].
 
 use crate::auth::Verifier;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Diagnostic};
 use crate::delivery::{Accepted, Delivery, Refused};
 use crate::event::{BodyError, Envelope, Event, NormaliseOptions};
 use crate::jsonl::{body_fields, JsonlFile};
@@ -83,6 +83,8 @@ pub struct State {
     pub(crate) ready: AtomicBool,
     /// What a reload cannot change, as it was at start (to warn when the file differs).
     pub(crate) restart_settings: String,
+    /// The webhook listener's TLS (`server.tls_cert_file`), whose certificate a reload swaps.
+    pub tls: Option<Arc<crate::server::tls::Tls>>,
 }
 
 impl State {
@@ -217,10 +219,11 @@ impl State {
         }
     }
 
-    /// SIGHUP: re-reads the configuration's secrets (`auth.*`, inline and files) and
-    /// routes.toml. All or nothing: an invalid secret or routes file is refused with a log
-    /// line and what was in force stays. Other settings (listeners, spool, …) need a restart;
-    /// a change to them is logged, not applied.
+    /// SIGHUP: re-reads the configuration's secrets (`auth.*`, inline and files), routes.toml
+    /// and the webhook listener's certificate and key. All or nothing: an invalid secret,
+    /// routes file or certificate is refused with a log line and what was in force stays.
+    /// Other settings (listeners, spool, turning TLS on or off, …) need a restart; a change to
+    /// them is logged, not applied.
     pub fn reload(&self) -> Result<(), ConfigError> {
         match self.try_reload() {
             Ok(()) => {
@@ -229,7 +232,7 @@ impl State {
             }
             Err(e) => {
                 crate::metrics::config_reload(false);
-                tracing::error!(error = %e, "reload refused; the previous secrets and routes stay in force");
+                tracing::error!(error = %e, "reload refused; the previous secrets, routes and certificate stay in force");
                 Err(e)
             }
         }
@@ -237,6 +240,16 @@ impl State {
 
     fn try_reload(&self) -> Result<(), ConfigError> {
         let loaded = Config::load(self.config_file.as_deref(), Some(&self.routes_file))?;
+        // Read again here (the validation only checked them): these are the files in force.
+        let certificate = match (&self.tls, loaded.config.server.tls_files()) {
+            (Some(_), Some((cert, key))) => {
+                let source = self.config_file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
+                let certificate = crate::server::tls::Certificate::load(cert, key)
+                    .map_err(|e| Diagnostic::new(source, e.to_string()))?;
+                Some((cert.to_owned(), certificate))
+            }
+            _ => None,
+        };
         let current = self.table();
         let table = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)))?;
         let verifier = Verifier::new(&loaded);
@@ -252,6 +265,16 @@ impl State {
             sinks,
             "configuration reloaded (secrets and routes)"
         );
+        if let (Some(tls), Some((cert_file, certificate))) = (&self.tls, certificate) {
+            let sha256 = certificate.fingerprint();
+            let changed = tls.replace(certificate);
+            tracing::info!(
+                cert_file = %cert_file.display(),
+                %sha256,
+                changed,
+                "webhook TLS certificate in force for new connections"
+            );
+        }
         if loaded.config.restart_settings() != self.restart_settings {
             tracing::warn!("settings other than auth and routes changed; they take effect at the next restart");
         }

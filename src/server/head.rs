@@ -68,7 +68,7 @@ fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
 
 /// Whether the `new` bytes at the end of `buf` complete a head: an empty line, ended by CRLF
 /// or a bare LF (which HTTP/1.1 parsers accept).
-fn ends_head(buf: &[u8], new: usize) -> bool {
+pub(super) fn ends_head(buf: &[u8], new: usize) -> bool {
     let from = buf.len().saturating_sub(new + 2);
     buf[from..].windows(2).any(|w| w == b"\n\n") || buf[from..].windows(3).any(|w| w == b"\n\r\n")
 }

@@ -6,6 +6,8 @@
 //! ([`limits`]), a new connection at the bound takes the place of one without a request in
 //! progress ([`conns`]), a connection costs next to nothing until its first request head is
 //! complete ([`head`]), and the memory a flood took is given back once it ends ([`trim`]).
+//! With a certificate configured, the webhook listener speaks HTTPS only ([`tls`]): the
+//! handshake is one more step of a connection without a request, in its own task.
 
 pub mod admin;
 mod conns;
@@ -13,6 +15,7 @@ pub mod error;
 mod head;
 mod io;
 pub mod limits;
+pub mod tls;
 mod trim;
 pub mod webhook;
 
@@ -29,7 +32,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub type Body = Full<Bytes>;
@@ -63,13 +68,15 @@ pub fn refresh_gauges() {
 /// `header_timeout`, and when an answer cannot be written for as long (a peer that stops
 /// reading); the webhook handler bounds the body time itself. Open connections (of both
 /// listeners) are bounded; at the bound, a new connection takes the place of the oldest one
-/// without a request in progress.
+/// without a request in progress. With `tls`, every connection is TLS (HTTPS only); its
+/// handshake and its first request head share the header timeout.
 ///
 /// The descriptor limit is raised and the bound set when this is called (not when the future
 /// first runs), so that the first listener set up does it before anything else opens files.
 pub fn serve<F, Fut>(
     listener: TcpListener,
     header_timeout: Duration,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
     shutdown: crate::shutdown::Shutdown,
     handler: F,
@@ -101,9 +108,20 @@ where
             let Some(conn) = conns.admit(&lane) else { continue };
             let _ = stream.set_nodelay(true);
             let open = Open { conns, conn };
-            let task =
-                serve_connection(stream, open, header_timeout, graceful.watcher(), stop.clone(), handler.clone());
-            tokio::spawn(task);
+            let (watcher, stop, handler) = (graceful.watcher(), stop.clone(), handler.clone());
+            match &tls {
+                None => tokio::spawn(serve_connection(stream, open, header_timeout, watcher, stop, handler)),
+                // Boxed: the TLS session stays out of the plain connections' tasks.
+                Some(tls) => tokio::spawn(Box::pin(serve_tls_connection(
+                    stream,
+                    tls.acceptor(),
+                    open,
+                    header_timeout,
+                    watcher,
+                    stop,
+                    handler,
+                ))),
+            };
         }
         drop(listener);
         if tokio::time::timeout_at(shutdown.deadline(), graceful.shutdown()).await.is_err() {
@@ -141,24 +159,101 @@ async fn serve_connection<F, Fut>(
         _ = open.conn.shed() => return,
         _ = stop.cancelled() => return,
     };
-    let prefix = match first {
-        FirstHead::Complete(prefix) => {
-            // A request is in progress from now on: this connection is no longer shed.
-            if !open.conns.begin_request(&open.conn) {
-                return;
-            }
-            prefix
-        }
-        FirstHead::Partial(prefix) => prefix,
-        FirstHead::TimedOut { sent_bytes } => {
-            if sent_bytes {
-                let _ = stream.try_write(REQUEST_TIMEOUT);
-            }
+    let prefix = match after_first_head(first, &open) {
+        Next::Serve(prefix) => prefix,
+        Next::TimedOut => {
+            let _ = stream.try_write(REQUEST_TIMEOUT);
             return;
         }
-        FirstHead::Closed => return,
+        Next::Close => return,
     };
+    serve_http(stream, prefix, open, header_timeout, watcher, handler).await
+}
 
+/// [`serve_connection`] on the TLS listener: the handshake, then the first head decrypted,
+/// both by the header timeout from the accept and both "without a request" (shed first).
+async fn serve_tls_connection<F, Fut>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    open: Open,
+    header_timeout: Duration,
+    watcher: Watcher,
+    stop: CancellationToken,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + header_timeout;
+    let (mut stream, first) = tokio::select! {
+        r = async {
+            let mut stream = tls::handshake(acceptor, stream, deadline).await?;
+            let first = tls::read_first_head(&mut stream, deadline).await;
+            Some((stream, first))
+        } => match r {
+            Some(r) => r,
+            None => return,
+        },
+        _ = open.conn.shed() => return,
+        _ = stop.cancelled() => return,
+    };
+    let prefix = match after_first_head(first, &open) {
+        Next::Serve(prefix) => prefix,
+        Next::TimedOut => {
+            // Best effort, without waiting: the answer and the TLS close_notify if the socket
+            // takes them now.
+            use futures_util::FutureExt;
+            use tokio::io::AsyncWriteExt;
+            let _ = async {
+                stream.write_all(REQUEST_TIMEOUT).await?;
+                stream.shutdown().await
+            }
+            .now_or_never();
+            return;
+        }
+        Next::Close => return,
+    };
+    serve_http(stream, prefix, open, header_timeout, watcher, handler).await
+}
+
+/// What to do once the first head is read.
+enum Next {
+    /// Hand the connection to hyper, these bytes first.
+    Serve(Vec<u8>),
+    /// Answer 408 and close: part of a head came, too slowly.
+    TimedOut,
+    Close,
+}
+
+fn after_first_head(first: FirstHead, open: &Open) -> Next {
+    match first {
+        FirstHead::Complete(prefix) => {
+            // A request is in progress from now on: this connection is no longer shed.
+            if open.conns.begin_request(&open.conn) {
+                Next::Serve(prefix)
+            } else {
+                Next::Close
+            }
+        }
+        FirstHead::Partial(prefix) => Next::Serve(prefix),
+        FirstHead::TimedOut { sent_bytes: true } => Next::TimedOut,
+        FirstHead::TimedOut { sent_bytes: false } | FirstHead::Closed => Next::Close,
+    }
+}
+
+/// hyper on a connection whose first bytes (`prefix`) were read already.
+async fn serve_http<S, F, Fut>(
+    stream: S,
+    prefix: Vec<u8>,
+    open: Open,
+    header_timeout: Duration,
+    watcher: Watcher,
+    handler: F,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let (conns, conn) = (open.conns, open.conn.clone());
     let service = service_fn(move |req| {
         let (handler, conn) = (handler.clone(), conn.clone());

@@ -98,9 +98,12 @@ impl HttpSink {
                 Ok((name, Template::parse(v, Escape::None).map_err(|e| bad(e.to_string()))?))
             })
             .collect::<Result<_, SinkError>>()?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let https =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(crate::tls::provider())
+            .map_err(|e| bad(format!("TLS: {e}")))?
+            .https_or_http()
+            .enable_http1()
+            .build();
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https);
         Ok(HttpSink { name: name.to_owned(), url, headers, timeout: c.timeout, format: c.format, client })
     }

@@ -18,6 +18,7 @@ mod file_sink;
 mod flood;
 mod hostile;
 mod http_sink;
+mod https;
 mod ingest;
 mod kafka;
 mod reload;
