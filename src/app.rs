@@ -2,15 +2,18 @@
 //! sinks and the spool; [`App::run`] serves until its [`Shutdown`] is triggered, then stops
 //! within the one deadline. [`serve`] adds what only a process has: signals (SIGTERM/SIGINT
 //! stop, SIGHUP reloads) and systemd notifications. Tests build an `App` on port 0 and read
-//! its bound addresses instead of scraping a log line.
+//! its bound addresses instead of scraping a log line. With `[ingest]` on, the SFTP-hook
+//! poller is a task of the app too: it starts with [`App::run`] and stops with the shutdown.
 
 use crate::auth::Verifier;
-use crate::config::{ConfigError, DeliveryMode, Loaded};
+use crate::config::{ConfigError, DeliveryMode, Diagnostic, Loaded};
 use crate::delivery::{direct::Direct, Delivery};
+use crate::ingest::Inbox;
 use crate::jsonl::JsonlFile;
 use crate::routes::Routes;
 use crate::server;
 use crate::server::admin::Admin;
+use crate::server::webhook::custom_values::CustomValues;
 use crate::shutdown::Shutdown;
 use crate::state::{RouteTable, State};
 use http::HeaderName;
@@ -45,6 +48,8 @@ pub enum ServeError {
     Spool(#[from] crate::delivery::spool::SpoolError),
     #[error("{0}")]
     Control(#[from] crate::control::ControlError),
+    #[error("ingest.dir: cannot create {dir} and its done/ and rejected/ folders: {source}")]
+    Ingest { dir: std::path::PathBuf, source: std::io::Error },
 }
 
 /// A built daemon: both listeners bound (the admin one already serving), routes, sinks and
@@ -59,6 +64,7 @@ pub struct App {
     shutdown: Shutdown,
     mode: DeliveryMode,
     control: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+    inbox: Option<Inbox>,
 }
 
 impl App {
@@ -78,6 +84,7 @@ impl App {
         let admin_task = tokio::spawn(server::serve(
             admin_listener,
             Duration::from_secs(5),
+            None,
             admin_stop.clone(),
             shutdown.clone(),
             move |req| server::admin::handle(a.clone(), req),
@@ -89,8 +96,19 @@ impl App {
         };
 
         let (_, table) = prepare(&loaded).map_err(|e| stop_admin(e.into()))?;
+        let tls = webhook_tls(&loaded).map_err(|e| stop_admin(e.into()))?;
+        let custom_values =
+            CustomValues::new(&cfg.custom_values).map_err(|e| stop_admin(ConfigError::from(e).into()))?;
+        let inbox = if cfg.ingest.enabled() {
+            let org = Some(cfg.auth.organisation_id.clone()).filter(|o| !o.is_empty());
+            let inbox = Inbox::open(&cfg.ingest, org, cfg.server.max_body_bytes)
+                .map_err(|source| stop_admin(ServeError::Ingest { dir: cfg.ingest.dir.clone(), source }))?;
+            Some(inbox)
+        } else {
+            None
+        };
         let delivery: Arc<dyn Delivery> = match cfg.delivery.mode {
-            DeliveryMode::Direct => Arc::new(Direct::new(cfg.delivery.dedup_window)),
+            DeliveryMode::Direct => Arc::new(Direct::new(&cfg.delivery)),
             DeliveryMode::Spool => {
                 crate::delivery::spool::open(&cfg.delivery, &table.sinks).await.map_err(|e| stop_admin(e.into()))?
             }
@@ -105,11 +123,13 @@ impl App {
             normalise: loaded.normalise.clone(),
             delivery,
             metrics,
+            custom_values,
             routes_file: cfg.routes_file.clone(),
             table: RwLock::new(Arc::new(table)),
-            rejected: JsonlFile::new(cfg.delivery.rejected_file()),
+            rejected: JsonlFile::rotated(cfg.delivery.rejected_file(), cfg.delivery.max_rejected_bytes),
             ready: AtomicBool::new(false),
             restart_settings: cfg.restart_settings(),
+            tls,
         });
         state.refresh_gauges();
         admin.set_state(state.clone());
@@ -133,17 +153,8 @@ impl App {
             }
         };
         let webhook_addr = local_addr(&webhook, cfg.server.listen);
-        Ok(App {
-            state,
-            webhook,
-            webhook_addr,
-            admin_addr,
-            admin_task,
-            admin_stop,
-            shutdown,
-            mode: cfg.delivery.mode,
-            control,
-        })
+        let mode = cfg.delivery.mode;
+        Ok(App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode, control, inbox })
     }
 
     /// The bound webhook listener (the real port when configured with port 0).
@@ -166,11 +177,13 @@ impl App {
         self.state.clone()
     }
 
-    /// Serves webhooks until the shutdown is triggered; then, within its one deadline: readiness
-    /// off, the listener closed, in-flight requests finished, the delivery mode closed (what is
-    /// left stays in the spool), sinks flushed, the admin listener closed.
+    /// Serves webhooks (and polls the SFTP-hook folder) until the shutdown is triggered; then,
+    /// within its one deadline: readiness off, the listener closed and the poller stopped,
+    /// in-flight requests and the file being ingested finished, the delivery mode closed (what
+    /// is left stays in the spool), sinks flushed, the admin listener closed.
     pub async fn run(self) {
-        let App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode, control } = self;
+        let App { state, webhook, webhook_addr, admin_addr, admin_task, admin_stop, shutdown, mode, control, inbox } =
+            self;
         let control_task = control.map(|(listener, path)| {
             tokio::spawn(crate::control::serve(listener, path, state.clone(), shutdown.child_token()))
         });
@@ -178,10 +191,12 @@ impl App {
         let hook_task = tokio::spawn(server::serve(
             webhook,
             state.request_timeout,
+            state.tls.clone(),
             shutdown.child_token(),
             shutdown.clone(),
             move |req| server::webhook::handle(s.clone(), req),
         ));
+        let ingest_task = inbox.map(|inbox| tokio::spawn(inbox.run(state.clone(), shutdown.child_token())));
         state.ready.store(true, Ordering::Release);
         // Machine-readable line for wrappers that bind to port 0.
         tracing::info!(webhook = %webhook_addr, admin = %admin_addr, path = %state.path, mode = mode_name(mode), "webio-router ready");
@@ -192,7 +207,12 @@ impl App {
         let deadline = shutdown.deadline();
         tracing::info!(within = ?shutdown.remaining(), "shutting down: refusing new work, finishing in-flight requests");
         crate::notify::stopping();
-        let _ = tokio::time::timeout_at(deadline, hook_task).await;
+        let ingest_done = async {
+            if let Some(t) = ingest_task {
+                let _ = t.await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, futures_util::future::join(hook_task, ingest_done)).await;
         state.delivery.shutdown(deadline).await;
         let sinks: Vec<_> = state.table().sinks.values().cloned().collect();
         let left = shutdown.remaining();
@@ -206,6 +226,16 @@ impl App {
         }
         tracing::info!("stopped");
     }
+}
+
+/// The webhook listener's TLS, when `server.tls_cert_file` and `server.tls_key_file` are set.
+fn webhook_tls(loaded: &Loaded) -> Result<Option<Arc<server::tls::Tls>>, ConfigError> {
+    let Some((cert, key)) = loaded.config.server.tls_files() else { return Ok(None) };
+    let source = loaded.file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
+    let certificate = server::tls::Certificate::load(cert, key)
+        .map_err(|e| ConfigError::from(Diagnostic::new(source, e.to_string())))?;
+    tracing::info!(cert_file = %cert.display(), sha256 = %certificate.fingerprint(), "webhook listener speaks HTTPS only");
+    Ok(Some(Arc::new(server::tls::Tls::new(certificate))))
 }
 
 fn mode_name(mode: DeliveryMode) -> &'static str {
@@ -223,7 +253,8 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets and routes.toml.
+/// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets, routes.toml and the
+/// webhook listener's certificate.
 pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     let app = App::build(loaded).await?;
     let shutdown = app.shutdown();
@@ -237,7 +268,8 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets and routes.toml.
+/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets, routes.toml and the
+/// webhook listener's certificate.
 async fn handle_signals(state: Arc<State>, shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =

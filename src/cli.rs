@@ -75,6 +75,19 @@ pub enum Command {
     },
     #[command(flatten)]
     Control(Control),
+    /// Inspect or rescue the spool file; run it while the daemon is stopped.
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpoolAction {
+    /// Check the spool: integrity, pending deliveries per sink, the oldest, the size (exit 0 healthy, 1 damaged).
+    Check,
+    /// Move a damaged spool aside and copy every readable pending record into a fresh one.
+    Salvage,
 }
 
 /// Operator commands that go through a running daemon's control socket.
@@ -138,6 +151,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Completions { .. } => unreachable!("answered above"),
         Command::Replay { file, sink } => replay(&loaded, &file, sink.as_deref()),
         Command::Control(c) => control(&loaded, c),
+        Command::Spool { action } => spool(&loaded, action),
     }
 }
 
@@ -201,10 +215,14 @@ fn check(loaded: &Loaded) -> ExitCode {
         "config: {}",
         loaded.file.as_ref().map_or("built-in defaults + environment".into(), |f| f.display().to_string())
     );
+    let scheme = if c.server.tls_files().is_some() { "https" } else { "http" };
     println!(
-        "webhooks: POST http://{}{} (max body {} bytes, timeout {:?})",
+        "webhooks: POST {scheme}://{}{} (max body {} bytes, timeout {:?})",
         c.server.listen, c.server.path, c.server.max_body_bytes, c.server.request_timeout
     );
+    if let Some((cert, key)) = c.server.tls_files() {
+        println!("tls: certificate {}, key {} (HTTPS only; re-read on SIGHUP)", cert.display(), key.display());
+    }
     println!("admin: http://{}/metrics, /healthz, /readyz", c.admin.listen);
     if c.auth.disabled {
         println!("auth: DISABLED (local experiments only)");
@@ -218,6 +236,20 @@ fn check(loaded: &Loaded) -> ExitCode {
         println!("auth: header {}, {} secret(s), {}, {}", c.auth.header, loaded.secrets.len(), algs.join("/"), org);
     }
     println!("delivery: {}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
+    if c.custom_values.enabled() {
+        let cv = &c.custom_values;
+        println!(
+            "custom values: GET {} -> {} (timeout {:?}, cache {:?}, {} header(s))",
+            c.server.path,
+            cv.upstream,
+            cv.timeout,
+            cv.cache_ttl,
+            cv.headers.len()
+        );
+    }
+    if c.ingest.enabled() {
+        println!("ingest: {} every {:?} (done/, rejected/ beside it)", c.ingest.dir.display(), c.ingest.poll);
+    }
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
         println!("  sink {name}: {} (format {})", sink.type_name(), sink.format().as_str());
@@ -507,6 +539,103 @@ fn replay(loaded: &Loaded, file: &Path, sink: Option<&str>) -> ExitCode {
         Err(e) => {
             eprintln!("replay: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `spool check` / `spool salvage` (see `spool::offline`). Exit 0 healthy or salvaged, 1
+/// damaged or failed, 2 when the spool is in use or there is none (direct mode).
+fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
+    use crate::delivery::spool::{offline, SpoolError};
+    let c = &loaded.config;
+    if c.delivery.mode != crate::config::DeliveryMode::Spool {
+        eprintln!("spool: delivery.mode is \"direct\": there is no spool");
+        return ExitCode::from(2);
+    }
+    let refused = |e: &dyn std::fmt::Display, in_use: bool| {
+        eprintln!("{e}");
+        ExitCode::from(if in_use { 2 } else { 1 })
+    };
+    match action {
+        SpoolAction::Check => match offline::check(&c.delivery) {
+            Ok(r) if r.absent => {
+                println!("spool {}: none yet (nothing pending)", r.path.display());
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                let state = if r.healthy() { "healthy" } else { "damaged" };
+                println!("spool {}: {state}", r.path.display());
+                println!("size: {} bytes ({} events, {} bytes of event data)", r.size, r.events, r.event_bytes);
+                println!("pending deliveries: {}", r.pending.values().sum::<u64>());
+                for (sink, n) in &r.pending {
+                    println!("  {sink}: {n}");
+                }
+                if let Some((sink, id, at)) = &r.oldest {
+                    println!("oldest pending: event {id} received {at} (sink {sink})");
+                }
+                println!("dedup ids inside the window: {}", r.dedup_ids);
+                if r.healthy() {
+                    return ExitCode::SUCCESS;
+                }
+                println!("damaged records: {} (never delivered: each goes to the dead-letter file as stored when its sink reaches it)", r.damaged.len());
+                for (seq, why) in r.damaged.iter().take(20) {
+                    println!("  seq {seq}: {why}");
+                }
+                println!("`webio-router spool salvage` moves the file aside and keeps every readable record");
+                ExitCode::from(1)
+            }
+            Err(e) => refused(&e, matches!(e, SpoolError::InUse { .. })),
+        },
+        SpoolAction::Salvage => {
+            let routes = match Routes::load(&c.routes_file) {
+                Ok(r) => r,
+                Err(e) => return config_error(&e),
+            };
+            let route = |ev: &crate::event::Event| -> Vec<String> {
+                routes.matching(ev).sinks.into_iter().map(str::to_owned).collect()
+            };
+            match offline::salvage(&c.delivery, &route) {
+                Ok(r) => {
+                    match &r.moved_to {
+                        Some(p) => println!("moved the old spool aside to {}", p.display()),
+                        None => println!("there was no spool file to move aside"),
+                    }
+                    if let Some(e) = &r.index_error {
+                        println!("the old file's index could not be read: {e}");
+                    }
+                    if r.source == offline::Source::Scan {
+                        println!("its bytes were scanned for intact records instead: they are queued for the sinks their routes match now; some may have been delivered already and will be delivered again (sinks dedupe by event id)");
+                    }
+                    let per: Vec<_> = r.pairs.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+                    println!(
+                        "saved {} event(s) into a fresh spool {} ({})",
+                        r.saved,
+                        r.fresh.display(),
+                        per.join(", ")
+                    );
+                    if r.damaged > 0 {
+                        println!(
+                            "could not save {} damaged record(s): written as stored to {}",
+                            r.damaged,
+                            c.delivery.dead_letter_file.display()
+                        );
+                    }
+                    if r.lost > 0 {
+                        println!("could not save {} pending delivery(ies): their event rows are unreadable", r.lost);
+                    }
+                    if r.unrouted > 0 {
+                        println!(
+                            "not queued: {} event(s) that no route in {} matches now",
+                            r.unrouted,
+                            c.routes_file.display()
+                        );
+                    }
+                    println!("the next start delivers what was saved");
+                    ExitCode::SUCCESS
+                }
+                Err(offline::SalvageError::Spool(e)) => refused(&e, matches!(e, SpoolError::InUse { .. })),
+                Err(e) => refused(&e, false),
+            }
         }
     }
 }

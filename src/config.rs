@@ -2,6 +2,8 @@
 //! unknown keys refused, validated once by [`Config::load`] (which `check` runs too).
 
 use crate::event::NormaliseOptions;
+use crate::ingest::IngestConfig;
+use crate::server::webhook::custom_values::CustomValuesConfig;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer};
@@ -72,7 +74,7 @@ pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str
     for c in candidates {
         let c_lower = c.to_lowercase();
         let score = if c_lower == lower { 2.0 } else { strsim::jaro_winkler(&lower, &c_lower) };
-        if score >= 0.8 && best.is_none_or(|(b, _)| score > b) {
+        if score >= 0.8 && best.map_or(true, |(b, _)| score > b) {
             best = Some((score, c));
         }
     }
@@ -198,7 +200,7 @@ pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration,
     duration::deserialize(d)
 }
 
-mod duration {
+pub(crate) mod duration {
     use serde::de::{Error, Unexpected, Visitor};
     use serde::Deserializer;
     use std::fmt;
@@ -261,6 +263,8 @@ pub struct Config {
     pub normalise: NormaliseConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    pub custom_values: CustomValuesConfig,
+    pub ingest: IngestConfig,
 }
 
 impl Default for Config {
@@ -273,6 +277,8 @@ impl Default for Config {
             normalise: NormaliseConfig::default(),
             delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
+            custom_values: CustomValuesConfig::default(),
+            ingest: IngestConfig::default(),
         }
     }
 }
@@ -285,6 +291,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// PEM certificate chain (the server's certificate first); with `tls_key_file`, the
+    /// webhook listener speaks HTTPS only. Re-read on SIGHUP.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -294,8 +305,35 @@ impl Default for ServerConfig {
             path: "/webhooks/webio".into(),
             max_body_bytes: 262_144,
             request_timeout: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
+}
+
+impl ServerConfig {
+    /// The certificate and key files when TLS is on (both set and not empty).
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((non_empty_path(&self.tls_cert_file)?, non_empty_path(&self.tls_key_file)?))
+    }
+
+    fn validate_tls(&self) -> Option<String> {
+        match (non_empty_path(&self.tls_cert_file), non_empty_path(&self.tls_key_file)) {
+            (Some(cert), Some(key)) => crate::server::tls::load(cert, key).err().map(|e| e.to_string()),
+            (Some(_), None) => {
+                Some("server.tls_key_file: not set; server.tls_cert_file needs it (both or neither)".into())
+            }
+            (None, Some(_)) => {
+                Some("server.tls_cert_file: not set; server.tls_key_file needs it (both or neither)".into())
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+/// An optional path, unset when empty (so that an environment variable can clear it).
+fn non_empty_path(path: &Option<PathBuf>) -> Option<&Path> {
+    path.as_deref().filter(|p| !p.as_os_str().is_empty())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -415,10 +453,15 @@ pub struct DeliveryConfig {
     pub retry_max: Duration,
     pub max_attempts: u32,
     pub dead_letter_file: PathBuf,
+    /// `rejected.jsonl` is rotated to `rejected.jsonl.1` before it grows past this.
+    pub max_rejected_bytes: u64,
     #[serde(with = "duration")]
     pub dedup_window: Duration,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// SIGTERM waits, within `shutdown_timeout`, until the spool is empty (for a spool that
+    /// does not outlive the process, such as a pod's `emptyDir`).
+    pub drain_on_shutdown: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -431,8 +474,10 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(30),
             max_attempts: 20,
             dead_letter_file: PathBuf::from("var/dead-letter.jsonl"),
+            max_rejected_bytes: 64 << 20,
             dedup_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(20),
+            drain_on_shutdown: false,
         }
     }
 }
@@ -632,7 +677,14 @@ impl Config {
     /// The settings a SIGHUP does not apply (everything but `auth` and `routes_file`), as
     /// text, to tell an operator that a changed file needs a restart.
     pub fn restart_settings(&self) -> String {
-        format!("{:?} {:?} {:?} {:?} {:?}", self.server, self.admin, self.normalise, self.delivery, self.log)
+        // The certificate files are re-read on SIGHUP (paths included); only turning TLS on or
+        // off needs a restart.
+        let server = ServerConfig {
+            tls_cert_file: self.server.tls_files().map(|_| PathBuf::from("(on)")),
+            tls_key_file: None,
+            ..self.server.clone()
+        };
+        format!("{:?} {:?} {:?} {:?} {:?}", server, self.admin, self.normalise, self.delivery, self.log)
     }
 
     /// The secrets of `auth.secrets` then `auth.secret_files`, in order (index 0 signs
@@ -710,6 +762,9 @@ impl Config {
         if self.server.request_timeout.is_zero() {
             err("server.request_timeout: must be greater than 0".into());
         }
+        if let Some(e) = self.server.validate_tls() {
+            err(e);
+        }
         if self.server.listen == self.admin.listen && self.server.listen.port() != 0 {
             err(format!("admin.listen: {} is also server.listen", self.admin.listen));
         }
@@ -733,6 +788,13 @@ impl Config {
         if d.max_spool_bytes == 0 {
             err("delivery.max_spool_bytes: must be greater than 0".into());
         }
+        if d.max_rejected_bytes == 0 {
+            err("delivery.max_rejected_bytes: must be greater than 0".into());
+        }
+        if self.custom_values.enabled() {
+            self.custom_values.validate().into_iter().for_each(&mut err);
+        }
+        self.ingest.validate().into_iter().for_each(&mut err);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             err(format!("log.level: {:?} is not a level or filter (error, warn, info, debug, trace)", self.log.level));
         }

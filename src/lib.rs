@@ -13,6 +13,9 @@
 //!   resume, replay) and the status `sinks` and `GET /sinks` show.
 //! - [`server`]: the hyper webhook listener, the admin listener, and the one function that
 //!   maps a request error to an HTTP answer.
+//!   - [`server::webhook::custom_values`]: Webio's Custom Value Request (`GET`), forwarded to
+//!     an upstream and cached.
+//! - [`ingest`]: the SFTP-hook folder: JSON files of webhook calls, routed like POSTs.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
 //! - [`event`]: normalisation of old and new Webio payloads into [`event::Event`].
 //! - [`routes`]: `routes.toml` parsing, validation with `file:line:col` diagnostics, matching;
@@ -23,7 +26,8 @@
 //!   - [`delivery::spool`]: the crash-safe on-disk spool.
 //! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
 //!   folders: config, connection/confirms or callbacks).
-//! - [`tls`]: the binary's one rustls crypto provider (ring).
+//! - [`tls`]: the binary's one rustls crypto provider (ring); the webhook listener's TLS is
+//!   [`server::tls`].
 //! - [`dedup`]: the re-delivery window.
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
@@ -38,6 +42,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod event;
 pub mod format;
+pub mod ingest;
 pub mod jsonl;
 pub mod logging;
 pub mod metrics;

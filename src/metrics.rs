@@ -23,10 +23,15 @@ pub const SPOOL_PENDING: &str = "webio_router_spool_pending";
 pub const SPOOL_BYTES: &str = "webio_router_spool_bytes";
 pub const SPOOL_FLUSHES: &str = "webio_router_spool_flushes_total";
 pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
+pub const SPOOL_WRITE_ERRORS: &str = "webio_router_spool_write_errors_total";
 pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
 pub const SINK_PAUSED: &str = "webio_router_sink_paused";
+pub const CUSTOM_VALUE_REQUESTS: &str = "webio_router_custom_value_requests_total";
+pub const INGESTED_FILES: &str = "webio_router_ingested_files_total";
+pub const CONNECTIONS_OPEN: &str = "webio_router_connections_open";
+pub const CONNECTIONS_SHED: &str = "webio_router_connections_shed_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -44,10 +49,15 @@ pub const NAMES: &[&str] = &[
     SPOOL_BYTES,
     SPOOL_FLUSHES,
     SPOOL_APPENDS,
+    SPOOL_WRITE_ERRORS,
     SINK_UP,
     BUILD_INFO,
     CONFIG_RELOADS,
     SINK_PAUSED,
+    CUSTOM_VALUE_REQUESTS,
+    INGESTED_FILES,
+    CONNECTIONS_OPEN,
+    CONNECTIONS_SHED,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -107,7 +117,8 @@ const REJECT_REASONS: &[&str] = &["not_json", "not_object", "missing_type", "typ
 /// Every family is on `/metrics` from the start, its known label values at zero: a dashboard
 /// shows 0 rather than "no data", and `increase()` sees the first event instead of a series
 /// that appears already at 1. Families labelled by sink start with each sink
-/// ([`register_sink`]).
+/// ([`register_sink`]); those of an optional feature with the feature
+/// ([`register_custom_values`], [`register_ingest`]).
 fn preregister() {
     for status in STATUSES {
         counter!(REQUESTS, "status" => status.to_string()).absolute(0);
@@ -132,6 +143,11 @@ fn preregister() {
     gauge!(SPOOL_BYTES).set(0.0);
     counter!(SPOOL_FLUSHES).absolute(0);
     counter!(SPOOL_APPENDS).absolute(0);
+    counter!(SPOOL_WRITE_ERRORS).absolute(0);
+    gauge!(CONNECTIONS_OPEN).set(0.0);
+    for state in ["no_request", "idle", "new"] {
+        counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
+    }
     for outcome in ["ok", "error"] {
         counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
     }
@@ -153,10 +169,24 @@ fn describe() {
     describe_gauge!(SPOOL_BYTES, "Bytes of event data held in the spool.");
     describe_counter!(SPOOL_FLUSHES, "Durable spool commits (one fsync each).");
     describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
+    describe_counter!(SPOOL_WRITE_ERRORS, "Spool commits that failed (full disk, I/O error).");
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (secrets and routes.toml, on SIGHUP), by outcome.");
     describe_gauge!(SINK_PAUSED, "1 while the sink is paused (webio-router pause), else 0.");
+    describe_counter!(
+        CUSTOM_VALUE_REQUESTS,
+        "Custom Value Requests answered, by outcome (ok, cached, error, timeout)."
+    );
+    describe_counter!(INGESTED_FILES, "SFTP-hook files taken from the inbox, by outcome (ok, rejected).");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open HTTP connections, both listeners together (bounded below the descriptor limit)."
+    );
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections closed at the bound to make room, by state: no_request, idle, or new (refused: all busy)."
+    );
 }
 
 /// Creates the series of a sink at zero, so that `increase()` sees its first failure and
@@ -175,7 +205,7 @@ pub fn register_sink(sink: &str) {
 // so series still appear when first counted, as before.
 
 /// HTTP statuses the webhook listener answers; others take the uncached path.
-const STATUSES: [u16; 10] = [200, 202, 400, 401, 404, 405, 408, 413, 500, 503];
+const STATUSES: [u16; 12] = [200, 202, 400, 401, 404, 405, 408, 413, 500, 502, 503, 504];
 static REQUEST_COUNTERS: [OnceLock<Counter>; STATUSES.len()] = [const { OnceLock::new() }; STATUSES.len()];
 static REQUEST_HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
 /// `(type, shape)` pairs: KNOWN_TYPES then `other`, times legacy/current.
@@ -308,6 +338,11 @@ pub fn spool_flush(appends: u64) {
     counter!(SPOOL_APPENDS).increment(appends);
 }
 
+/// One spool commit that failed (full disk, I/O error).
+pub fn spool_write_error() {
+    counter!(SPOOL_WRITE_ERRORS).increment(1);
+}
+
 pub fn sink_up(sink: &str, up: bool) {
     gauge!(SINK_UP, "sink" => sink.to_owned()).set(if up { 1.0 } else { 0.0 });
 }
@@ -316,8 +351,51 @@ pub fn sink_paused(sink: &str, paused: bool) {
     gauge!(SINK_PAUSED, "sink" => sink.to_owned()).set(if paused { 1.0 } else { 0.0 });
 }
 
+const CUSTOM_VALUE_OUTCOMES: [&str; 4] = ["ok", "cached", "error", "timeout"];
+const INGEST_OUTCOMES: [&str; 2] = ["ok", "rejected"];
+
+/// Creates the Custom Value counters at zero (when the feature is on).
+pub fn register_custom_values() {
+    for outcome in CUSTOM_VALUE_OUTCOMES {
+        counter!(CUSTOM_VALUE_REQUESTS, "outcome" => outcome).absolute(0);
+    }
+}
+
+/// One Custom Value Request: `ok`, `cached`, `error` or `timeout`.
+pub fn custom_value_request(outcome: &'static str) {
+    counter!(CUSTOM_VALUE_REQUESTS, "outcome" => outcome).increment(1);
+}
+
+/// Creates the ingest counters at zero (when the feature is on).
+pub fn register_ingest() {
+    for outcome in INGEST_OUTCOMES {
+        counter!(INGESTED_FILES, "outcome" => outcome).absolute(0);
+    }
+}
+
+/// One SFTP-hook file moved out of the inbox: `ok` or `rejected`.
+pub fn ingested_file(outcome: &'static str) {
+    counter!(INGESTED_FILES, "outcome" => outcome).increment(1);
+}
+
 pub fn config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+static CONNECTIONS_GAUGE: OnceLock<Gauge> = OnceLock::new();
+
+pub fn connections_open(open: usize) {
+    let make = || gauge!(CONNECTIONS_OPEN);
+    if installed() {
+        CONNECTIONS_GAUGE.get_or_init(make).set(open as f64);
+    } else {
+        make().set(open as f64);
+    }
+}
+
+/// One connection closed to make room; `state` is `no_request`, `idle` or `new`.
+pub fn connection_shed(state: &'static str) {
+    counter!(CONNECTIONS_SHED, "state" => state).increment(1);
 }
 
 #[cfg(test)]

@@ -1,15 +1,18 @@
 //! What the request handlers share: the route table (swapped whole on SIGHUP), the token
 //! verifier, the delivery mode, readiness. Built by [`crate::app::App`]; read by the
-//! listeners in [`crate::server`].
+//! listeners in [`crate::server`] and the SFTP-hook poller in [`crate::ingest`], which both
+//! hand events on through [`State::route`].
 
 use crate::auth::Verifier;
-use crate::config::{Config, ConfigError};
-use crate::delivery::Delivery;
-use crate::event::{BodyError, NormaliseOptions};
+use crate::config::{Config, ConfigError, Diagnostic};
+use crate::delivery::{Accepted, Delivery, Refused};
+use crate::event::{BodyError, Envelope, Event, NormaliseOptions};
 use crate::jsonl::{body_fields, JsonlFile};
 use crate::routes::Routes;
 use crate::server::error::RequestError;
+use crate::server::webhook::custom_values::CustomValues;
 use crate::sinks::Sink;
+use bytes::Bytes;
 use http::HeaderName;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -50,6 +53,15 @@ impl RouteTable {
     }
 }
 
+/// What [`State::route`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Taken for `routes` matched routes (0: unrouted).
+    Accepted { routes: usize },
+    /// Same event id inside the dedup window: acknowledged, nothing re-sent.
+    Duplicate,
+}
+
 pub struct State {
     pub path: String,
     pub auth_header: HeaderName,
@@ -63,12 +75,16 @@ pub struct State {
     pub normalise: NormaliseOptions,
     pub delivery: Arc<dyn Delivery>,
     pub metrics: PrometheusHandle,
+    /// Custom Value Requests (`GET {path}`), when `custom_values.upstream` is set.
+    pub custom_values: Option<CustomValues>,
     pub(crate) routes_file: PathBuf,
     pub(crate) table: RwLock<Arc<RouteTable>>,
     pub(crate) rejected: JsonlFile,
     pub(crate) ready: AtomicBool,
     /// What a reload cannot change, as it was at start (to warn when the file differs).
     pub(crate) restart_settings: String,
+    /// The webhook listener's TLS (`server.tls_cert_file`), whose certificate a reload swaps.
+    pub tls: Option<Arc<crate::server::tls::Tls>>,
 }
 
 impl State {
@@ -82,6 +98,38 @@ impl State {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && self.delivery.is_ready()
+    }
+
+    /// Routes a normalised event and hands it to delivery: the one step that POSTed and
+    /// ingested events share, so that routing, dedup and metrics are the same for both. An
+    /// event no route matches is taken (and counted as unrouted) without reaching delivery.
+    pub async fn route(&self, event: Event, raw: Bytes) -> Result<Taken, Refused> {
+        let table = self.table();
+        let matched = table.routes.matching(&event);
+        let routes = matched.routes.len();
+        tracing::Span::current().record("event_id", event.id.as_str());
+        let (event_type, shape) = (event.event_type.clone(), event.shape.as_str());
+        if matched.sinks.is_empty() {
+            crate::metrics::event(&event_type, shape);
+            crate::metrics::unrouted(&event_type);
+            tracing::debug!(event_id = %event.id, event_type = %event_type, "event matched no route");
+            return Ok(Taken::Accepted { routes: 0 });
+        }
+        let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
+        drop(matched);
+        let id = event.id.clone();
+        match self.delivery.submit(Envelope::new(event, raw), sinks).await? {
+            Accepted::New => {
+                crate::metrics::event(&event_type, shape);
+                tracing::debug!(event_id = %id, routes, "event accepted");
+                Ok(Taken::Accepted { routes })
+            }
+            Accepted::Duplicate => {
+                crate::metrics::duplicate();
+                tracing::debug!(event_id = %id, "duplicate event acknowledged");
+                Ok(Taken::Duplicate)
+            }
+        }
     }
 
     /// Keeps a refused body, with the reason, so that nothing is lost. If even that fails,
@@ -171,10 +219,11 @@ impl State {
         }
     }
 
-    /// SIGHUP: re-reads the configuration's secrets (`auth.*`, inline and files) and
-    /// routes.toml. All or nothing: an invalid secret or routes file is refused with a log
-    /// line and what was in force stays. Other settings (listeners, spool, …) need a restart;
-    /// a change to them is logged, not applied.
+    /// SIGHUP: re-reads the configuration's secrets (`auth.*`, inline and files), routes.toml
+    /// and the webhook listener's certificate and key. All or nothing: an invalid secret,
+    /// routes file or certificate is refused with a log line and what was in force stays.
+    /// Other settings (listeners, spool, turning TLS on or off, …) need a restart; a change to
+    /// them is logged, not applied.
     pub fn reload(&self) -> Result<(), ConfigError> {
         match self.try_reload() {
             Ok(()) => {
@@ -183,7 +232,7 @@ impl State {
             }
             Err(e) => {
                 crate::metrics::config_reload(false);
-                tracing::error!(error = %e, "reload refused; the previous secrets and routes stay in force");
+                tracing::error!(error = %e, "reload refused; the previous secrets, routes and certificate stay in force");
                 Err(e)
             }
         }
@@ -191,6 +240,16 @@ impl State {
 
     fn try_reload(&self) -> Result<(), ConfigError> {
         let loaded = Config::load(self.config_file.as_deref(), Some(&self.routes_file))?;
+        // Read again here (the validation only checked them): these are the files in force.
+        let certificate = match (&self.tls, loaded.config.server.tls_files()) {
+            (Some(_), Some((cert, key))) => {
+                let source = self.config_file.as_ref().map_or("configuration".into(), |f| f.display().to_string());
+                let certificate = crate::server::tls::Certificate::load(cert, key)
+                    .map_err(|e| Diagnostic::new(source, e.to_string()))?;
+                Some((cert.to_owned(), certificate))
+            }
+            _ => None,
+        };
         let current = self.table();
         let table = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)))?;
         let verifier = Verifier::new(&loaded);
@@ -206,6 +265,16 @@ impl State {
             sinks,
             "configuration reloaded (secrets and routes)"
         );
+        if let (Some(tls), Some((cert_file, certificate))) = (&self.tls, certificate) {
+            let sha256 = certificate.fingerprint();
+            let changed = tls.replace(certificate);
+            tracing::info!(
+                cert_file = %cert_file.display(),
+                %sha256,
+                changed,
+                "webhook TLS certificate in force for new connections"
+            );
+        }
         if loaded.config.restart_settings() != self.restart_settings {
             tracing::warn!("settings other than auth and routes changed; they take effect at the next restart");
         }

@@ -8,13 +8,17 @@ pub enum Escape {
     /// As is (AMQP routing keys, header values, Kafka keys).
     None,
     /// One path component: anything but `[A-Za-z0-9._-]` becomes `_`, and no `..`, so a
-    /// payload value can never climb out of the sink's directory.
+    /// payload value can never climb out of the sink's directory. A null or empty value
+    /// renders [`NULL_SEGMENT`], so that `{conversationId}.jsonl` never names a hidden file.
     PathSegment,
     /// Percent-encoded, for URLs.
     Url,
     /// Kafka topic names allow `[A-Za-z0-9._-]` only.
     Topic,
 }
+
+/// What a null (or empty) field renders as in a file path.
+pub const NULL_SEGMENT: &str = "null";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -96,17 +100,20 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
     }
 
-    /// Renders for one event; a null field renders as the empty string.
+    /// Renders for one event; a null field renders as the empty string, except in a path
+    /// segment ([`NULL_SEGMENT`]).
     pub fn render(&self, event: &Event) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Lit(s) => out.push_str(s),
-                Part::Field(name) => {
-                    if let Some(v) = event.field(name).to_text() {
-                        escape_into(&mut out, &v, self.escape);
+                Part::Field(name) => match event.field(name).to_text() {
+                    Some(v) if !(v.is_empty() && self.escape == Escape::PathSegment) => {
+                        escape_into(&mut out, &v, self.escape)
                     }
-                }
+                    _ if self.escape == Escape::PathSegment => out.push_str(NULL_SEGMENT),
+                    _ => {}
+                },
             }
         }
         out
@@ -184,6 +191,19 @@ mod tests {
         assert_eq!(t.render(&event()), "var/_._.._etc_x_y.jsonl");
         let t = Template::parse("{extra.tag}", Escape::PathSegment).unwrap();
         assert_eq!(t.render(&event()), "a_b");
+    }
+
+    #[test]
+    fn a_null_or_empty_field_in_a_path_renders_a_visible_placeholder() {
+        let t = Template::parse("var/{customerUid}.jsonl", Escape::PathSegment).unwrap();
+        assert_eq!(t.render(&event()), "var/null.jsonl");
+        let body = br#"{"type":"inboundMessage","channel":""}"#;
+        let ev = normalise(body, None, &NormaliseOptions::default(), chrono::Utc::now()).unwrap();
+        let t = Template::parse("var/{type}/{extra.channel}{extra.missing}.jsonl", Escape::PathSegment).unwrap();
+        assert_eq!(t.render(&ev), "var/inboundMessage/nullnull.jsonl");
+        // Elsewhere a null stays empty.
+        let t = Template::parse("webio.{customerUid}", Escape::Topic).unwrap();
+        assert_eq!(t.render(&event()), "webio.");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! refuses to guess when two are compiled in. The build keeps aws-lc-rs out (lapin without its
 //! `rustls` feature, hyper-rustls with `ring`), so ring is the only provider in `Cargo.lock`;
 //! [`provider`] installs it as the process default once, before anything builds a TLS
-//! configuration, so every TLS client (HTTP sink, `amqps://`) uses the same one.
+//! configuration, so every TLS client (HTTP sink, `amqps://`) and the webhook listener's TLS
+//! (`crate::server::tls`) use the same one. Build configurations with
+//! `builder_with_provider(provider())` rather than relying on the default.
 
 use rustls::crypto::CryptoProvider;
 use std::sync::{Arc, OnceLock};

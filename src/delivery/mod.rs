@@ -87,6 +87,12 @@ pub trait Delivery: Send + Sync + 'static {
         Box::pin(async { Err(ControlRefused::NoSpool) })
     }
 
+    /// Why it is not ready, when that is not just the shutdown (for `/readyz`): e.g. the
+    /// spool cannot commit.
+    fn unready_reason(&self) -> Option<String> {
+        None
+    }
+
     /// Stop: flush what can be flushed before `deadline` (the shutdown's one deadline).
     fn shutdown(&self, deadline: tokio::time::Instant) -> BoxFuture<'_, ()>;
 }

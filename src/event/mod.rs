@@ -4,7 +4,7 @@
 mod normalise;
 mod time;
 
-pub use normalise::{normalise, BodyError, NormaliseOptions};
+pub use normalise::{event_id, normalise, BodyError, NormaliseOptions};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -212,11 +212,12 @@ pub fn normalise(
 }
 
 /// Deterministic id: a hash of every normalised field except `id` and `receivedAt`, so the
-/// same body gives the same id and events differing in any mapped field differ.
+/// same body gives the same id and events differing in any mapped field differ. The one
+/// place the id is computed: the spool also uses it to check a record read back from disk.
 ///
 /// The hashed bytes are exactly the event's JSON with `id` and `receivedAt` empty; they are
 /// serialised from a borrowed view instead of a clone of the event.
-fn event_id(ev: &Event) -> String {
+pub fn event_id(ev: &Event) -> String {
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Canonical<'a> {

@@ -118,13 +118,13 @@ fn the_spec_example_parses_with_every_sink_type() {
     assert_eq!(r.sinks.keys().collect::<Vec<_>>(), ["archive", "bus", "crm", "stream"]);
     assert_eq!(
         r.sinks["archive"],
-        SinkConfig::File(FileConfig { path: "var/events.jsonl".into(), format: Format::Event, fsync: false })
+        SinkConfig::File(FileConfig { path: "var/events.jsonl".into(), format: Format::Event, fsync: true })
     );
     assert_eq!(
         r.sinks["crm"],
         SinkConfig::Http(HttpConfig {
             url: "http://127.0.0.1:9000/webio".into(),
-            timeout: "5s".into(),
+            timeout: std::time::Duration::from_secs(5),
             headers: [("x-api-key".to_owned(), "k-123".to_owned())].into(),
             format: Format::Event,
         })

@@ -37,6 +37,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
     let state = admin.state.get();
     match req.uri().path() {
         "/metrics" => {
+            super::refresh_gauges();
             if let Some(s) = state {
                 s.refresh_gauges();
             }
@@ -58,9 +59,16 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             }
             match state {
                 Some(s) if s.is_ready() => json(StatusCode::OK, json!({"status": "ready", "warnings": warnings})),
-                Some(_) => {
-                    json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "shutting down", "warnings": warnings}))
-                }
+                Some(s) => match s.delivery.unready_reason() {
+                    // E.g. the spool cannot commit: every webhook would get 503.
+                    Some(reason) => json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "not ready", "reason": reason, "warnings": warnings}),
+                    ),
+                    None => {
+                        json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "shutting down", "warnings": warnings}))
+                    }
+                },
                 None => json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting", "warnings": warnings})),
             }
         }

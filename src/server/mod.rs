@@ -1,90 +1,296 @@
 //! The two hyper listeners: webhooks ([`webhook`]) and admin ([`admin`]), sharing one
 //! accept loop with connection limits, header timeouts and graceful shutdown.
+//!
+//! A flood of connections that send nothing useful must not starve real requests nor exhaust
+//! the process's descriptors: open connections are bounded below the descriptor limit
+//! ([`limits`]), a new connection at the bound takes the place of one without a request in
+//! progress ([`conns`]), a connection costs next to nothing until its first request head is
+//! complete ([`head`]), and the memory a flood took is given back once it ends ([`trim`]).
+//! With a certificate configured, the webhook listener speaks HTTPS only ([`tls`]): the
+//! handshake is one more step of a connection without a request, in its own task.
 
 pub mod admin;
+mod conns;
 pub mod error;
+mod head;
+mod io;
+pub mod limits;
+pub mod tls;
+mod trim;
 pub mod webhook;
 
 use bytes::Bytes;
+use conns::{Conn, Connections, Lane};
+use head::FirstHead;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub type Body = Full<Bytes>;
 
-/// Open connections per listener; beyond it new connections wait in the kernel backlog.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// What a connection whose head did not arrive in time is told before it is closed (as hyper
+/// does for later requests on a kept-alive connection).
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The connections of the process (both listeners). The first listener to start raises the
+/// descriptor limit, derives the bound from it and starts the memory trimming.
+fn connections() -> &'static Connections {
+    static CONNECTIONS: OnceLock<Connections> = OnceLock::new();
+    let mut first = false;
+    let conns = CONNECTIONS.get_or_init(|| {
+        first = true;
+        Connections::new(limits::connection_bound_at_start())
+    });
+    if first {
+        trim::spawn(conns);
+    }
+    conns
+}
+
+/// Sets the gauges read rather than counted (open connections); called on each scrape.
+pub fn refresh_gauges() {
+    crate::metrics::connections_open(connections().open());
+}
 
 /// Serves `listener` until `stop` is cancelled, then lets in-flight requests finish until
 /// the shutdown's one deadline (SPEC §10). A connection is cut when its headers take longer than
 /// `header_timeout`, and when an answer cannot be written for as long (a peer that stops
-/// reading); the webhook handler bounds the body time itself.
-pub async fn serve<F, Fut>(
+/// reading); the webhook handler bounds the body time itself. Open connections (of both
+/// listeners) are bounded; at the bound, a new connection takes the place of the oldest one
+/// without a request in progress. With `tls`, every connection is TLS (HTTPS only); its
+/// handshake and its first request head share the header timeout.
+///
+/// The descriptor limit is raised and the bound set when this is called (not when the future
+/// first runs), so that the first listener set up does it before anything else opens files.
+pub fn serve<F, Fut>(
     listener: TcpListener,
     header_timeout: Duration,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
     shutdown: crate::shutdown::Shutdown,
+    handler: F,
+) -> impl Future<Output = ()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let conns = connections();
+    async move {
+        let lane = Arc::new(Lane::default());
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, _peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends (the bound leaves a reserve, but other parts of
+                        // the process may use more): back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            // At the bound with every connection busy: closed at once, rather than left to
+            // wait (the sender retries).
+            let Some(conn) = conns.admit(&lane) else { continue };
+            let _ = stream.set_nodelay(true);
+            let open = Open { conns, conn };
+            let (watcher, stop, handler) = (graceful.watcher(), stop.clone(), handler.clone());
+            match &tls {
+                None => tokio::spawn(serve_connection(stream, open, header_timeout, watcher, stop, handler)),
+                // Boxed: the TLS session stays out of the plain connections' tasks.
+                Some(tls) => tokio::spawn(Box::pin(serve_tls_connection(
+                    stream,
+                    tls.acceptor(),
+                    open,
+                    header_timeout,
+                    watcher,
+                    stop,
+                    handler,
+                ))),
+            };
+        }
+        drop(listener);
+        if tokio::time::timeout_at(shutdown.deadline(), graceful.shutdown()).await.is_err() {
+            tracing::warn!("connections still open after the drain timeout; closing them");
+        }
+    }
+}
+
+/// A counted connection; it stops counting when dropped, whatever ends its task.
+struct Open {
+    conns: &'static Connections,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.conns.closed(&self.conn);
+    }
+}
+
+async fn serve_connection<F, Fut>(
+    stream: TcpStream,
+    open: Open,
+    header_timeout: Duration,
+    watcher: Watcher,
+    stop: CancellationToken,
     handler: F,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = stop.cancelled() => break,
-        };
-        let (stream, _peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .max_buf_size(64 * 1024)
-            .serve_connection(
-                TokioIo::new(WriteTimeout::new(stream, header_timeout)),
-                service_fn(move |req| {
-                    let h = handler.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
-                }),
-            );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+    let deadline = tokio::time::Instant::now() + header_timeout;
+    let first = tokio::select! {
+        first = head::read_first_head(&stream, deadline) => first,
+        _ = open.conn.shed() => return,
+        _ = stop.cancelled() => return,
+    };
+    let prefix = match after_first_head(first, &open) {
+        Next::Serve(prefix) => prefix,
+        Next::TimedOut => {
+            let _ = stream.try_write(REQUEST_TIMEOUT);
+            return;
+        }
+        Next::Close => return,
+    };
+    serve_http(stream, prefix, open, header_timeout, watcher, handler).await
+}
+
+/// [`serve_connection`] on the TLS listener: the handshake, then the first head decrypted,
+/// both by the header timeout from the accept and both "without a request" (shed first).
+async fn serve_tls_connection<F, Fut>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    open: Open,
+    header_timeout: Duration,
+    watcher: Watcher,
+    stop: CancellationToken,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + header_timeout;
+    let (mut stream, first) = tokio::select! {
+        r = async {
+            let mut stream = tls::handshake(acceptor, stream, deadline).await?;
+            let first = tls::read_first_head(&mut stream, deadline).await;
+            Some((stream, first))
+        } => match r {
+            Some(r) => r,
+            None => return,
+        },
+        _ = open.conn.shed() => return,
+        _ = stop.cancelled() => return,
+    };
+    let prefix = match after_first_head(first, &open) {
+        Next::Serve(prefix) => prefix,
+        Next::TimedOut => {
+            // Best effort, without waiting: the answer and the TLS close_notify if the socket
+            // takes them now.
+            use futures_util::FutureExt;
+            use tokio::io::AsyncWriteExt;
+            let _ = async {
+                stream.write_all(REQUEST_TIMEOUT).await?;
+                stream.shutdown().await
+            }
+            .now_or_never();
+            return;
+        }
+        Next::Close => return,
+    };
+    serve_http(stream, prefix, open, header_timeout, watcher, handler).await
+}
+
+/// What to do once the first head is read.
+enum Next {
+    /// Hand the connection to hyper, these bytes first.
+    Serve(Vec<u8>),
+    /// Answer 408 and close: part of a head came, too slowly.
+    TimedOut,
+    Close,
+}
+
+fn after_first_head(first: FirstHead, open: &Open) -> Next {
+    match first {
+        FirstHead::Complete(prefix) => {
+            // A request is in progress from now on: this connection is no longer shed.
+            if open.conns.begin_request(&open.conn) {
+                Next::Serve(prefix)
+            } else {
+                Next::Close
+            }
+        }
+        FirstHead::Partial(prefix) => Next::Serve(prefix),
+        FirstHead::TimedOut { sent_bytes: true } => Next::TimedOut,
+        FirstHead::TimedOut { sent_bytes: false } | FirstHead::Closed => Next::Close,
     }
-    drop(listener);
-    if tokio::time::timeout_at(shutdown.deadline(), graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after the drain timeout; closing them");
+}
+
+/// hyper on a connection whose first bytes (`prefix`) were read already.
+async fn serve_http<S, F, Fut>(
+    stream: S,
+    prefix: Vec<u8>,
+    open: Open,
+    header_timeout: Duration,
+    watcher: Watcher,
+    handler: F,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let (conns, conn) = (open.conns, open.conn.clone());
+    let service = service_fn(move |req| {
+        let (handler, conn) = (handler.clone(), conn.clone());
+        async move {
+            if !conns.begin_request(&conn) {
+                return Ok::<_, Infallible>(closing());
+            }
+            let resp = handler(req).await;
+            conns.end_request(&conn);
+            Ok(resp)
+        }
+    });
+    let io = io::WriteTimeout::new(io::Replay::new(stream, prefix), header_timeout);
+    // Boxed: the task of a connection still waiting for its first head stays small.
+    let served = Box::pin(
+        watcher.watch(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(io), service),
+        ),
+    );
+    tokio::select! {
+        _ = served => {}
+        // Only between requests: a busy connection is never chosen.
+        _ = open.conn.shed() => {}
     }
+}
+
+/// The answer to a request that arrived on a connection just chosen to be shed.
+fn closing() -> Response<Body> {
+    let mut r =
+        json(http::StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "connection closed to make room"}));
+    r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    r
 }
 
 /// A JSON answer.
@@ -94,80 +300,4 @@ pub fn json(status: http::StatusCode, body: serde_json::Value) -> Response<Body>
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("static response parts are valid")
-}
-
-/// A connection whose writes must make progress: when the peer stops reading (say, it
-/// pipelines requests and never reads the answers), a write that stays blocked for
-/// `timeout` fails and hyper closes the connection, instead of the connection holding its
-/// slot forever. Costs nothing while writes go through (the timer exists only while stalled).
-struct WriteTimeout<T> {
-    io: T,
-    timeout: Duration,
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<T> WriteTimeout<T> {
-    fn new(io: T, timeout: Duration) -> Self {
-        WriteTimeout { io, timeout, stalled: None }
-    }
-
-    /// The inner write is pending: wait, up to the timeout since it first was.
-    fn poll_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        let timeout = self.timeout;
-        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn progressed<R>(&mut self, r: Poll<io::Result<R>>, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        match r {
-            Poll::Pending => self.poll_stalled(cx),
-            ready => {
-                self.stalled = None;
-                ready
-            }
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.progressed(r, cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.progressed(r, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_flush(cx);
-        this.progressed(r, cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.progressed(r, cx)
-    }
 }

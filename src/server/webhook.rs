@@ -1,11 +1,14 @@
-//! `POST {server.path}`: authenticate, read the body, normalise, route, hand to delivery.
+//! `POST {server.path}`: authenticate, read the body, normalise, then [`State::route`] (route
+//! and hand to delivery). `GET {server.path}`: a Custom Value Request ([`custom_values`]), when
+//! configured; the same token check.
+
+pub mod custom_values;
 
 use super::error::RequestError;
 use super::Body;
-use crate::delivery::Accepted;
-use crate::event::{normalise, Envelope};
+use crate::event::normalise;
 use crate::metrics;
-use crate::state::State;
+use crate::state::{State, Taken};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -48,14 +51,21 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
     if req.uri().path() != state.path {
         return Err(RequestError::NotFound);
     }
-    if req.method() != Method::POST {
-        return Err(RequestError::MethodNotAllowed);
-    }
+    let custom_values = state.custom_values.as_ref();
+    let get = match (req.method(), custom_values) {
+        (&Method::POST, _) => None,
+        (&Method::GET, Some(cv)) => Some(cv),
+        (_, Some(_)) => return Err(RequestError::MethodNotAllowed { allow: "GET, POST" }),
+        (_, None) => return Err(RequestError::MethodNotAllowed { allow: "POST" }),
+    };
     let verified = state
         .verifier()
         .verify(req.headers().get(&state.auth_header).map(|v| v.as_bytes()))
         .map_err(RequestError::Auth)?;
     metrics::auth_secret_used(verified.secret_index);
+    if let Some(cv) = get {
+        return cv.answer(verified.organisation_id, req.uri().query()).await;
+    }
 
     let body = read_body(state, req).await?;
     let received_at = chrono::Utc::now();
@@ -66,33 +76,10 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
             return Err(RequestError::BadBody(e));
         }
     };
-
-    let table = state.table();
-    let matched = table.routes.matching(&event);
-    let routes = matched.routes.len();
     let id = event.id.clone();
-    tracing::Span::current().record("event_id", id.as_str());
-    let (event_type, shape) = (event.event_type.clone(), event.shape.as_str());
-    if matched.sinks.is_empty() {
-        metrics::event(&event_type, shape);
-        metrics::unrouted(&event.event_type);
-        tracing::debug!(event_id = %id, event_type = %event.event_type, "event matched no route");
-        return Ok(accepted(&id, 0));
-    }
-    let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
-    drop(matched);
-    let env = Envelope::new(event, body);
-    match state.delivery.submit(env, sinks).await {
-        Ok(Accepted::New) => {
-            metrics::event(&event_type, shape);
-            tracing::debug!(event_id = %id, routes, "event accepted");
-            Ok(accepted(&id, routes))
-        }
-        Ok(Accepted::Duplicate) => {
-            metrics::duplicate();
-            tracing::debug!(event_id = %id, "duplicate event acknowledged");
-            Ok(ok_json(StatusCode::OK, &Answer { status: "duplicate", id: &id, routes: None }))
-        }
+    match state.route(event, body).await {
+        Ok(Taken::Accepted { routes }) => Ok(accepted(&id, routes)),
+        Ok(Taken::Duplicate) => Ok(ok_json(StatusCode::OK, &Answer { status: "duplicate", id: &id, routes: None })),
         Err(refused) => Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after }),
     }
 }

@@ -1,19 +1,28 @@
-//! `file` sink: JSON Lines, one event a line, written and flushed per delivery.
-//! The path may be a template (`var/{type}.jsonl`); each rendered value is one safe path
-//! component.
+//! `file` sink: JSON Lines, one event a line. The path may be a template
+//! (`var/{type}.jsonl`); each rendered value is one safe path component.
+//!
+//! A delivery is confirmed once its line is durable (`fdatasync`, shared by the lines of a
+//! batch; a new file's and new directories' entries fsynced too), unless `fsync = false`,
+//! which confirms once the line is with the OS (the last moments may be lost on a host
+//! crash). A failed write never leaves part of a line behind (see [`crate::jsonl`]).
 
-use super::{check_template, BoxFuture, OptionError, Sink, SinkError};
+use super::{check_template, BoxFuture, ErrorKind, OptionError, Sink, SinkError};
 use crate::event::Envelope;
 use crate::format::Format;
+use crate::jsonl::{append_whole, open_append};
 use crate::template::{Escape, Template};
 use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::oneshot;
+
+fn yes() -> bool {
+    true
+}
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,9 +30,10 @@ pub struct FileConfig {
     pub path: String,
     #[serde(default)]
     pub format: Format,
-    /// fsync after each line (slower; the default flushes to the OS, which survives a
-    /// crash of the process but not of the host).
-    #[serde(default)]
+    /// Confirm a line only once it is on disk (one `fdatasync` per batch of lines per file).
+    /// `false`: once it is with the OS, which survives a crash of the process but not of the
+    /// host (the last moments may be lost).
+    #[serde(default = "yes")]
     pub fsync: bool,
 }
 
@@ -39,21 +49,21 @@ impl FileConfig {
 }
 
 const MAX_OPEN_FILES: usize = 64;
-/// Lines written (and flushed, and fsynced when asked) together at most.
+/// Lines written (and synced) together at most.
 const MAX_BATCH: usize = 512;
 
-/// One line to append (the writer adds its newline); `done` hears whether it reached the OS (and the disk with `fsync`).
+/// One line to append (the writer adds its newline); `done` hears whether it is durable (or,
+/// with `fsync = false`, with the OS).
 struct Job {
     path: Arc<Path>,
     line: Bytes,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), SinkError>>,
 }
 
 /// Writes go to one thread per sink that owns the files: no async worker ever blocks on the
-/// disk, and no delivery waits on another's lock. Lines that arrive while a write is in
-/// progress go out together with one `write` per file (and one `fdatasync` with `fsync`:
-/// group commit); each delivery is confirmed only once its own line was written and
-/// flushed to the OS, as before.
+/// disk, and no delivery waits on another's lock. Lines that arrive while a write or a sync
+/// is in progress go out together: one `write` and one `fdatasync` per file for the whole
+/// batch (group commit); each delivery is confirmed only once its own line is durable.
 pub struct FileSink {
     name: String,
     path: Template,
@@ -72,7 +82,7 @@ impl FileSink {
         std::thread::Builder::new()
             .name(format!("file-sink-{name}"))
             .spawn(move || write_loop(&rx, fsync))
-            .map_err(|e| SinkError::permanent(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e))?;
         Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs })
     }
 
@@ -114,20 +124,9 @@ impl Sink for FileSink {
             self.jobs
                 .send(Job { path, line: self.line(env), done })
                 .map_err(|_| SinkError::retryable("the file writer has stopped"))?;
-            match result.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(SinkError::retryable(e)),
-                Err(_) => Err(SinkError::retryable("the file writer has stopped")),
-            }
+            result.await.unwrap_or_else(|_| Err(SinkError::retryable("the file writer has stopped")))
         })
     }
-}
-
-fn open(path: &Path) -> std::io::Result<File> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// The writer thread: runs until the sink is dropped (every sender gone).
@@ -143,7 +142,7 @@ fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
                 Err(_) => break,
             }
         }
-        // One write per file, lines in arrival order.
+        // One write and one sync per file, lines in arrival order.
         while !batch.is_empty() {
             let path = batch[0].path.clone();
             let (same, rest): (Vec<Job>, Vec<Job>) = batch.drain(..).partition(|j| j.path == path);
@@ -164,10 +163,11 @@ fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
     }
 }
 
-/// Once this many bytes were appended to a file, its write-back is started (without waiting
-/// for it). Left to the kernel's own schedule, dirty pages pile up to hundreds of MiB; an
-/// `fsync` of another file on the same ext4 filesystem (the spool's commit, before every 202)
-/// may then have to wait for all of them to reach the disk.
+/// With `fsync = false`, once this many bytes were appended to a file its write-back is
+/// started (without waiting for it). Left to the kernel's own schedule, dirty pages pile up
+/// to hundreds of MiB; an `fsync` of another file on the same ext4 filesystem (the spool's
+/// commit, before every 202) may then have to wait for all of them to reach the disk. With
+/// `fsync = true` every batch is synced anyway, so nothing piles up and no hint is needed.
 const WRITEBACK_EVERY: u64 = 4 << 20;
 
 struct Open {
@@ -175,30 +175,44 @@ struct Open {
     unflushed: u64,
 }
 
-fn write(files: &mut HashMap<Arc<Path>, Open>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), String> {
+fn write(files: &mut HashMap<Arc<Path>, Open>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), SinkError> {
     if !files.contains_key(path) {
         if files.len() >= MAX_OPEN_FILES {
             // A templated path can name many files; keep the descriptor count bounded.
             files.clear();
         }
-        let file = open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+        let file = open_append(path, fsync)
+            .map_err(|e| SinkError::caused_by(open_error_kind(&e), format_args!("open {}", path.display()), e))?;
         files.insert(path.clone(), Open { file, unflushed: 0 });
     }
     let f = files.get_mut(path).expect("inserted above");
-    // `File` has no user-space buffer: once `write_all` returns the lines are with the OS.
-    let res = f.file.write_all(bytes).and_then(|()| if fsync { f.file.sync_data() } else { Ok(()) });
-    if res.is_ok() && !fsync {
+    if let Err(e) = append_whole(&f.file, bytes, fsync) {
+        // Open afresh next time (the file may have been rotated or the disk remounted).
+        files.remove(path);
+        // A full disk or an I/O error may pass; the batch was rolled back, so the retry
+        // appends whole lines.
+        return Err(SinkError::caused_by(ErrorKind::Retryable, format_args!("write {}", path.display()), e));
+    }
+    if !fsync {
         f.unflushed += bytes.len() as u64;
         if f.unflushed >= WRITEBACK_EVERY {
             f.unflushed = 0;
             start_writeback(&f.file);
         }
     }
-    res.map_err(|e| {
-        // Reopen next time (the file may have been rotated or the disk remounted).
-        files.remove(path);
-        format!("write {}: {e}", path.display())
-    })
+    Ok(())
+}
+
+/// Errors that opening this path will give every time: the rendered name is too long or not
+/// valid, or a part of the path is not a directory (or the file is one). Dead-lettered at
+/// once. Everything else (a full disk, EIO, permissions an operator can fix) may pass.
+fn open_error_kind(e: &io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::ENAMETOOLONG | libc::EINVAL | libc::ENOTDIR | libc::EISDIR | libc::ELOOP | libc::EILSEQ) => {
+            ErrorKind::Permanent
+        }
+        _ => ErrorKind::Retryable,
+    }
 }
 
 /// Asks the kernel to start writing the file's dirty pages out now; returns at once. Only a
@@ -223,6 +237,72 @@ mod tests {
         let body = format!(r#"{{"type":"payment","n":{n},"pad":"{}"}}"#, "x".repeat(pad));
         let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
         Envelope::new(event, body.into())
+    }
+
+    fn config(toml_text: &str) -> FileConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    /// `path`'s pages in the page cache that are not on disk yet (dirty or being written), as
+    /// `cachestat(2)` counts them (Linux 6.5); `None` where that call does not exist.
+    fn unwritten_pages(path: &Path) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            cache: u64,
+            dirty: u64,
+            writeback: u64,
+            evicted: u64,
+            recently_evicted: u64,
+        }
+        const SYS_CACHESTAT: libc::c_long = 451;
+        let f = File::open(path).unwrap();
+        let (range, mut stat) = (Range { off: 0, len: 0 }, Stat::default());
+        // SAFETY: a valid descriptor and pointers to structs laid out as the kernel's.
+        let rc = unsafe { libc::syscall(SYS_CACHESTAT, f.as_raw_fd(), &range, &mut stat, 0) };
+        if rc != 0 {
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS));
+            return None;
+        }
+        assert!(stat.cache > 0, "the file was just written: some of it is cached");
+        Some(stat.dirty + stat.writeback)
+    }
+
+    #[tokio::test]
+    async fn by_default_a_confirmed_line_is_on_disk_not_only_in_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/dir/out.jsonl");
+        let sink = FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap();
+        // 2 MiB in lines of ~8 KiB, all confirmed.
+        let envs: Vec<_> = (0..256).map(|i| envelope(i, 8000)).collect();
+        let results = futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await;
+        assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+        match unwritten_pages(&path) {
+            Some(n) => assert_eq!(n, 0, "{n} pages were not on disk when their lines were confirmed"),
+            None => eprintln!("cachestat(2) is not available on this kernel: not checked"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_the_filesystem_cannot_hold_is_a_permanent_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("plain-file"), "").unwrap();
+        let long = format!(r#"{{"type":"payment","conversationId":"{}"}}"#, "c".repeat(10_000));
+        let event = crate::event::normalise(long.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        let env = Envelope::new(event, long.into());
+        for template in ["{conversationId}.jsonl", "{conversationId}/x.jsonl", "plain-file/{type}.jsonl"] {
+            let path = dir.path().join(template).display().to_string();
+            let sink = FileSink::new("out", &config(&format!("path = {path:?}"))).unwrap();
+            let err = sink.deliver(&env).await.unwrap_err();
+            assert!(err.is_permanent(), "{template}: {err}");
+            assert!(err.io_error().is_some(), "{template}: the cause is kept: {err:?}");
+        }
     }
 
     #[tokio::test]

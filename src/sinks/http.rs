@@ -1,7 +1,9 @@
 //! `http` sink: POSTs each event to a URL with a pooled hyper client (https via rustls).
 //! 2xx = delivered; 408, 429, 5xx and connection errors = retryable; other 4xx = permanent.
+//! The answer's body is read up to [`MAX_ANSWER_BYTES`] and discarded: only the status
+//! counts, and a huge answer must cost neither memory nor time.
 
-use super::{check_template, BoxFuture, OptionError, Sink, SinkError};
+use super::{check_template, BoxFuture, ErrorKind, OptionError, Sink, SinkError};
 use crate::event::Envelope;
 use crate::format::Format;
 use crate::template::{Escape, Template};
@@ -14,16 +16,17 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-fn default_timeout() -> String {
-    "5s".into()
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub url: String,
-    #[serde(default = "default_timeout")]
-    pub timeout: String,
+    /// The whole exchange: connect, send, status line (`"5s"`, `"250ms"`).
+    #[serde(default = "default_timeout", deserialize_with = "timeout_option")]
+    pub timeout: Duration,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
@@ -46,8 +49,8 @@ impl HttpConfig {
             }
             _ => {}
         }
-        if let Err(e) = humantime::parse_duration(&self.timeout) {
-            errs.push(("timeout".into(), format!("invalid duration {:?}: {e}", self.timeout)));
+        if self.timeout.is_zero() {
+            errs.push(("timeout".into(), "must be greater than 0".into()));
         }
         for (k, v) in &self.headers {
             if HeaderName::from_bytes(k.as_bytes()).is_err() {
@@ -57,6 +60,11 @@ impl HttpConfig {
         }
         errs
     }
+}
+
+/// `timeout`, parsed once at load; its errors name the option.
+fn timeout_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    super::duration_option("timeout", d)
 }
 
 fn parse_url(url: &str) -> Result<http::Uri, String> {
@@ -82,7 +90,6 @@ impl HttpSink {
     pub fn new(name: &str, c: &HttpConfig) -> Result<Self, SinkError> {
         let bad = |e: String| SinkError::permanent(format!("sink {name}: {e}"));
         let url = Template::parse(&c.url, Escape::Url).map_err(|e| bad(e.to_string()))?;
-        let timeout = humantime::parse_duration(&c.timeout).map_err(|e| bad(e.to_string()))?;
         let headers = c
             .headers
             .iter()
@@ -91,11 +98,14 @@ impl HttpSink {
                 Ok((name, Template::parse(v, Escape::None).map_err(|e| bad(e.to_string()))?))
             })
             .collect::<Result<_, SinkError>>()?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let https =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(crate::tls::provider())
+            .map_err(|e| bad(format!("TLS: {e}")))?
+            .https_or_http()
+            .enable_http1()
+            .build();
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https);
-        Ok(HttpSink { name: name.to_owned(), url, headers, timeout, format: c.format, client })
+        Ok(HttpSink { name: name.to_owned(), url, headers, timeout: c.timeout, format: c.format, client })
     }
 
     fn request(&self, env: &Envelope) -> Result<Request<Full<Bytes>>, SinkError> {
@@ -107,7 +117,7 @@ impl HttpSink {
             .header("idempotency-key", ev.id.as_str())
             .header("x-webio-event-id", ev.id.as_str())
             .body(Full::new(self.format.encode(env)))
-            .map_err(|e| SinkError::permanent(e.to_string()))?;
+            .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "request", e))?;
         let h = req.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&ev.event_type) {
             h.insert("x-webio-event-type", v);
@@ -119,6 +129,23 @@ impl HttpSink {
             h.insert(name.clone(), v);
         }
         Ok(req)
+    }
+}
+
+/// Bytes of an answer's body read (and discarded) at most. Reading a small answer to its end
+/// lets the connection go back to the pool; a longer one is cut off, and its connection
+/// closed, rather than read whole.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Reads and drops up to [`MAX_ANSWER_BYTES`] of `body`, frame by frame (never held whole).
+async fn discard<B: hyper::body::Body + Unpin>(mut body: B) {
+    let mut read = 0usize;
+    while read <= MAX_ANSWER_BYTES {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, bytes::Buf::remaining),
+            // The end, or a broken answer: the status has already decided.
+            _ => return,
+        }
     }
 }
 
@@ -157,12 +184,19 @@ impl Sink for HttpSink {
         Box::pin(async move {
             let req = self.request(env)?;
             let exchange = async {
-                let resp =
-                    self.client.request(req).await.map_err(|e| SinkError::retryable(format!("request failed: {e}")))?;
+                let resp = self
+                    .client
+                    .request(req)
+                    .await
+                    .map_err(|e| SinkError::caused_by(ErrorKind::Retryable, "request failed", e))?;
                 let status = resp.status();
                 let retry_after = resp.headers().get(http::header::RETRY_AFTER).cloned();
-                // Read the (small) answer so the connection goes back to the pool.
-                let _ = resp.into_body().collect().await;
+                let announced =
+                    resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                // A body announced too long is not read at all: dropping it closes the connection.
+                if !matches!(announced, Some(n) if n > MAX_ANSWER_BYTES as u64) {
+                    discard(resp.into_body()).await;
+                }
                 classify(status, retry_after.as_ref())
             };
             match tokio::time::timeout(self.timeout, exchange).await {
@@ -201,7 +235,7 @@ mod tests {
     fn bad_options_are_reported() {
         let c = HttpConfig {
             url: "ftp://x/{nope}".into(),
-            timeout: "soon".into(),
+            timeout: Duration::ZERO,
             headers: [("bad header".to_owned(), "v".to_owned())].into(),
             format: Format::Event,
         };
@@ -209,5 +243,15 @@ mod tests {
         assert!(keys.contains(&"url".to_owned()));
         assert!(keys.contains(&"timeout".to_owned()));
         assert!(keys.contains(&"headers.bad header".to_owned()));
+    }
+
+    #[test]
+    fn the_timeout_is_parsed_once_at_load_and_a_bad_one_names_the_option() {
+        let c: HttpConfig = toml::from_str("url = \"http://h/\"\ntimeout = \"250ms\"").unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        let c: HttpConfig = toml::from_str("url = \"http://h/\"").unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        let e = toml::from_str::<HttpConfig>("url = \"http://h/\"\ntimeout = \"soon\"").unwrap_err();
+        assert!(e.message().starts_with("timeout: invalid duration \"soon\""), "{}", e.message());
     }
 }

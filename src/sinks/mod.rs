@@ -46,24 +46,76 @@ pub enum ErrorKind {
     Permanent,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A failed delivery, classified once, in the sink.
+///
+/// `message` is the whole sentence for a log line or a dead letter's `reason`, cause included
+/// (`write var/x.jsonl: No space left on device (os error 28)`), so every reader of it sees the
+/// chain. `source` keeps the cause itself, typed, for code that must look into it (an
+/// [`std::io::Error`]'s errno) and for error reporters that walk [`std::error::Error::source`].
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct SinkError {
     pub kind: ErrorKind,
     pub message: String,
     /// The destination asked for this pause (HTTP `Retry-After`).
     pub retry_after: Option<Duration>,
+    #[source]
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
+
+impl PartialEq for SinkError {
+    /// The cause is compared by what it says (errors are not comparable values).
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message && self.retry_after == other.retry_after
+    }
+}
+
+impl Eq for SinkError {}
 
 impl SinkError {
     pub fn retryable(message: impl Into<String>) -> Self {
-        SinkError { kind: ErrorKind::Retryable, message: message.into(), retry_after: None }
+        SinkError { kind: ErrorKind::Retryable, message: message.into(), retry_after: None, source: None }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
-        SinkError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+        SinkError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None, source: None }
     }
+
+    /// `kind` because of `cause`, which is kept: the message reads `{context}: {cause}: …`,
+    /// down the cause's own chain (hyper's "client error (Connect)" says little without the
+    /// "Connection refused" under it).
+    pub fn caused_by(
+        kind: ErrorKind,
+        context: impl std::fmt::Display,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        let mut message = format!("{context}: {cause}");
+        let mut next = cause.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            // Some errors already print their source.
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            next = e.source();
+        }
+        SinkError { kind, message, retry_after: None, source: Some(Arc::new(cause)) }
+    }
+
     pub fn is_permanent(&self) -> bool {
         self.kind == ErrorKind::Permanent
+    }
+
+    /// The I/O error at the root of this one, if any (to read its errno).
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = self.source.as_deref().map(|e| e as _);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Some(io);
+            }
+            cause = e.source();
+        }
+        None
     }
 }
 
@@ -154,9 +206,43 @@ pub fn template_options(sink_type: &str) -> &'static [&'static str] {
     }
 }
 
+/// A duration option of a sink (`"5s"`, `"250ms"`), parsed once at load so that a built sink
+/// cannot hold an invalid one. Its errors start with the option's name (`timeout: …`), which
+/// routes.toml's diagnostics use to point at that option.
+pub(crate) fn duration_option<'de, D: serde::Deserializer<'de>>(key: &str, d: D) -> Result<Duration, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d).map_err(|e| D::Error::custom(format!("{key}: {e}")))?;
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        D::Error::custom(format!("{key}: invalid duration {text:?} ({e}); write e.g. \"250ms\", \"10s\", \"5m\""))
+    })
+}
+
 /// Validates a template option, collecting the error under `key`.
 pub(crate) fn check_template(errs: &mut Vec<OptionError>, key: &str, text: &str, escape: crate::template::Escape) {
     if let Err(e) = crate::template::Template::parse(text, escape) {
         errs.push((key.to_owned(), e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot append")]
+    struct Wrapper(#[source] std::io::Error);
+
+    #[test]
+    fn a_sink_error_keeps_its_cause_and_says_the_whole_chain() {
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = SinkError::caused_by(ErrorKind::Retryable, "write var/x.jsonl", Wrapper(enospc));
+        assert!(!e.is_permanent());
+        assert!(e.message.starts_with("write var/x.jsonl: cannot append: No space left on device"), "{e}");
+        assert_eq!(e.to_string(), e.message);
+        assert_eq!(e.io_error().and_then(std::io::Error::raw_os_error), Some(libc::ENOSPC));
+        let source = std::error::Error::source(&e).expect("the cause is the error's source");
+        assert_eq!(source.to_string(), "cannot append");
+        // The plain constructors stay as they were.
+        assert_eq!(SinkError::permanent("HTTP 422").source.is_none(), SinkError::retryable("x").io_error().is_none());
     }
 }

@@ -166,10 +166,15 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_spool_bytes", &[]),
     ("webio_router_spool_flushes_total", &[]),
     ("webio_router_spool_appends_total", &[]),
+    ("webio_router_spool_write_errors_total", &[]),
     ("webio_router_sink_up", &["sink"]),
     ("webio_router_sink_paused", &["sink"]),
     ("webio_router_build_info", &["version"]),
     ("webio_router_config_reloads_total", &["outcome"]),
+    ("webio_router_custom_value_requests_total", &["outcome"]),
+    ("webio_router_ingested_files_total", &["outcome"]),
+    ("webio_router_connections_open", &[]),
+    ("webio_router_connections_shed_total", &["state"]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
@@ -177,12 +182,15 @@ const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "contain
 const VALUES: &[(&str, &str, &[&str])] = &[
     ("webio_router_deliveries_total", "outcome", &["ok", "retry", "dead"]),
     ("webio_router_config_reloads_total", "outcome", &["ok", "error"]),
+    ("webio_router_custom_value_requests_total", "outcome", &["ok", "cached", "error", "timeout"]),
+    ("webio_router_ingested_files_total", "outcome", &["ok", "rejected"]),
     (
         "webio_router_auth_failures_total",
         "reason",
         &["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "algorithm", "organisation"],
     ),
     ("webio_router_events_total", "shape", &["legacy", "current"]),
+    ("webio_router_connections_shed_total", "state", &["no_request", "idle", "new"]),
 ];
 
 /// The `label op "value"` matchers of the selector at the start of `text`, if there is one.
@@ -422,7 +430,8 @@ fn the_example_configurations_use_only_known_keys() {
     assert_known_keys(CONFIGMAP, &configmap_config());
 }
 
-/// A router in spool mode with one sink, as a fresh deployment starts.
+/// A router in spool mode with one sink and the optional features on (their families exist
+/// only with them), as a fresh deployment starts.
 fn fresh_router() -> crate::helpers::Router {
     let config = r#"
 routes_file = "{dir}/routes.toml"
@@ -432,6 +441,10 @@ secrets = ["test-secret-0123456789-0123456789-abcdef"]
 mode = "spool"
 spool_dir = "{dir}/spool"
 dead_letter_file = "{dir}/var/dead-letter.jsonl"
+[custom_values]
+upstream = "http://127.0.0.1:9/values"
+[ingest]
+dir = "{dir}/inbox"
 "#;
     let routes = "[sinks.archive]\ntype = \"file\"\npath = \"{dir}/events.jsonl\"\n[[routes]]\nto = [\"archive\"]\n";
     crate::helpers::router(config, routes).spawn()

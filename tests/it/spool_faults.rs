@@ -37,7 +37,7 @@ fn events_accepted_while_a_sink_answers_503_all_arrive_once_it_answers_200() {
 #[test]
 fn every_event_that_got_202_arrives_after_kill_9_while_the_sink_was_down() {
     let port = free_port(); // nothing listens: connection refused
-    let setup = Setup::new(&http_routes(&[("crm", format!("http://127.0.0.1:{port}/hook"))]), "");
+    let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
     let router = setup.start();
     // Concurrent webhooks, so that several share a commit.
     let ids: BTreeSet<String> = std::thread::scope(|s| {
@@ -68,11 +68,57 @@ fn every_event_that_got_202_arrives_after_kill_9_while_the_sink_was_down() {
 }
 
 #[test]
+fn three_kill_9_during_load_lose_no_event_that_got_202() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let sink = SinkServer::start(200);
+    let setup = Setup::new(&http_routes(&[("crm", sink.url("/hook"))]), "");
+    let mut router = setup.start();
+    let hook = Mutex::new(router.hook);
+    let accepted = Mutex::new(BTreeSet::new());
+    let stop = AtomicBool::new(false);
+    let accepted_len = || accepted.lock().unwrap().len();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (hook, accepted, stop) = (&hook, &accepted, &stop);
+            s.spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let addr = *hook.lock().unwrap();
+                    match try_post(addr, &payload(&format!("load{t}"), i)) {
+                        Some(a) if a.status == 202 => {
+                            accepted.lock().unwrap().insert(a.id());
+                        }
+                        // Killed mid-request, or not up yet: the sender would retry later.
+                        _ => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                    i += 1;
+                }
+            });
+        }
+        for _ in 0..3 {
+            let before = accepted_len();
+            wait_for("webhooks accepted under load", LIMIT, || accepted_len() >= before + 300);
+            router.kill9_in_place();
+            router = setup.start();
+            *hook.lock().unwrap() = router.hook;
+        }
+        let before = accepted_len();
+        wait_for("webhooks accepted after the last restart", LIMIT, || accepted_len() >= before + 300);
+        stop.store(true, Ordering::Release);
+    });
+    let accepted = accepted.into_inner().unwrap();
+    wait_for("every event that got 202 at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
+    wait_for("the backlog to be empty", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+}
+
+#[test]
 fn a_dead_sink_does_not_delay_a_healthy_one() {
     let dead_port = free_port();
     let live = SinkServer::start(200);
-    let setup =
-        Setup::new(&http_routes(&[("dead", format!("http://127.0.0.1:{dead_port}/x")), ("live", live.url("/y"))]), "");
+    let setup = Setup::new(&http_routes(&[("dead", dead_port.url("/x")), ("live", live.url("/y"))]), "");
     let router = setup.start();
     let ids = post_all(&router, "split", 40);
     wait_for("the healthy sink to have everything", LIMIT, || live.received_set() == ids);
@@ -170,7 +216,7 @@ fn a_redelivery_after_a_crash_and_restart_is_still_a_duplicate() {
 #[test]
 fn sigterm_with_a_sink_down_exits_0_and_the_next_start_delivers_the_rest() {
     let port = free_port();
-    let setup = Setup::new(&http_routes(&[("crm", format!("http://127.0.0.1:{port}/hook"))]), "");
+    let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
     let router = setup.start();
     let ids = post_all(&router, "term", 5);
     let status = router.terminate();
@@ -200,7 +246,7 @@ fn a_damaged_spool_file_stops_the_start_with_a_message_naming_it() {
 fn a_sink_removed_by_a_reload_keeps_its_pending_work_until_it_comes_back() {
     let port = free_port();
     let other = SinkServer::start(200);
-    let both = http_routes(&[("crm", format!("http://127.0.0.1:{port}/hook")), ("other", other.url("/o"))]);
+    let both = http_routes(&[("crm", port.url("/hook")), ("other", other.url("/o"))]);
     let setup = Setup::new(&both, "");
     let router = setup.start();
     let ids = post_all(&router, "reload", 5);

@@ -47,11 +47,13 @@ impl DeadLetter {
         }
     }
 
+    /// A spool record that failed its check (damaged or altered on disk): kept as stored,
+    /// never delivered, never replayed as an event.
     pub fn unreadable(sink: &str, error: &str, attempts: u32, record: &[u8]) -> Self {
         DeadLetter {
             dead_at: now(),
             sink: sink.to_owned(),
-            reason: format!("unreadable spool record: {error}"),
+            reason: format!("damaged spool record, not delivered: {error}"),
             attempts,
             event_id: None,
             event: None,
@@ -62,15 +64,24 @@ impl DeadLetter {
     }
 
     /// The envelope to deliver again.
-    pub fn envelope(&self) -> Result<Envelope, String> {
-        let event = self.event.clone().ok_or("no event in this line (an unreadable spool record)")?;
+    pub fn envelope(&self) -> Result<Envelope, LetterError> {
+        let event = self.event.clone().ok_or(LetterError::NoEvent)?;
         let raw = match (&self.raw, &self.raw_hex) {
             (Some(text), _) => text.clone().into_bytes(),
-            (None, Some(h)) => hex::decode(h).map_err(|e| format!("rawHex: {e}"))?,
+            (None, Some(h)) => hex::decode(h).map_err(LetterError::RawHex)?,
             (None, None) => Vec::new(),
         };
         Ok(Envelope::new(event, raw.into()))
     }
+}
+
+/// Why a dead letter cannot be delivered again.
+#[derive(Debug, thiserror::Error)]
+pub enum LetterError {
+    #[error("no event in this line (a damaged spool record, kept as stored in recordHex)")]
+    NoEvent,
+    #[error("rawHex: {0}")]
+    RawHex(#[source] hex::FromHexError),
 }
 
 #[cfg(test)]

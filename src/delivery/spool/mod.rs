@@ -1,22 +1,31 @@
 //! The crash-safe on-disk spool (`delivery.mode = "spool"`, the default). See docs/spool.md.
 //!
-//! - [`store`]: the redb file and its tables; records in and out.
-//! - [`writer`]: the single writer thread; group commit (many requests, one fsync).
+//! - [`store`]: the redb file and its tables; opening it (refusing damage with a way out).
+//! - [`record`]: one event row, checked when read back (checksum, id = hash of the content).
+//! - [`ops`]: what the submit path and the drains hand to the writer.
+//! - [`writer`]: the single writer thread; group commit (many requests, one fsync); heals
+//!   after a failed commit (full disk) without a restart.
 //! - [`queue`]: one backlog and one drain task per sink; retries with backoff; dead letters.
 //! - [`dead`]: the dead-letter line.
 //! - [`replay`]: `webio-router replay`, re-injecting dead letters while the daemon is stopped.
+//! - [`offline`]: `webio-router spool check` and `spool salvage`.
+//! - [`guard`]: turns redb's panics on damaged files into errors.
 //!
 //! A webhook's 202 is sent once its event and one pending row per matched sink are committed
 //! (with its id in the dedup table, in the same transaction). Each sink's drain task delivers
 //! its rows; a delivered or dead-lettered row is removed, and the event row with the last one.
 
 pub mod dead;
+mod guard;
+pub mod offline;
+mod ops;
 mod queue;
+pub mod record;
 pub mod replay;
 pub mod store;
 mod writer;
 
-pub use store::SpoolError;
+pub use store::{SpoolError, StoreError};
 
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
@@ -24,21 +33,25 @@ use crate::delivery::{Accepted, Delivery, Refused};
 use crate::event::Envelope;
 use crate::jsonl::JsonlFile;
 use crate::sinks::{BoxFuture, Sink};
+use ops::{Append, Op};
 use queue::Registry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
-use writer::{Append, Op, Writer};
+use tokio::sync::{oneshot, watch};
+use writer::Writer;
 
 /// What a webhook refused for a full spool is told to wait.
 const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Of the shutdown deadline, what is kept for the writer's last commit after the drains.
+const LAST_COMMIT: Duration = Duration::from_millis(500);
 
 /// State shared by the submit path, the writer thread and the drain tasks.
 pub(crate) struct Shared {
-    pub db: Arc<redb::Database>,
+    /// The open file; `None` while the writer reopens it after a failed commit.
+    db: RwLock<Option<Arc<redb::Database>>>,
     pub path: PathBuf,
     pub cfg: DeliveryConfig,
     pub dedup: Dedup,
@@ -47,7 +60,9 @@ pub(crate) struct Shared {
     pub sinks: RwLock<HashMap<String, Arc<dyn Sink>>>,
     pub dead: JsonlFile,
     pub stop: watch::Sender<bool>,
-    writer: Mutex<Option<mpsc::UnboundedSender<Op>>>,
+    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    /// Why the spool cannot commit right now (`None`: it can). Shown by `/readyz`.
+    trouble: RwLock<Option<String>>,
 }
 
 impl Shared {
@@ -58,6 +73,25 @@ impl Shared {
             None => false,
         }
     }
+
+    /// The open file, for one read or one transaction (do not keep it: the writer may need
+    /// to close it).
+    pub fn db(&self) -> Result<Arc<redb::Database>, StoreError> {
+        self.db.read().expect("db lock").clone().ok_or(StoreError::Reopening)
+    }
+
+    /// Replaces the handle; returns the previous one.
+    fn set_db(&self, db: Option<Arc<redb::Database>>) -> Option<Arc<redb::Database>> {
+        std::mem::replace(&mut *self.db.write().expect("db lock"), db)
+    }
+
+    fn set_trouble(&self, reason: Option<String>) {
+        *self.trouble.write().expect("trouble lock") = reason;
+    }
+
+    fn trouble(&self) -> Option<String> {
+        self.trouble.read().expect("trouble lock").clone()
+    }
 }
 
 pub struct Spool {
@@ -65,6 +99,8 @@ pub struct Spool {
     registry: Arc<Registry>,
     closing: AtomicBool,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Resolves when the writer thread has returned.
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 /// Opens the spool under `cfg.spool_dir`, resumes what it holds, and starts a drain task per sink.
@@ -82,11 +118,15 @@ impl Spool {
         let opened = tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
             let (db, path) = store::open_db(&dir)?;
             let since = crate::dedup::now_millis().saturating_sub(window.as_millis() as u64);
-            let recovered = store::recover(&db, &path, since)?;
+            let recovered = store::recover(&db, since).map_err(|e| SpoolError::from_store(&path, e))?;
             Ok((db, path, recovered))
         })
         .await
-        .map_err(|e| SpoolError::Storage { path: cfg.spool_dir.clone(), detail: e.to_string() })?;
+        .map_err(|e| SpoolError::Io {
+            path: cfg.spool_dir.join(store::FILE_NAME),
+            what: "the task opening it failed",
+            source: std::io::Error::other(e),
+        })?;
         let (db, path, rec) = opened?;
 
         let dedup = Dedup::new(cfg.dedup_window);
@@ -94,7 +134,8 @@ impl Spool {
             dedup.record_key_at(*key, *at);
         }
         if !rec.unreadable.is_empty() {
-            tracing::error!(file = %path.display(), records = rec.unreadable.len(), "spool: some event records cannot be decoded; they are kept and will go to the dead-letter file as stored");
+            let (seq, why) = &rec.unreadable[0];
+            tracing::error!(file = %path.display(), records = rec.unreadable.len(), first_seq = seq, first_error = %why, "spool: some event records are damaged; they are kept, never delivered, and go to the dead-letter file as stored when their sink reaches them");
         }
         if !rec.orphans.is_empty() {
             tracing::warn!(file = %path.display(), records = rec.orphans.len(), "spool: some event records are not pending for any sink; they are kept");
@@ -109,9 +150,9 @@ impl Spool {
         crate::metrics::spool_bytes(rec.bytes);
 
         let (stop, _) = watch::channel(false);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
-            db: Arc::new(db),
+            db: RwLock::new(Some(Arc::new(db))),
             path,
             cfg: cfg.clone(),
             dedup,
@@ -120,6 +161,7 @@ impl Spool {
             dead: JsonlFile::new(&cfg.dead_letter_file),
             stop,
             writer: Mutex::new(Some(tx)),
+            trouble: RwLock::new(None),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
         for (name, n) in &rec.pending {
@@ -137,22 +179,47 @@ impl Spool {
             last_prune: 0,
             last_fsync: Instant::now(),
             unsynced: false,
+            unsynced_ops: Vec::new(),
+            closing: None,
         };
+        let (done_tx, done_rx) = oneshot::channel();
+        let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| SpoolError::Storage { path: shared.path.clone(), detail: format!("writer thread: {e}") })?;
+            .spawn(move || {
+                // A bug, not the disk (redb's panics are caught inside): say so on /readyz
+                // rather than answer 503 with no reason.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx)));
+                if run.is_err() {
+                    sh.set_trouble(Some(
+                        "the spool writer stopped on an internal error (see the log); restart the daemon".into(),
+                    ));
+                }
+                let _ = done_tx.send(());
+            })
+            .map_err(|source| SpoolError::Io {
+                path: shared.path.clone(),
+                what: "cannot start the writer thread",
+                source,
+            })?;
         Ok(Arc::new(Spool {
             shared,
             registry,
             closing: AtomicBool::new(false),
             writer_thread: Mutex::new(Some(thread)),
+            writer_done: Mutex::new(Some(done_rx)),
         }))
     }
 
     /// Pending (event, sink) pairs, by sink.
     pub fn pending(&self) -> BTreeMap<String, u64> {
         self.registry.all().iter().map(|q| (q.name.to_string(), q.pending())).collect()
+    }
+
+    /// Pending pairs of the sinks that can drain (those still in routes.toml).
+    fn drainable(&self) -> u64 {
+        let sinks = self.shared.sinks.read().expect("sinks lock");
+        self.registry.all().iter().filter(|q| sinks.contains_key(&*q.name)).map(|q| q.pending()).sum()
     }
 }
 
@@ -206,21 +273,45 @@ impl Delivery for Spool {
     }
 
     fn is_ready(&self) -> bool {
-        !self.closing.load(Ordering::Acquire)
+        !self.closing.load(Ordering::Acquire) && self.shared.trouble().is_none()
+    }
+
+    fn unready_reason(&self) -> Option<String> {
+        self.shared.trouble()
     }
 
     fn shutdown(&self, deadline: tokio::time::Instant) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.closing.store(true, Ordering::Release);
-            // Let the sinks drain while any of them is making progress, leaving a little of
-            // the deadline for the writer's last commit.
-            let drain_until = deadline.checked_sub(Duration::from_millis(500)).unwrap_or(deadline);
-            loop {
-                let busy: Vec<_> = self.registry.all().into_iter().filter(|q| q.status() == queue::BUSY).collect();
-                if busy.is_empty() || tokio::time::Instant::now() >= drain_until {
-                    break;
+            // Leave a little of the deadline for the writer's last commit.
+            let drain_until = deadline.checked_sub(LAST_COMMIT).unwrap_or(deadline);
+            if self.shared.cfg.drain_on_shutdown {
+                // Wait until every sink that can drain has (for a spool that will not outlive
+                // the process, such as a pod's emptyDir); failing sinks keep retrying.
+                let left = self.drainable();
+                if left > 0 {
+                    tracing::info!(pending = left, "drain_on_shutdown: waiting until the spool is empty");
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                loop {
+                    let left = self.drainable();
+                    if left == 0 {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= drain_until {
+                        tracing::error!(pending = left, file = %self.shared.path.display(), "drain_on_shutdown: the shutdown deadline came first; these deliveries stay in the spool (and are lost if it does not outlive the process)");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } else {
+                // Let the sinks drain while any of them is making progress.
+                loop {
+                    let busy = self.registry.all().into_iter().any(|q| q.status() == queue::BUSY);
+                    if !busy || tokio::time::Instant::now() >= drain_until {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             let _ = self.shared.stop.send(true);
             for task in self.registry.take_tasks() {
@@ -230,12 +321,12 @@ impl Delivery for Spool {
             // not hold the process past the deadline: the thread is then left behind (what it
             // did not commit repeats after the restart, which at-least-once allows).
             self.shared.writer.lock().expect("writer lock").take();
-            let thread = self.writer_thread.lock().expect("writer thread lock").take();
-            if let Some(thread) = thread {
-                let joined =
-                    tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || thread.join())).await;
-                if joined.is_err() {
+            let done = self.writer_done.lock().expect("writer done lock").take();
+            if let Some(done) = done {
+                if tokio::time::timeout_at(deadline, done).await.is_err() {
                     tracing::error!(file = %self.shared.path.display(), "spool writer did not stop before the shutdown deadline; leaving it");
+                } else if let Some(thread) = self.writer_thread.lock().expect("writer thread lock").take() {
+                    let _ = thread.join();
                 }
             }
             let left: BTreeMap<String, u64> = self.pending().into_iter().filter(|(_, n)| *n > 0).collect();
@@ -351,7 +442,89 @@ mod tests {
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
-        assert_eq!(store::next_seq(&db, &cfg.spool_dir).unwrap(), 0, "every event row is gone");
+        assert_eq!(store::next_seq(&db).unwrap(), 0, "every event row is gone");
+    }
+
+    /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cannot mount a tmpfs (run the tests as root, as .ci/run does)");
+            Tmpfs(dir)
+        }
+
+        fn fill(&self) {
+            use std::io::Write;
+            let mut f = std::fs::File::create(self.0.path().join("filler")).unwrap();
+            while f.write(&[0u8; 4096]).is_ok_and(|n| n > 0) {}
+            while f.write(&[0u8]).is_ok_and(|n| n > 0) {}
+        }
+
+        fn free(&self) {
+            std::fs::remove_file(self.0.path().join("filler")).unwrap();
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_full_disk_the_spool_heals_by_itself_and_its_accounts_stay_exact() {
+        let fs = Tmpfs::mount("2m");
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.spool_dir = fs.0.path().join("spool");
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        let mut accepted = 0;
+        for i in 0..5 {
+            assert_eq!(spool.submit(envelope(i), t.clone()).await, Ok(Accepted::New));
+            accepted += 1;
+        }
+        wait("attempts recorded", || sink.calls.load(Ordering::Acquire) >= 3).await;
+
+        fs.fill();
+        let refused = loop {
+            match spool.submit(envelope(accepted + 100), t.clone()).await {
+                Ok(_) => accepted += 1,
+                Err(r) => break r,
+            }
+            assert!(accepted < 5000, "never refused");
+        };
+        assert_eq!(refused.reason, "the spool cannot be written");
+        assert!(!spool.is_ready());
+        let why = spool.unready_reason().unwrap();
+        assert!(why.contains("No space left on device"), "{why}");
+        // Deliveries go on from memory meanwhile; their bookkeeping waits for the disk.
+        sink.ok.store(true, Ordering::Release);
+        wait("deliveries while the disk is full", || sink.got.lock().unwrap().len() == accepted).await;
+        assert!(!spool.is_ready(), "still full");
+
+        fs.free();
+        wait("the spool to heal", || spool.is_ready()).await;
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(10_000 + i), t.clone()).await, Ok(Accepted::New));
+        }
+        wait("everything delivered", || sink.got.lock().unwrap().len() == accepted + 3).await;
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        drop(spool);
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert_eq!(store::pending_len(&db).unwrap(), 0);
+        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
     }
 
     #[tokio::test]

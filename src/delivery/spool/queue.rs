@@ -3,11 +3,14 @@
 //!
 //! A queue holds a window of the sink's pending work in memory (with the envelope, for work
 //! that arrived while the daemon runs); beyond the window, and after a restart, the work is
-//! only on disk and the drain task reads it back in seq order ("spilled").
+//! only on disk and the drain task reads it back in seq order ("spilled"). The window is
+//! bounded by bytes as well as by count, and so is what is read back ahead: a backlog of
+//! large bodies waits on disk, not in memory.
 
 use super::dead::DeadLetter;
+use super::ops::{Bookkeeping, Op};
+use super::record;
 use super::store;
-use super::writer::Op;
 use super::Shared;
 use crate::delivery::observe;
 use crate::event::Envelope;
@@ -27,8 +30,16 @@ pub const WINDOW: usize = 4096;
 /// Small in unit tests, so that they go through the spill path.
 #[cfg(test)]
 pub const WINDOW: usize = 32;
-/// Events read from disk at once for a sink whose backlog is only on disk.
+/// Memory the envelopes of one sink's window may take (see [`record::weight`]); one item is
+/// always allowed, however large.
+#[cfg(not(test))]
+pub const WINDOW_BYTES: u64 = 8 << 20;
+#[cfg(test)]
+pub const WINDOW_BYTES: u64 = 32 << 10;
+/// Events read from disk at once for a sink whose backlog is only on disk, and the memory
+/// they may take beyond the batch being delivered.
 pub const READ_AHEAD: usize = 256;
+pub const READ_AHEAD_BYTES: u64 = WINDOW_BYTES / 2;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -43,10 +54,14 @@ pub(crate) struct Item {
     pub seq: u64,
     pub attempts: u32,
     pub env: Option<Arc<Envelope>>,
+    /// Memory `env` takes (0 without one).
+    pub weight: u64,
 }
 
 struct QState {
     mem: VecDeque<Item>,
+    /// Sum of the weights of `mem`.
+    mem_bytes: u64,
     /// Highest seq ever placed in `mem` (work at or below it is not loaded again).
     cursor: Option<u64>,
     /// Some pending work is only on disk.
@@ -70,6 +85,7 @@ impl SinkQueue {
             name: Arc::from(name),
             state: Mutex::new(QState {
                 mem: VecDeque::new(),
+                mem_bytes: 0,
                 cursor: None,
                 spilled: on_disk > 0,
                 spill_gen: 0,
@@ -84,19 +100,34 @@ impl SinkQueue {
         self.state.lock().expect("sink queue lock")
     }
 
-    /// New durable work (called by the writer after the commit).
-    pub fn enqueue(&self, seq: u64, env: Arc<Envelope>) {
+    /// New durable work (called by the writer after the commit); `weight`: see [`record::weight`].
+    pub fn enqueue(&self, seq: u64, env: Arc<Envelope>, weight: u64) {
         {
             let mut s = self.lock();
             s.pending += 1;
             crate::metrics::spool_pending(&self.name, s.pending);
-            if s.spilled || s.mem.len() >= WINDOW {
+            let full = !s.mem.is_empty() && (s.mem.len() >= WINDOW || s.mem_bytes + weight > WINDOW_BYTES);
+            if s.spilled || full {
                 s.spilled = true;
                 s.spill_gen += 1;
             } else if !matches!(s.cursor, Some(c) if seq <= c) {
-                s.mem.push_back(Item { seq, attempts: 0, env: Some(env) });
+                s.mem.push_back(Item { seq, attempts: 0, env: Some(env), weight });
+                s.mem_bytes += weight;
                 s.cursor = Some(seq);
             }
+        }
+        self.status.store(BUSY, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// `n` more pending pairs that are only on disk (found after a reopen of the file).
+    pub fn add_on_disk(&self, n: u64) {
+        {
+            let mut s = self.lock();
+            s.pending += n;
+            crate::metrics::spool_pending(&self.name, s.pending);
+            s.spilled = true;
+            s.spill_gen += 1;
         }
         self.status.store(BUSY, Ordering::Release);
         self.wake.notify_one();
@@ -117,29 +148,39 @@ impl SinkQueue {
     fn take(&self, n: usize) -> Vec<Item> {
         let mut s = self.lock();
         let n = n.min(s.mem.len());
-        s.mem.drain(..n).collect()
+        let items: Vec<Item> = s.mem.drain(..n).collect();
+        s.mem_bytes -= items.iter().map(|it| it.weight).sum::<u64>();
+        items
     }
 
-    /// Seqs of the first `limit` items in memory that have no envelope yet.
-    fn missing_ahead(&self, limit: usize) -> Vec<u64> {
-        self.lock().mem.iter().take(limit).filter(|it| it.env.is_none()).map(|it| it.seq).collect()
+    /// Seqs of the first `limit` items in memory that have no envelope yet, and how much
+    /// memory may still be filled with theirs.
+    fn missing_ahead(&self, limit: usize) -> (Vec<u64>, u64) {
+        let s = self.lock();
+        let seqs = s.mem.iter().take(limit).filter(|it| it.env.is_none()).map(|it| it.seq).collect();
+        (seqs, READ_AHEAD_BYTES.saturating_sub(s.mem_bytes))
     }
 
-    fn fill(&self, mut envs: HashMap<u64, Arc<Envelope>>) {
+    fn fill(&self, mut envs: HashMap<u64, (Arc<Envelope>, u64)>) {
         if envs.is_empty() {
             return;
         }
         let mut s = self.lock();
+        let mut added = 0;
         for it in s.mem.iter_mut().filter(|it| it.env.is_none()) {
-            if let Some(env) = envs.remove(&it.seq) {
+            if let Some((env, weight)) = envs.remove(&it.seq) {
                 it.env = Some(env);
+                it.weight = weight;
+                added += weight;
             }
         }
+        s.mem_bytes += added;
     }
 
     fn put_back(&self, items: Vec<Item>) {
         let mut s = self.lock();
         for it in items.into_iter().rev() {
+            s.mem_bytes += it.weight;
             s.mem.push_front(it);
         }
     }
@@ -160,13 +201,18 @@ impl SinkQueue {
         let mut s = self.lock();
         for (seq, attempts) in rows {
             if !matches!(s.cursor, Some(c) if seq <= c) {
-                s.mem.push_back(Item { seq, attempts, env: None });
+                s.mem.push_back(Item { seq, attempts, env: None, weight: 0 });
                 s.cursor = Some(seq);
             }
         }
         if complete && s.spill_gen == gen {
             s.spilled = false;
         }
+    }
+
+    #[cfg(test)]
+    fn mem_bytes(&self) -> u64 {
+        self.lock().mem_bytes
     }
 }
 
@@ -230,6 +276,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     let mut stop = shared.stop.subscribe();
     let cfg = &shared.cfg;
     let mut failures: u32 = 0;
+    // Consecutive failed reads of the spool (logged at 1, 2, 4, … so that a disk in trouble
+    // does not fill the log).
+    let mut read_failures: u32 = 0;
     let mut parked_warned = false;
     loop {
         if *stop.borrow() {
@@ -257,19 +306,16 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if batch.is_empty() {
             if let Some((after, gen)) = q.needs_load() {
                 q.status.store(BUSY, Ordering::Release);
-                let (db, name) = (shared.db.clone(), q.name.clone());
-                let rows = tokio::task::spawn_blocking(move || store::load_pending(&db, &name, after, WINDOW)).await;
+                let (sh, name) = (shared.clone(), q.name.clone());
+                let rows = blocking(move || store::load_pending(&*sh.db()?, &name, after, WINDOW)).await;
                 match rows {
-                    Ok(Ok(rows)) => {
+                    Ok(rows) => {
+                        read_failures = 0;
                         let complete = rows.len() < WINDOW;
                         q.loaded(rows, gen, complete);
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, "cannot read pending work from the spool; retrying");
-                        sleep_or_stop(Duration::from_secs(1), &mut stop).await;
-                    }
                     Err(e) => {
-                        tracing::error!(sink = %q.name, error = %e, "spool read task failed; retrying");
+                        read_failed(&shared, &q, &mut read_failures, &e);
                         sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     }
                 }
@@ -285,28 +331,21 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         q.status.store(BUSY, Ordering::Release);
 
         // Work read back from disk: fetch its events, and those of the next items too (one
-        // read transaction per chunk, not per batch).
+        // read transaction per chunk, not per batch), as far as the read-ahead budget goes.
         let mut done: Vec<u64> = Vec::new();
-        let mut unreadable: Vec<(Item, Vec<u8>, String)> = Vec::new();
+        let mut unreadable: Vec<(Item, Vec<u8>, record::RecordError)> = Vec::new();
         if batch.iter().any(|it| it.env.is_none()) {
-            let mut seqs: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
-            let ahead = q.missing_ahead(READ_AHEAD);
-            seqs.extend_from_slice(&ahead);
-            let db = shared.db.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                store::load_events(&db, &seqs).map(|recs| seqs.into_iter().zip(recs).collect::<HashMap<_, _>>())
-            })
-            .await;
-            let mut recs = match loaded {
-                Ok(Ok(recs)) => recs,
-                Ok(Err(e)) => {
-                    tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, "cannot read events from the spool; retrying");
-                    q.put_back(batch);
-                    sleep_or_stop(Duration::from_secs(1), &mut stop).await;
-                    continue;
+            let must: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
+            let (ahead, budget) = q.missing_ahead(READ_AHEAD);
+            let sh = shared.clone();
+            let loaded = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await;
+            let mut recs: HashMap<u64, Option<Vec<u8>>> = match loaded {
+                Ok(recs) => {
+                    read_failures = 0;
+                    recs.into_iter().collect()
                 }
                 Err(e) => {
-                    tracing::error!(sink = %q.name, error = %e, "spool read task failed; retrying");
+                    read_failed(&shared, &q, &mut read_failures, &e);
                     q.put_back(batch);
                     sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     continue;
@@ -321,7 +360,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 match recs.remove(&it.seq).flatten() {
                     // The event row is gone: nothing to deliver; drop the stale pending row.
                     None => done.push(it.seq),
-                    Some(rec) => match store::decode(&rec) {
+                    Some(rec) => match record::decode(&rec) {
                         Ok(env) => {
                             it.env = Some(Arc::new(env));
                             kept.push(it);
@@ -332,17 +371,26 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             }
             batch = kept;
             // The read-ahead: whatever decodes is kept with its item; the rest is handled
-            // when its item comes up.
-            let envs =
-                recs.into_iter().filter_map(|(seq, rec)| Some((seq, Arc::new(store::decode(&rec?).ok()?)))).collect();
+            // (and checked again) when its item comes up.
+            let envs = recs
+                .into_iter()
+                .filter_map(|(seq, rec)| {
+                    let rec = rec?;
+                    let env = record::decode(&rec).ok()?;
+                    Some((seq, (Arc::new(env), record::weight(rec.len()))))
+                })
+                .collect();
             q.fill(envs);
         }
         let mut unwritten = Vec::new();
         for (it, rec, e) in unreadable {
-            tracing::error!(sink = %q.name, seq = it.seq, file = %shared.path.display(), error = %e, "unreadable spool record; moving it to the dead-letter file as stored");
-            let letter = DeadLetter::unreadable(&q.name, &e, it.attempts, &rec);
+            tracing::error!(sink = %q.name, seq = it.seq, file = %shared.path.display(), error = %e, "damaged spool record: not delivered; moving it to the dead-letter file as stored");
+            let letter = DeadLetter::unreadable(&q.name, &e.to_string(), it.attempts, &rec);
             match shared.dead.append(&letter).await {
-                Ok(()) => done.push(it.seq),
+                Ok(()) => {
+                    observe(&q.name, "dead", Instant::now());
+                    done.push(it.seq)
+                }
                 Err(err) => {
                     tracing::error!(file = %shared.dead.path().display(), error = %err, "cannot write the dead-letter file; the record stays in the spool");
                     unwritten.push(it);
@@ -373,7 +421,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                     q.put_back(batch);
                     if !done.is_empty() {
                         q.finished(done.len() as u64);
-                        shared.send(Op::Done { sink: q.name.clone(), seqs: done });
+                        shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
                     }
                     break;
                 }
@@ -425,7 +473,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         }
         if !done.is_empty() {
             q.finished(done.len() as u64);
-            shared.send(Op::Done { sink: q.name.clone(), seqs: done });
+            shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
         }
         if retry.is_empty() {
             if failures > 0 {
@@ -435,7 +483,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
         if !attempts_update.is_empty() {
-            shared.send(Op::Attempts { sink: q.name.clone(), items: attempts_update });
+            shared.send(Op::Book(Bookkeeping::Attempts { sink: q.name.clone(), items: attempts_update }));
         }
         q.put_back(retry);
         failures = failures.saturating_add(1);
@@ -452,6 +500,32 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     tracing::debug!(sink = %q.name, "drain stopped");
 }
 
+/// Runs a read of the spool on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, ReadError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ReadError::Store),
+        Err(e) => Err(ReadError::Task(e)),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Store(store::StoreError),
+    #[error("spool read task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+fn read_failed(shared: &Shared, q: &SinkQueue, failures: &mut u32, e: &ReadError) {
+    *failures = failures.saturating_add(1);
+    let quiet = matches!(e, ReadError::Store(store::StoreError::Reopening));
+    if !quiet && (*failures == 1 || failures.is_power_of_two()) {
+        tracing::error!(sink = %q.name, file = %shared.path.display(), error = %e, failures = *failures, "cannot read pending work from the spool; retrying");
+    }
+}
+
 async fn sleep_or_stop(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
@@ -462,6 +536,28 @@ async fn sleep_or_stop(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_in_memory_is_bounded_by_bytes_as_well_as_by_count() {
+        let body = br#"{"type":"payment"}"#;
+        let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
+        let env = Arc::new(Envelope::new(ev, bytes::Bytes::from_static(body)));
+        let q = SinkQueue::new("s", 0);
+        for seq in 0..10 {
+            q.enqueue(seq, env.clone(), WINDOW_BYTES / 4 + 1);
+        }
+        assert_eq!(q.lock().mem.len(), 3, "the rest waits on disk");
+        assert!(q.mem_bytes() <= WINDOW_BYTES && q.lock().spilled);
+        assert_eq!(q.pending(), 10);
+        let taken = q.take(2);
+        assert_eq!(q.mem_bytes(), WINDOW_BYTES / 4 + 1);
+        q.put_back(taken);
+        assert_eq!(q.mem_bytes(), 3 * (WINDOW_BYTES / 4 + 1));
+        // One item is always held, however large.
+        let big = SinkQueue::new("t", 0);
+        big.enqueue(0, env, WINDOW_BYTES * 4);
+        assert_eq!(big.lock().mem.len(), 1);
+    }
 
     #[test]
     fn backoff_grows_between_the_bounds() {

@@ -6,7 +6,7 @@
 //! start delivers what was replayed. Replayed events skip the dedup window on purpose.
 
 use super::dead::DeadLetter;
-use super::store::{self, SpoolError};
+use super::store::{self, SpoolError, StoreError};
 use crate::config::DeliveryConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -21,8 +21,12 @@ pub enum ReplayError {
     Spool(#[from] SpoolError),
     #[error("cannot read {}: {source}", .path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("spool {}: {detail}", .path.display())]
-    Write { path: PathBuf, detail: String },
+    #[error("spool {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -50,10 +54,10 @@ pub fn replay(
     let f = std::fs::File::open(file).map_err(read_err)?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     let (db, path) = store::open_db(&cfg.spool_dir)?;
-    let write_err = |detail: String| ReplayError::Write { path: path.clone(), detail };
-    let mut next = store::next_seq(&db, &path)?;
+    let write_err = |source: StoreError| ReplayError::Write { path: path.clone(), source };
+    let mut next = store::next_seq(&db).map_err(write_err)?;
     let mut report = ReplayReport { spool: path.clone(), ..Default::default() };
-    let mut batch: Vec<(Vec<u8>, String)> = Vec::new();
+    let mut batch: Vec<(Vec<u8>, Vec<String>)> = Vec::new();
     let mut read = 0u64;
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let line = line.map_err(read_err)?;
@@ -75,11 +79,17 @@ pub fn replay(
             continue;
         }
         match letter.envelope() {
+            // Sinks take the id as an idempotency key, and the spool checks it when it reads
+            // the record back: an event edited by hand would be dead-lettered as damaged.
+            Ok(env) if crate::event::event_id(&env.event) != env.event.id => report.skipped.push((
+                n,
+                "the event's content does not match its id (edited by hand?); it would not be delivered".into(),
+            )),
             Ok(env) => {
                 *report.injected.entry(sink.clone()).or_default() += 1;
-                batch.push((store::encode(&env), sink));
+                batch.push((store::encode(&env), vec![sink]));
             }
-            Err(e) => report.skipped.push((n, e)),
+            Err(e) => report.skipped.push((n, e.to_string())),
         }
         if batch.len() >= BATCH {
             next = super::writer::append_offline(&db, next, &batch).map_err(write_err)?;

@@ -3,20 +3,31 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | u64 (`format` = [`FORMAT`]) |
-//! | `events` | seq (u64, assigned by the writer) | [`encode`]d event JSON + raw body |
+//! | `events` | seq (u64, assigned by the writer) | a [`record`](super::record) (event JSON + raw body, checked when read) |
 //! | `pending` | (sink name, seq) | attempts made so far (u32) |
 //! | `dedup` | (accepted at, unix ms; event id key) | () |
+//! | `probe` | 0 | a few KiB rewritten to prove that a commit can allocate space again |
 //!
 //! An event row lives as long as at least one `pending` row names its seq. Everything that
 //! changes these tables goes through one write transaction at a time (the writer thread, or
-//! `replay` while the daemon is stopped); readers use snapshots.
+//! `replay`/`salvage` while the daemon is stopped); readers use snapshots.
+//!
+//! Beside the file, [`MARKER`] (`spool.id`) records that a spool was created here: a spool
+//! file that is then missing or empty is refused instead of silently starting empty.
+//!
+//! Every call into redb that reads the file runs under [`guard::catch`]: a damaged file is an
+//! error naming it and the way out, never a panic.
 
-use crate::event::{Envelope, Event};
+use super::guard::{self, Panicked};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+pub use super::record::{decode, encode};
+
 pub const FILE_NAME: &str = "spool.redb";
+/// Written beside [`FILE_NAME`] when a spool is created there.
+pub const MARKER: &str = "spool.id";
 /// Version of the layout above; a spool written by a newer layout is refused, not guessed at.
 pub const FORMAT: u64 = 1;
 
@@ -24,89 +35,246 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const PENDING: TableDefinition<(&str, u64), u32> = TableDefinition::new("pending");
 pub const DEDUP: TableDefinition<(u64, u128), ()> = TableDefinition::new("dedup");
+pub const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("probe");
 
-const RECORD_V1: u8 = 1;
+/// Size of the [`probe`] value: enough to need pages of its own.
+const PROBE_BYTES: usize = 16 << 10;
+/// redb page cache size.
+const CACHE_BYTES: usize = 8 << 20;
 
+/// A failure of the redb file underneath, typed so that a log line shows the whole chain
+/// (what failed → redb → I/O → e.g. ENOSPC).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op}: I/O error: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op}: the file is corrupted: {detail}")]
+    Corrupted { op: &'static str, detail: String },
+    #[error("{op}: {source}")]
+    Redb {
+        op: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error(transparent)]
+    Panicked(#[from] Panicked),
+    #[error("the spool file is being reopened after a write error")]
+    Reopening,
+    #[error("no space left on the spool's filesystem ({free} bytes free)")]
+    NoSpace { free: u64 },
+}
+
+impl StoreError {
+    pub fn at(op: &'static str) -> impl Fn(redb::Error) -> StoreError {
+        move |e| match e {
+            redb::Error::Io(source) => StoreError::Io { op, source },
+            redb::Error::Corrupted(detail) => StoreError::Corrupted { op, detail },
+            source => StoreError::Redb { op, source: Box::new(source) },
+        }
+    }
+
+    /// Damage in the file (as opposed to the disk or the system refusing an operation).
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof)
+            }
+            StoreError::Corrupted { .. } | StoreError::Panicked(_) => true,
+            StoreError::Redb { source, .. } => matches!(**source, redb::Error::UpgradeRequired(_)),
+            StoreError::Reopening | StoreError::NoSpace { .. } => false,
+        }
+    }
+}
+
+/// `result.op("commit")?`: a redb result with what was being done.
+pub trait Op<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> Op<T> for Result<T, E> {
+    fn op(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::at(op)(e.into()))
+    }
+}
+
+/// Why the spool cannot be opened. Each message names the file and the way out.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool {}: in use by another process (is webio-router already running with this spool_dir?)", .path.display())]
     InUse { path: PathBuf },
     #[error("spool {}: cannot create its directory: {source}", .path.display())]
-    Dir { path: PathBuf, source: std::io::Error },
-    #[error("spool {}: damaged, nothing could be read ({detail}); the file was left untouched — move it aside to start with an empty spool, keep it for recovery", .path.display())]
-    Damaged { path: PathBuf, detail: String },
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool {}: damaged: {source}. The file was left untouched: run `webio-router spool check` to see what is readable, then `webio-router spool salvage` (daemon stopped) to move it aside and keep every readable record", .path.display())]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("spool {}: {what}, but {} says a spool was created here ({created}): its pending deliveries would be lost. Restore the file, or run `webio-router spool salvage` to accept the loss and start a fresh spool", .path.display(), .marker.display())]
+    Lost { path: PathBuf, what: &'static str, marker: PathBuf, created: String },
     #[error("spool {}: written by a newer webio-router (format {found}, this build reads {FORMAT})", .path.display())]
     NewerFormat { path: PathBuf, found: u64 },
-    #[error("spool {}: {detail}", .path.display())]
-    Storage { path: PathBuf, detail: String },
+    #[error("spool {}: {source}; check the disk, its free space and the file's permissions, then run `webio-router spool check`", .path.display())]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("spool {}: {what}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// The encoded event row: version byte, u32 length of the event JSON, the JSON, the raw body.
-pub fn encode(env: &Envelope) -> Vec<u8> {
-    let json = env.json();
-    let mut out = Vec::with_capacity(5 + json.len() + env.raw.len());
-    out.push(RECORD_V1);
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(json);
-    out.extend_from_slice(&env.raw);
-    out
-}
-
-pub fn decode(rec: &[u8]) -> Result<Envelope, String> {
-    let (&version, rest) = rec.split_first().ok_or("empty record")?;
-    if version != RECORD_V1 {
-        return Err(format!("unknown record version {version}"));
+impl SpoolError {
+    /// A failure while reading or writing an opened spool: damage, or the disk.
+    pub fn from_store(path: &Path, source: StoreError) -> SpoolError {
+        if source.is_damage() {
+            SpoolError::Damaged { path: path.to_owned(), source }
+        } else {
+            SpoolError::Storage { path: path.to_owned(), source }
+        }
     }
-    let len = rest.get(..4).ok_or("truncated record")?;
-    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-    let json = rest.get(4..4 + len).ok_or("truncated record")?;
-    let event: Event = serde_json::from_slice(json).map_err(|e| format!("event JSON: {e}"))?;
-    let raw = bytes::Bytes::copy_from_slice(&rest[4 + len..]);
-    Ok(Envelope::with_json(event, raw, bytes::Bytes::copy_from_slice(json)))
+
+    pub fn path(&self) -> &Path {
+        match self {
+            SpoolError::InUse { path }
+            | SpoolError::Dir { path, .. }
+            | SpoolError::Damaged { path, .. }
+            | SpoolError::Lost { path, .. }
+            | SpoolError::NewerFormat { path, .. }
+            | SpoolError::Storage { path, .. }
+            | SpoolError::Io { path, .. } => path,
+        }
+    }
 }
 
-pub fn storage(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> SpoolError + '_ {
-    move |e| SpoolError::Storage { path: path.to_owned(), detail: e.to_string() }
+/// Opens the redb file (creating it when missing or empty), under the panic guard.
+pub fn open_file(path: &Path) -> Result<Database, StoreError> {
+    // redb caches up to 1 GiB of pages by default; the spool's working set is the recent
+    // backlog, so a small cache keeps a sidecar's memory flat (see docs/performance.md).
+    guard::catch(|| Database::builder().set_cache_size(CACHE_BYTES).create(path))?.op("open")
 }
 
-/// redb page cache size.
-const CACHE_BYTES: usize = 8 << 20;
+/// Opens the redb file again after a failure; a file that vanished meanwhile is an error,
+/// not a new empty spool.
+pub fn reopen_file(path: &Path) -> Result<Database, StoreError> {
+    guard::catch(|| Database::builder().set_cache_size(CACHE_BYTES).open(path))?.op("reopen")
+}
 
-/// Opens (or creates) the spool file, taking redb's exclusive lock on it.
+/// Opens the spool under `dir`: refuses a missing or emptied file where [`MARKER`] says a
+/// spool existed, creates a new one otherwise, and takes redb's exclusive lock on it.
 pub fn open_db(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
     std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir { path: dir.to_owned(), source })?;
     let path = dir.join(FILE_NAME);
-    // redb caches up to 1 GiB of pages by default; the spool's working set is the recent
-    // backlog, so a small cache keeps a sidecar's memory flat (see docs/performance.md).
-    let db = match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
-        Ok(db) => db,
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(SpoolError::InUse { path }),
-        Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
-            if !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
-        {
-            return Err(SpoolError::Storage { path, detail: e.to_string() })
-        }
-        Err(e) => return Err(SpoolError::Damaged { path, detail: e.to_string() }),
+    let marker = dir.join(MARKER);
+    let size = match std::fs::metadata(&path) {
+        Ok(m) => Some(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(SpoolError::Io { path, what: "cannot read its metadata", source }),
     };
-    let at = path.clone();
-    let err = storage(&at);
-    let tx = db.begin_write().map_err(|e| err(&e))?;
-    {
-        let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
-        let found = meta.get("format").map_err(|e| err(&e))?.map(|v| v.value());
-        match found {
-            Some(f) if f > FORMAT => return Err(SpoolError::NewerFormat { path, found: f }),
-            Some(_) => {}
-            None => {
-                meta.insert("format", FORMAT).map_err(|e| err(&e))?;
-            }
+    if matches!(size, None | Some(0)) {
+        if let Some(created) = read_marker(&marker) {
+            let what = if size.is_none() { "the file is missing" } else { "the file is empty (0 bytes)" };
+            return Err(SpoolError::Lost { path, what, marker, created });
         }
-        tx.open_table(EVENTS).map_err(|e| err(&e))?;
-        tx.open_table(PENDING).map_err(|e| err(&e))?;
-        tx.open_table(DEDUP).map_err(|e| err(&e))?;
     }
-    tx.commit().map_err(|e| err(&e))?;
+    let db = init(&path)?;
+    if !marker.exists() {
+        write_marker(dir).map_err(|source| SpoolError::Io {
+            path: path.clone(),
+            what: "cannot write spool.id",
+            source,
+        })?;
+    }
     Ok((db, path))
+}
+
+/// Starts a new, empty spool in `dir` where none is (`salvage`, after moving the old file
+/// aside); the marker is (re)written.
+pub fn create_fresh(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
+    std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir { path: dir.to_owned(), source })?;
+    let path = dir.join(FILE_NAME);
+    let db = init(&path)?;
+    write_marker(dir).map_err(|source| SpoolError::Io { path: path.clone(), what: "cannot write spool.id", source })?;
+    Ok((db, path))
+}
+
+/// Opens the file and makes sure its tables exist and its format is one this build reads.
+fn init(path: &Path) -> Result<Database, SpoolError> {
+    let db = match open_file(path) {
+        Ok(db) => db,
+        Err(StoreError::Redb { source, .. }) if matches!(*source, redb::Error::DatabaseAlreadyOpen) => {
+            return Err(SpoolError::InUse { path: path.to_owned() })
+        }
+        Err(e) => return Err(SpoolError::from_store(path, e)),
+    };
+    let found = guard::catch(|| -> Result<Option<u64>, StoreError> {
+        let tx = db.begin_write().op("begin")?;
+        let found;
+        {
+            let mut meta = tx.open_table(META).op("open meta")?;
+            found = meta.get("format").op("read meta")?.map(|v| v.value());
+            if found.is_none() {
+                meta.insert("format", FORMAT).op("write meta")?;
+            }
+            tx.open_table(EVENTS).op("open events")?;
+            tx.open_table(PENDING).op("open pending")?;
+            tx.open_table(DEDUP).op("open dedup")?;
+        }
+        if found.is_some_and(|f| f > FORMAT) {
+            tx.abort().op("abort")?;
+        } else {
+            tx.commit().op("commit")?;
+        }
+        Ok(found)
+    })
+    .map_err(StoreError::from)
+    .and_then(|r| r)
+    .map_err(|e| SpoolError::from_store(path, e))?;
+    match found {
+        Some(f) if f > FORMAT => Err(SpoolError::NewerFormat { path: path.to_owned(), found: f }),
+        _ => Ok(db),
+    }
+}
+
+fn read_marker(marker: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(marker).ok()?;
+    Some(
+        text.lines()
+            .find_map(|l| l.strip_prefix("created: "))
+            .map_or_else(|| "date unknown".to_owned(), |d| format!("on {}", d.trim())),
+    )
+}
+
+/// Writes [`MARKER`] durably (file and directory entry).
+fn write_marker(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let text = format!(
+        "webio-router spool\ncreated: {}\n\n\
+         spool.redb in this directory holds deliveries not yet confirmed. While this file\n\
+         exists, webio-router refuses to start when spool.redb is missing or empty (its\n\
+         pending deliveries would be lost silently). `webio-router spool salvage` starts a\n\
+         fresh spool once that loss is accepted.\n",
+        crate::event::format_time(chrono::Utc::now())
+    );
+    let tmp = dir.join(format!("{MARKER}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(MARKER))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// What a start finds in the spool.
@@ -119,127 +287,198 @@ pub struct Recovered {
     pub bytes: u64,
     /// Dedup entries still inside the window: (accepted at, id key).
     pub dedup: Vec<(u64, u128)>,
-    /// Event rows that could not be decoded: kept in place, reported, never delivered.
-    pub unreadable: Vec<u64>,
+    /// Event rows that are damaged (checked as they are read): kept in place, reported,
+    /// dead-lettered as stored when their sink reaches them, never delivered.
+    pub unreadable: Vec<(u64, String)>,
     /// Event rows no pending row refers to (left by an older bug or a manual edit).
     pub orphans: Vec<u64>,
+    /// The pending pair with the lowest seq (the oldest work), if any.
+    pub oldest: Option<(u64, String)>,
 }
 
-/// Reads everything a start needs from one snapshot.
-pub fn recover(db: &Database, path: &Path, dedup_since: u64) -> Result<Recovered, SpoolError> {
-    let err = storage(path);
-    let damaged = |e: &dyn std::fmt::Display| SpoolError::Damaged { path: path.to_owned(), detail: e.to_string() };
-    let tx = db.begin_read().map_err(|e| err(&e))?;
+/// Reads everything a start needs from one snapshot, checking every event record.
+pub fn recover(db: &Database, dedup_since: u64) -> Result<Recovered, StoreError> {
+    guard::catch(|| recover_inner(db, dedup_since))?
+}
+
+fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreError> {
+    let tx = db.begin_read().op("begin read")?;
     let mut r = Recovered::default();
-    let pending = tx.open_table(PENDING).map_err(|e| damaged(&e))?;
+    let pending = tx.open_table(PENDING).op("open pending")?;
     let mut referenced = std::collections::HashSet::new();
-    for row in pending.iter().map_err(|e| damaged(&e))? {
-        match row {
-            Ok((k, _)) => {
-                let (sink, seq) = k.value();
-                *r.pending.entry(sink.to_owned()).or_default() += 1;
-                referenced.insert(seq);
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "spool: a pending row cannot be read; the rest is kept");
-            }
+    for row in pending.iter().op("read pending")? {
+        let (k, _) = row.op("read pending")?;
+        let (sink, seq) = k.value();
+        *r.pending.entry(sink.to_owned()).or_default() += 1;
+        referenced.insert(seq);
+        if r.oldest.as_ref().map_or(true, |(s, _)| seq < *s) {
+            r.oldest = Some((seq, sink.to_owned()));
         }
     }
-    let events = tx.open_table(EVENTS).map_err(|e| damaged(&e))?;
-    for row in events.iter().map_err(|e| damaged(&e))? {
-        match row {
-            Ok((k, v)) => {
-                let seq = k.value();
-                let rec = v.value();
-                r.events += 1;
-                r.bytes += rec.len() as u64;
-                r.next_seq = r.next_seq.max(seq + 1);
-                if decode(rec).is_err() {
-                    r.unreadable.push(seq);
-                } else if !referenced.contains(&seq) {
-                    r.orphans.push(seq);
-                }
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "spool: an event row cannot be read; the rest is kept");
-            }
+    let events = tx.open_table(EVENTS).op("open events")?;
+    for row in events.iter().op("read events")? {
+        let (k, v) = row.op("read events")?;
+        let seq = k.value();
+        let rec = v.value();
+        r.events += 1;
+        r.bytes += rec.len() as u64;
+        r.next_seq = r.next_seq.max(seq + 1);
+        if let Err(e) = decode(rec) {
+            r.unreadable.push((seq, e.to_string()));
+        } else if !referenced.contains(&seq) {
+            r.orphans.push(seq);
         }
     }
-    let dedup = tx.open_table(DEDUP).map_err(|e| damaged(&e))?;
-    for (k, _) in dedup.range((dedup_since, 0u128)..).map_err(|e| damaged(&e))?.flatten() {
+    let dedup = tx.open_table(DEDUP).op("open dedup")?;
+    for row in dedup.range((dedup_since, 0u128)..).op("read dedup")? {
+        let (k, _) = row.op("read dedup")?;
         r.dedup.push(k.value());
     }
     Ok(r)
 }
 
-/// The next free seq (for `replay`, which does not need a full [`recover`]).
-pub fn next_seq(db: &Database, path: &Path) -> Result<u64, SpoolError> {
-    let err = storage(path);
-    let tx = db.begin_read().map_err(|e| err(&e))?;
-    let events = tx.open_table(EVENTS).map_err(|e| err(&e))?;
-    let last = events.last().map_err(|e| err(&e))?;
-    Ok(last.map_or(0, |(k, _)| k.value() + 1))
+/// The next free seq (for `replay`, and the writer after a reopen).
+pub fn next_seq(db: &Database) -> Result<u64, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let last = events.last().op("read events")?;
+        Ok(last.map_or(0, |(k, _)| k.value() + 1))
+    })?
 }
 
 /// Up to `limit` pending (seq, attempts) of `sink` with seq > `after`, in seq order.
-pub fn load_pending(db: &Database, sink: &str, after: Option<u64>, limit: usize) -> Result<Vec<(u64, u32)>, String> {
-    let tx = db.begin_read().map_err(|e| e.to_string())?;
-    let pending = tx.open_table(PENDING).map_err(|e| e.to_string())?;
-    let start = after.map_or(0, |a| a.saturating_add(1));
-    let mut out = Vec::new();
+pub fn load_pending(
+    db: &Database,
+    sink: &str,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, u32)>, StoreError> {
     if after == Some(u64::MAX) {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    for row in pending.range((sink, start)..=(sink, u64::MAX)).map_err(|e| e.to_string())? {
-        let (k, v) = row.map_err(|e| e.to_string())?;
-        out.push((k.value().1, v.value()));
-        if out.len() >= limit {
-            break;
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        let start = after.map_or(0, |a| a + 1);
+        let mut out = Vec::new();
+        for row in pending.range((sink, start)..=(sink, u64::MAX)).op("read pending")? {
+            let (k, v) = row.op("read pending")?;
+            out.push((k.value().1, v.value()));
+            if out.len() >= limit {
+                break;
+            }
         }
-    }
-    Ok(out)
+        Ok(out)
+    })?
 }
 
-/// The stored record of each seq (`None` when it is gone).
-pub fn load_events(db: &Database, seqs: &[u64]) -> Result<Vec<Option<Vec<u8>>>, String> {
-    let tx = db.begin_read().map_err(|e| e.to_string())?;
-    let events = tx.open_table(EVENTS).map_err(|e| e.to_string())?;
-    seqs.iter().map(|seq| Ok(events.get(*seq).map_err(|e| e.to_string())?.map(|v| v.value().to_vec()))).collect()
+/// A seq and its stored record (`None` when the row is gone).
+pub type Loaded = (u64, Option<Vec<u8>>);
+
+/// The stored record of each seq of `must` (`None` when it is gone), then of `ahead` while
+/// their total stays within `budget` bytes (those left out are simply absent).
+pub fn load_events(db: &Database, must: &[u64], ahead: &[u64], budget: u64) -> Result<Vec<Loaded>, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let mut out = Vec::with_capacity(must.len() + ahead.len());
+        for seq in must {
+            out.push((*seq, events.get(*seq).op("read events")?.map(|v| v.value().to_vec())));
+        }
+        let mut used = 0u64;
+        for seq in ahead {
+            let Some(v) = events.get(*seq).op("read events")? else { continue };
+            used += super::record::weight(v.value().len());
+            if used > budget {
+                break;
+            }
+            out.push((*seq, Some(v.value().to_vec())));
+        }
+        Ok(out)
+    })?
 }
 
 /// Total of pending rows (for tests and `replay`'s summary).
-pub fn pending_len(db: &Database) -> Result<u64, String> {
-    let tx = db.begin_read().map_err(|e| e.to_string())?;
-    let pending = tx.open_table(PENDING).map_err(|e| e.to_string())?;
-    pending.len().map_err(|e| e.to_string())
+pub fn pending_len(db: &Database) -> Result<u64, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        pending.len().op("read pending")
+    })?
+}
+
+/// Pending rows of `sinks` with seq ≥ `from`, by sink, and the bytes of event rows with
+/// seq ≥ `from` (what a commit reported as failed may still have written).
+pub fn written_since(
+    db: &Database,
+    from: u64,
+    sinks: &BTreeSet<String>,
+) -> Result<(BTreeMap<String, u64>, u64), StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        let mut counts = BTreeMap::new();
+        for sink in sinks {
+            let n = pending.range((sink.as_str(), from)..=(sink.as_str(), u64::MAX)).op("read pending")?.count();
+            if n > 0 {
+                counts.insert(sink.clone(), n as u64);
+            }
+        }
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let mut bytes = 0;
+        for row in events.range(from..).op("read events")? {
+            bytes += row.op("read events")?.1.value().len() as u64;
+        }
+        Ok((counts, bytes))
+    })?
+}
+
+/// A durable commit that needs fresh pages: succeeds only once the disk takes writes again.
+pub fn probe(db: &Database) -> Result<(), StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_write().op("begin probe")?;
+        {
+            let mut t = tx.open_table(PROBE).op("open probe")?;
+            let stamp = crate::dedup::now_millis().to_le_bytes();
+            let value: Vec<u8> = stamp.iter().copied().cycle().take(PROBE_BYTES).collect();
+            t.insert(0u8, value.as_slice()).op("write probe")?;
+        }
+        tx.commit().op("commit probe")
+    })?
+}
+
+/// Free bytes on the filesystem of `dir` (what this process may still write), if known.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 { st.f_bfree } else { st.f_bavail };
+    Some(blocks as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Envelope;
 
-    fn env() -> Envelope {
-        let body = br#"{"type":"payment","amount":3}"#;
-        let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
-        Envelope::new(ev, bytes::Bytes::from_static(body))
+    fn env(n: u32) -> Envelope {
+        let body = format!(r#"{{"type":"payment","amount":{n}}}"#);
+        let ev = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(ev, body.into())
     }
 
-    #[test]
-    fn records_round_trip() {
-        let e = env();
-        let back = decode(&encode(&e)).unwrap();
-        assert_eq!(back.event, e.event);
-        assert_eq!(back.raw, e.raw);
-    }
-
-    #[test]
-    fn damaged_records_are_refused_not_guessed() {
-        let rec = encode(&env());
-        assert!(decode(&rec[..3]).is_err());
-        assert!(decode(&[9, 0, 0, 0, 0]).is_err());
-        let mut bad = rec.clone();
-        bad[6] = b'!';
-        assert!(decode(&bad).is_err());
+    /// A spool holding `n` events pending for sink "s" (written as the daemon would).
+    fn spool_with(dir: &Path, n: u32) -> PathBuf {
+        let (db, path) = open_db(dir).unwrap();
+        let recs: Vec<_> = (0..n).map(|i| (encode(&env(i)), vec!["s".to_owned()])).collect();
+        super::super::writer::append_offline(&db, 0, &recs).unwrap();
+        path
     }
 
     #[test]
@@ -256,7 +495,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), vec![0x5a; 8192]).unwrap();
         let err = open_db(dir.path()).unwrap_err();
-        assert!(err.to_string().contains(FILE_NAME), "{err}");
+        assert!(matches!(err, SpoolError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains(FILE_NAME) && err.to_string().contains("spool salvage"), "{err}");
         assert_eq!(std::fs::read(dir.path().join(FILE_NAME)).unwrap().len(), 8192, "left untouched");
+    }
+
+    #[test]
+    fn zeroed_pages_are_a_damaged_spool_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 300);
+        let clean = std::fs::read(&path).unwrap();
+        let mut refused = 0;
+        // Every page that held data, zeroed in turn: an error or a clean open, never a panic.
+        for page in (1..clean.len() / 4096).filter(|p| clean[p * 4096..(p + 1) * 4096].iter().any(|b| *b != 0)) {
+            let mut bytes = clean.clone();
+            bytes[page * 4096..(page + 1) * 4096].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+            let opened =
+                open_db(dir.path()).and_then(|(db, p)| recover(&db, 0).map_err(|e| SpoolError::from_store(&p, e)));
+            if let Err(e) = opened {
+                assert!(matches!(e, SpoolError::Damaged { .. }), "page {page}: {e}");
+                refused += 1;
+            }
+        }
+        assert!(refused > 0);
+    }
+
+    #[test]
+    fn a_missing_or_emptied_spool_is_refused_where_one_was_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 3);
+        assert!(dir.path().join(MARKER).exists());
+        std::fs::write(&path, b"").unwrap();
+        let err = open_db(dir.path()).unwrap_err();
+        assert!(matches!(err, SpoolError::Lost { .. }) && err.to_string().contains("empty"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "not initialised");
+        std::fs::remove_file(&path).unwrap();
+        let err = open_db(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("missing") && err.to_string().contains("spool salvage"), "{err}");
+        // Without the marker (a new directory, or a spool from before markers): a new spool.
+        std::fs::remove_file(dir.path().join(MARKER)).unwrap();
+        open_db(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn recovery_lists_damaged_records_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 3);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(11).position(|w| w == b"\"amount\":1}").unwrap();
+        bytes[at + 9] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+        let (db, _) = open_db(dir.path()).unwrap();
+        let r = recover(&db, 0).unwrap();
+        assert_eq!((r.events, r.pending["s"]), (3, 3));
+        assert_eq!(r.unreadable.len(), 1, "{:?}", r.unreadable);
+        assert_eq!(r.oldest.map(|(seq, _)| seq), Some(0));
     }
 }

@@ -2,23 +2,31 @@
 //! requests, deliveries done, attempt counts), applies them in one redb write transaction,
 //! commits it durably (one fsync), and only then answers the waiting requests — group commit:
 //! N concurrent requests share one flush.
+//!
+//! **When a commit fails** (a full disk, an I/O error), redb refuses every later transaction
+//! on that handle until the file is reopened. The writer then turns *broken*: new events are
+//! refused at once (503 + `Retry-After`; `/readyz` says why), bookkeeping waits, and at
+//! growing intervals it tries to heal — close the file, reopen it (redb rolls back to the last
+//! durable commit), apply again what that rollback undid, and prove with a probe commit that
+//! the disk takes writes — so the daemon resumes by itself once space is back. It never spins
+//! on a failing commit: it waits for work or for the next attempt, and stops with the spool.
 
+use super::ops::{Append, Bookkeeping, Op};
 use super::queue::Registry;
-use super::store::{DEDUP, EVENTS, PENDING};
+use super::record;
+use super::store::{self, Op as _, StoreError, DEDUP, EVENTS, PENDING};
 use super::Shared;
 use crate::dedup::now_millis;
 use crate::delivery::{Accepted, Refused};
-use crate::event::Envelope;
-use redb::ReadableTable;
+use redb::{Database, ReadableTable};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 /// At most this many operations, or this many bytes of new events, per transaction.
 const MAX_OPS: usize = 4096;
-const MAX_BATCH_BYTES: u64 = 32 << 20;
+const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// A transaction that only records deliveries (no new event) is committed without fsync —
 /// losing it in a crash means a repeat delivery, which at-least-once allows — unless the last
 /// fsync is older than this (so that redb can reuse freed pages and a clean stop loses nothing).
@@ -29,21 +37,27 @@ const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 const DEFER_ROWS: usize = 4096;
 const DEFER_FOR: Duration = Duration::from_millis(50);
 
+/// What a webhook refused because the spool cannot be written is told to wait.
+const BROKEN_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Heal attempts: the first soon after the failure, then less and less often.
+const HEAL_FIRST: Duration = Duration::from_millis(100);
+const HEAL_MAX: Duration = Duration::from_secs(5);
+/// Below this much free space a heal is not even tried (a reopen may read the whole file).
+const MIN_FREE_BYTES: u64 = 256 << 10;
+/// How long a heal waits for the drain tasks' reads of the old handle to finish.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Deferred {
-    ops: Vec<Op>,
+    ops: Vec<Bookkeeping>,
     rows: usize,
-    since: Option<std::time::Instant>,
+    since: Option<Instant>,
 }
 
 impl Deferred {
-    fn push(&mut self, op: Op) {
-        self.rows += match &op {
-            Op::Done { seqs, .. } => seqs.len(),
-            Op::Attempts { items, .. } => items.len(),
-            Op::Append(_) => 0,
-        };
-        self.since.get_or_insert_with(std::time::Instant::now);
+    fn push(&mut self, op: Bookkeeping) {
+        self.rows += op.rows();
+        self.since.get_or_insert_with(Instant::now);
         self.ops.push(op);
     }
 
@@ -51,34 +65,25 @@ impl Deferred {
         self.rows >= DEFER_ROWS || self.since.is_some_and(|t| t.elapsed() >= DEFER_FOR)
     }
 
-    fn take(&mut self) -> Vec<Op> {
+    fn take(&mut self) -> Vec<Bookkeeping> {
         self.rows = 0;
         self.since = None;
         std::mem::take(&mut self.ops)
     }
 }
 
-pub(crate) enum Op {
-    Append(Append),
-    /// These (sink, seq) pairs are delivered or dead-lettered: drop them (and the event when
-    /// no other sink still needs it).
-    Done {
-        sink: Arc<str>,
-        seqs: Vec<u64>,
-    },
-    /// Attempts made so far, so that a restart does not start counting again.
-    Attempts {
-        sink: Arc<str>,
-        items: Vec<(u64, u32)>,
-    },
+/// The writer cannot commit: since when, why, and when it tries again.
+struct Broken {
+    since: Instant,
+    reason: String,
+    attempts: u32,
+    next_try: Instant,
 }
 
-pub(crate) struct Append {
-    pub rec: Vec<u8>,
-    pub id: String,
-    pub sinks: Vec<String>,
-    pub env: Arc<Envelope>,
-    pub reply: oneshot::Sender<Result<Accepted, Refused>>,
+impl Broken {
+    fn delay(attempts: u32) -> Duration {
+        HEAL_FIRST.saturating_mul(1u32 << attempts.min(16)).min(HEAL_MAX)
+    }
 }
 
 pub(crate) struct Writer {
@@ -91,90 +96,142 @@ pub(crate) struct Writer {
     pub names: BTreeSet<String>,
     pub last_prune: u64,
     /// When the last durable (fsynced) commit happened, and whether one without fsync followed.
-    pub last_fsync: std::time::Instant,
+    pub last_fsync: Instant,
     pub unsynced: bool,
+    /// Bookkeeping committed without fsync since the last durable commit. A reopen of the
+    /// file rolls it back, so a heal applies it again (its freed bytes were counted already).
+    pub unsynced_ops: Vec<Bookkeeping>,
+    /// A handle being closed whose readers had not finished yet.
+    pub closing: Option<Arc<Database>>,
 }
 
 impl Writer {
-    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
-        let mut carry: Vec<Op> = Vec::new();
+    pub fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut carry: Vec<Bookkeeping> = Vec::new();
         // Bookkeeping (deliveries done, attempt counts) waits for a transaction of its own
         // while new events keep coming: removing a run of rows at once rewrites far fewer
         // pages than touching both ends of the tables in every commit. Losing it in a crash
         // means repeat deliveries, as for any bookkeeping commit without fsync.
         let mut deferred = Deferred::default();
+        let mut broken: Option<Broken> = None;
         loop {
-            let mut ops = std::mem::take(&mut carry);
-            if ops.is_empty() {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    // Nothing new: a good moment for the bookkeeping.
-                    Err(mpsc::error::TryRecvError::Empty) if !deferred.ops.is_empty() => {}
-                    Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
-                        Some(op) => ops.push(op),
-                        None => break,
-                    },
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                }
-            }
-            let mut bytes: u64 = ops.iter().map(op_bytes).sum();
-            while ops.len() < MAX_OPS && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        bytes += op_bytes(&op);
-                        ops.push(op);
-                    }
+            // Wait for work: without limit when idle, until the next heal attempt when
+            // broken, not at all when bookkeeping is waiting.
+            let wait = match &broken {
+                Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
+                None if !deferred.ops.is_empty() || !carry.is_empty() => Some(Duration::ZERO),
+                None => None,
+            };
+            let first = match wait {
+                None => match rx.recv() {
+                    Ok(op) => Some(op),
                     Err(_) => break,
-                }
-            }
-            let mut batch = Vec::with_capacity(ops.len());
-            for op in ops {
+                },
+                Some(d) => match rx.recv_timeout(d) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut appends = Vec::new();
+            let mut bytes = 0u64;
+            let mut next = first;
+            while let Some(op) = next {
                 match op {
-                    Op::Append(_) => batch.push(op),
-                    other => deferred.push(other),
+                    Op::Append(a) => {
+                        bytes += a.rec.len() as u64;
+                        appends.push(a);
+                    }
+                    Op::Book(b) => deferred.push(b),
+                }
+                if appends.len() + deferred.ops.len() >= MAX_OPS || bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+
+            if let Some(b) = &mut broken {
+                if Instant::now() >= b.next_try {
+                    match self.heal() {
+                        Ok(()) => {
+                            tracing::info!(file = %self.shared.path.display(), after = ?b.since.elapsed(), attempts = b.attempts + 1, "spool can be written again; accepting webhooks");
+                            self.shared.set_trouble(None);
+                            broken = None;
+                        }
+                        Err(e) => {
+                            b.attempts += 1;
+                            b.next_try = Instant::now() + Broken::delay(b.attempts);
+                            let reason = e.to_string();
+                            if reason != b.reason || b.attempts.is_power_of_two() {
+                                tracing::warn!(file = %self.shared.path.display(), error = %chain(&e), attempts = b.attempts, "spool still cannot be written; webhooks get 503");
+                            }
+                            b.reason = reason;
+                            self.shared.set_trouble(Some(format!("the spool cannot commit: {}", b.reason)));
+                        }
+                    }
+                }
+                if broken.is_some() {
+                    self.refuse(appends);
+                    continue;
                 }
             }
-            if batch.is_empty() || deferred.due() {
-                batch.extend(deferred.take());
+
+            let mut book = Vec::new();
+            if appends.is_empty() || deferred.due() {
+                book = std::mem::take(&mut carry);
+                book.extend(deferred.take());
             }
-            if batch.is_empty() {
+            if appends.is_empty() && book.is_empty() {
                 continue;
             }
-            if let Err(left) = self.apply(batch) {
-                // Deliveries already done must still be recorded: try again shortly.
-                carry = left;
-                std::thread::sleep(Duration::from_millis(200));
+            if let Err((e, rest)) = self.apply(appends, book, false) {
+                carry = rest;
+                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
+                let reason = e.to_string();
+                broken =
+                    Some(Broken { since: Instant::now(), reason, attempts: 0, next_try: Instant::now() + HEAL_FIRST });
             }
         }
-        let mut left = deferred.take();
-        for _ in 0..3 {
-            if left.is_empty() {
-                break;
-            }
-            left = self.apply(left).err().unwrap_or_default();
-        }
-        if !left.is_empty() {
-            tracing::error!(file = %self.shared.path.display(), "spool: the last deliveries could not be recorded; they will repeat after the restart");
-        }
-        if self.unsynced {
-            if let Err(e) = self.sync() {
-                tracing::error!(file = %self.shared.path.display(), error = %e, "spool: final commit failed; some deliveries may repeat after the restart");
-            }
-        }
+        self.finish(carry, deferred, broken);
         tracing::debug!("spool writer stopped");
     }
 
-    /// One transaction for `ops`. On failure every waiting request is refused (nothing was
-    /// accepted) and the bookkeeping ops are handed back to be retried.
-    fn apply(&mut self, ops: Vec<Op>) -> Result<(), Vec<Op>> {
-        let mut appends = Vec::new();
-        let mut rest = Vec::new();
-        for op in ops {
-            match op {
-                Op::Append(a) => appends.push(a),
-                other => rest.push(other),
+    /// The spool is closing: record what the drains reported, durably, if the disk lets us —
+    /// once, not in a loop (the shutdown deadline waits for this thread).
+    fn finish(&mut self, mut carry: Vec<Bookkeeping>, mut deferred: Deferred, broken: Option<Broken>) {
+        carry.extend(deferred.take());
+        if broken.is_some() {
+            if let Err(e) = self.heal() {
+                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: still cannot write at shutdown; the last deliveries will repeat after the restart");
+                return;
             }
         }
+        if !carry.is_empty() || self.unsynced {
+            if let Err((e, _)) = self.apply(Vec::new(), carry, true) {
+                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: the last deliveries could not be recorded; they will repeat after the restart");
+            }
+        }
+    }
+
+    fn refuse(&self, appends: Vec<Append>) {
+        let bytes: u64 = appends.iter().map(|a| a.rec.len() as u64).sum();
+        self.shared.used.fetch_sub(bytes, Ordering::AcqRel);
+        for a in appends {
+            let _ = a
+                .reply
+                .send(Err(Refused { reason: "the spool cannot be written".into(), retry_after: BROKEN_RETRY_AFTER }));
+        }
+    }
+
+    /// One transaction for `appends` and `book` (durable when it holds events, or when
+    /// `force_durable`). On failure every waiting request is refused (nothing was accepted)
+    /// and the bookkeeping is handed back to be applied once the spool heals.
+    fn apply(
+        &mut self,
+        appends: Vec<Append>,
+        book: Vec<Bookkeeping>,
+        force_durable: bool,
+    ) -> Result<(), (StoreError, Vec<Bookkeeping>)> {
         for name in appends.iter().flat_map(|a| &a.sinks) {
             if !self.names.contains(name) {
                 self.names.insert(name.clone());
@@ -183,80 +240,80 @@ impl Writer {
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
         let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
-        let durable = !appends.is_empty() || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
-        let result = self.transaction(&appends, &rest, now, prune, durable);
-        match result {
-            Ok((seqs, freed)) => {
-                if durable {
-                    self.last_fsync = std::time::Instant::now();
-                    self.unsynced = false;
-                    crate::metrics::spool_flush(seqs.iter().filter(|s| s.is_some()).count() as u64);
-                } else {
-                    self.unsynced = true;
-                }
-                self.last_prune = if prune { now } else { self.last_prune };
-                let added: u64 =
-                    appends.iter().zip(&seqs).filter(|(_, s)| s.is_some()).map(|(a, _)| a.rec.len() as u64).sum();
-                let duplicate: u64 =
-                    appends.iter().zip(&seqs).filter(|(_, s)| s.is_none()).map(|(a, _)| a.rec.len() as u64).sum();
-                self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
-                self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
-                self.next_seq += seqs.iter().filter(|s| s.is_some()).count() as u64;
-                crate::metrics::spool_bytes(self.committed_bytes);
-                for (a, seq) in appends.into_iter().zip(seqs) {
-                    match seq {
-                        Some(seq) => {
-                            if window > 0 {
-                                self.shared.dedup.record_at(&a.id, now);
-                            }
-                            // Queue before answering: once a request has its 202, its work is visible.
-                            for sink in &a.sinks {
-                                self.registry.queue(sink).enqueue(seq, a.env.clone());
-                            }
-                            let _ = a.reply.send(Ok(Accepted::New));
-                        }
-                        None => {
-                            let _ = a.reply.send(Ok(Accepted::Duplicate));
-                        }
-                    }
-                }
-                Ok(())
-            }
+        let durable = force_durable || !appends.is_empty() || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
+        let result = self
+            .shared
+            .db()
+            .and_then(|db| super::guard::catch(|| self.transaction(&db, &appends, &book, now, prune, durable))?);
+        let (seqs, freed) = match result {
+            Ok(r) => r,
             Err(e) => {
-                tracing::error!(file = %self.shared.path.display(), error = %e, "spool commit failed; webhooks get 503 until it works again");
-                let refused: u64 = appends.iter().map(|a| a.rec.len() as u64).sum();
-                self.shared.used.fetch_sub(refused, Ordering::AcqRel);
-                for a in appends {
-                    let _ = a.reply.send(Err(Refused {
-                        reason: "the spool cannot be written".into(),
-                        retry_after: Duration::from_secs(10),
-                    }));
+                crate::metrics::spool_write_error();
+                // Not ready before the first refusal is answered: a probe that follows a 503
+                // sees why.
+                self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
+                self.refuse(appends);
+                return Err((e, book));
+            }
+        };
+        if durable {
+            self.last_fsync = Instant::now();
+            self.unsynced = false;
+            self.unsynced_ops.clear();
+            crate::metrics::spool_flush(seqs.iter().filter(|s| s.is_some()).count() as u64);
+        } else {
+            self.unsynced = true;
+            self.unsynced_ops.extend(book);
+        }
+        self.last_prune = if prune { now } else { self.last_prune };
+        let added: u64 = appends.iter().zip(&seqs).filter(|(_, s)| s.is_some()).map(|(a, _)| a.rec.len() as u64).sum();
+        let duplicate: u64 =
+            appends.iter().zip(&seqs).filter(|(_, s)| s.is_none()).map(|(a, _)| a.rec.len() as u64).sum();
+        self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
+        self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
+        self.next_seq += seqs.iter().filter(|s| s.is_some()).count() as u64;
+        crate::metrics::spool_bytes(self.committed_bytes);
+        for (a, seq) in appends.into_iter().zip(seqs) {
+            match seq {
+                Some(seq) => {
+                    if window > 0 {
+                        self.shared.dedup.record_at(&a.id, now);
+                    }
+                    // Queue before answering: once a request has its 202, its work is visible.
+                    let weight = record::weight(a.rec.len());
+                    for sink in &a.sinks {
+                        self.registry.queue(sink).enqueue(seq, a.env.clone(), weight);
+                    }
+                    let _ = a.reply.send(Ok(Accepted::New));
                 }
-                Err(rest)
+                None => {
+                    let _ = a.reply.send(Ok(Accepted::Duplicate));
+                }
             }
         }
+        Ok(())
     }
 
     /// Returns, for each append, its seq (`None`: a duplicate), and the bytes freed.
     fn transaction(
         &self,
+        db: &Database,
         appends: &[Append],
-        rest: &[Op],
+        book: &[Bookkeeping],
         now: u64,
         prune: bool,
         durable: bool,
-    ) -> Result<(Vec<Option<u64>>, u64), String> {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
-        let mut tx = self.shared.db.begin_write().map_err(|x| e(&x))?;
+    ) -> Result<(Vec<Option<u64>>, u64), StoreError> {
+        let mut tx = db.begin_write().op("begin")?;
         if !durable {
-            tx.set_durability(redb::Durability::None).map_err(|x| e(&x))?;
+            tx.set_durability(redb::Durability::None).op("set durability")?;
         }
         let mut seqs = Vec::with_capacity(appends.len());
-        let mut freed = 0u64;
+        let freed;
         {
-            let mut events = tx.open_table(EVENTS).map_err(|x| e(&x))?;
-            let mut pending = tx.open_table(PENDING).map_err(|x| e(&x))?;
-            let mut dedup = tx.open_table(DEDUP).map_err(|x| e(&x))?;
+            let mut events = tx.open_table(EVENTS).op("open events")?;
+            let mut pending = tx.open_table(PENDING).op("open pending")?;
+            let mut dedup = tx.open_table(DEDUP).op("open dedup")?;
             let window = self.shared.dedup.window().as_millis() as u64;
             let mut in_batch = HashSet::new();
             let mut next = self.next_seq;
@@ -268,91 +325,191 @@ impl Writer {
                 }
                 let seq = next;
                 next += 1;
-                events.insert(seq, a.rec.as_slice()).map_err(|x| e(&x))?;
+                events.insert(seq, a.rec.as_slice()).op("write event")?;
                 for sink in &a.sinks {
-                    pending.insert((sink.as_str(), seq), 0u32).map_err(|x| e(&x))?;
+                    pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
                 if window > 0 {
-                    dedup.insert((now, key), ()).map_err(|x| e(&x))?;
+                    dedup.insert((now, key), ()).op("write dedup")?;
                 }
                 seqs.push(Some(seq));
             }
-            for op in rest {
-                match op {
-                    Op::Done { sink, seqs: done } => {
-                        for seq in done {
-                            if pending.remove((&**sink, *seq)).map_err(|x| e(&x))?.is_none() {
-                                continue;
-                            }
-                            let mut needed = false;
-                            for name in &self.names {
-                                if pending.get((name.as_str(), *seq)).map_err(|x| e(&x))?.is_some() {
-                                    needed = true;
-                                    break;
-                                }
-                            }
-                            if !needed {
-                                if let Some(v) = events.remove(*seq).map_err(|x| e(&x))? {
-                                    freed += v.value().len() as u64;
-                                }
-                            }
-                        }
-                    }
-                    Op::Attempts { sink, items } => {
-                        for (seq, n) in items {
-                            let exists = pending.get((&**sink, *seq)).map_err(|x| e(&x))?.is_some();
-                            if exists {
-                                pending.insert((&**sink, *seq), *n).map_err(|x| e(&x))?;
-                            }
-                        }
-                    }
-                    Op::Append(_) => unreachable!("appends are split off"),
-                }
-            }
+            freed = apply_book(&mut events, &mut pending, &self.names, book)?;
             if prune {
                 let cutoff = now.saturating_sub(window);
-                dedup.retain_in(..(cutoff, 0u128), |_, _| false).map_err(|x| e(&x))?;
+                dedup.retain_in(..(cutoff, 0u128), |_, _| false).op("prune dedup")?;
             }
         }
-        tx.commit().map_err(|x| e(&x))?;
+        tx.commit().op("commit")?;
         Ok((seqs, freed))
     }
-}
 
-impl Writer {
-    /// An empty durable commit: makes the commits without fsync before it durable.
-    fn sync(&mut self) -> Result<(), String> {
-        let tx = self.shared.db.begin_write().map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
-        crate::metrics::spool_flush(0);
+    /// Closes the broken handle, reopens the file, reconciles, and proves a commit works;
+    /// only then are the drain tasks given the new handle.
+    fn heal(&mut self) -> Result<(), StoreError> {
+        let dir = self.shared.cfg.spool_dir.clone();
+        if let Some(free) = store::free_bytes(&dir).filter(|f| *f < MIN_FREE_BYTES) {
+            return Err(StoreError::NoSpace { free });
+        }
+        self.close_db()?;
+        let db = store::reopen_file(&self.shared.path)?;
+        self.reconcile(&db)?;
+        // What the reopen rolled back: deliveries recorded without fsync. Apply them again;
+        // their freed bytes were counted the first time.
+        if !self.unsynced_ops.is_empty() {
+            let redo = std::mem::take(&mut self.unsynced_ops);
+            let result =
+                super::guard::catch(|| redo_book(&db, &self.names, &redo)).map_err(StoreError::from).and_then(|r| r);
+            if let Err(e) = result {
+                crate::metrics::spool_write_error();
+                self.unsynced_ops = redo;
+                return Err(e);
+            }
+        }
+        if let Err(e) = store::probe(&db) {
+            crate::metrics::spool_write_error();
+            return Err(e);
+        }
+        self.last_fsync = Instant::now();
         self.unsynced = false;
-        self.last_fsync = std::time::Instant::now();
+        self.shared.set_db(Some(Arc::new(db)));
+        for q in self.registry.all() {
+            q.wake();
+        }
+        Ok(())
+    }
+
+    /// Takes the handle away from the drain tasks and closes it once their reads are done.
+    fn close_db(&mut self) -> Result<(), StoreError> {
+        let Some(mut db) = self.shared.set_db(None).or_else(|| self.closing.take()) else { return Ok(()) };
+        let until = Instant::now() + CLOSE_WAIT;
+        loop {
+            match Arc::try_unwrap(db) {
+                // Dropping closes the file (and releases its lock); errors are expected on a
+                // handle that failed, and the reopen repairs what they left.
+                Ok(db) => {
+                    drop(db);
+                    return Ok(());
+                }
+                Err(still) if Instant::now() < until => {
+                    db = still;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(still) => {
+                    self.closing = Some(still);
+                    return Err(StoreError::Reopening);
+                }
+            }
+        }
+    }
+
+    /// A commit reported as failed may have reached the disk all the same (its flush failed
+    /// after the commit slot was written): keep and deliver what it wrote. Its senders were
+    /// told to retry, so those events may arrive twice — never lost.
+    fn reconcile(&mut self, db: &Database) -> Result<(), StoreError> {
+        let on_disk = store::next_seq(db)?;
+        if on_disk <= self.next_seq {
+            return Ok(());
+        }
+        let (pending, bytes) = store::written_since(db, self.next_seq, &self.names)?;
+        tracing::warn!(file = %self.shared.path.display(), events = on_disk - self.next_seq, "spool: a commit reported as failed reached the disk; its events are kept and delivered");
+        for (sink, n) in pending {
+            self.registry.queue(&sink).add_on_disk(n);
+        }
+        self.committed_bytes += bytes;
+        self.shared.used.fetch_add(bytes, Ordering::AcqRel);
+        self.next_seq = on_disk;
         Ok(())
     }
 }
 
-fn op_bytes(op: &Op) -> u64 {
-    match op {
-        Op::Append(a) => a.rec.len() as u64,
-        _ => 64,
-    }
-}
-
-/// Writes `records` ((encoded event, sink)) as new pending work, durably, from `next_seq` on;
-/// returns the next free seq. Used by `replay` while the daemon is stopped.
-pub fn append_offline(db: &redb::Database, next_seq: u64, records: &[(Vec<u8>, String)]) -> Result<u64, String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let tx = db.begin_write().map_err(|x| e(&x))?;
-    let mut seq = next_seq;
-    {
-        let mut events = tx.open_table(EVENTS).map_err(|x| e(&x))?;
-        let mut pending = tx.open_table(PENDING).map_err(|x| e(&x))?;
-        for (rec, sink) in records {
-            events.insert(seq, rec.as_slice()).map_err(|x| e(&x))?;
-            pending.insert((sink.as_str(), seq), 0u32).map_err(|x| e(&x))?;
-            seq += 1;
+/// Applies bookkeeping to the open tables; returns the bytes of event rows freed.
+fn apply_book(
+    events: &mut redb::Table<u64, &[u8]>,
+    pending: &mut redb::Table<(&str, u64), u32>,
+    names: &BTreeSet<String>,
+    book: &[Bookkeeping],
+) -> Result<u64, StoreError> {
+    let mut freed = 0u64;
+    for op in book {
+        match op {
+            Bookkeeping::Done { sink, seqs } => {
+                for seq in seqs {
+                    if pending.remove((&**sink, *seq)).op("remove pending")?.is_none() {
+                        continue;
+                    }
+                    let mut needed = false;
+                    for name in names {
+                        if pending.get((name.as_str(), *seq)).op("read pending")?.is_some() {
+                            needed = true;
+                            break;
+                        }
+                    }
+                    if !needed {
+                        if let Some(v) = events.remove(*seq).op("remove event")? {
+                            freed += v.value().len() as u64;
+                        }
+                    }
+                }
+            }
+            Bookkeeping::Attempts { sink, items } => {
+                for (seq, n) in items {
+                    let exists = pending.get((&**sink, *seq)).op("read pending")?.is_some();
+                    if exists {
+                        pending.insert((&**sink, *seq), *n).op("write pending")?;
+                    }
+                }
+            }
         }
     }
-    tx.commit().map_err(|x| e(&x))?;
-    Ok(seq)
+    Ok(freed)
+}
+
+/// Applies `book` again in a durable transaction of its own (after a reopen).
+fn redo_book(db: &Database, names: &BTreeSet<String>, book: &[Bookkeeping]) -> Result<(), StoreError> {
+    let tx = db.begin_write().op("begin")?;
+    {
+        let mut events = tx.open_table(EVENTS).op("open events")?;
+        let mut pending = tx.open_table(PENDING).op("open pending")?;
+        apply_book(&mut events, &mut pending, names, book)?;
+    }
+    tx.commit().op("commit")
+}
+
+/// An error and its causes, for a log line: "commit: I/O error: No space left on device …".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// Writes `records` ((encoded event, the sinks it is pending for)) as new pending work,
+/// durably, from `next_seq` on; returns the next free seq. Used by `replay` and `salvage`
+/// while the daemon is stopped.
+pub fn append_offline(db: &Database, next_seq: u64, records: &[(Vec<u8>, Vec<String>)]) -> Result<u64, StoreError> {
+    super::guard::catch(|| {
+        let tx = db.begin_write().op("begin")?;
+        let mut seq = next_seq;
+        {
+            let mut events = tx.open_table(EVENTS).op("open events")?;
+            let mut pending = tx.open_table(PENDING).op("open pending")?;
+            for (rec, sinks) in records {
+                events.insert(seq, rec.as_slice()).op("write event")?;
+                for sink in sinks {
+                    pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
+                }
+                seq += 1;
+            }
+        }
+        tx.commit().op("commit")?;
+        Ok(seq)
+    })?
 }

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod brokers;
+pub mod process;
 pub mod spool;
 pub mod tls;
 pub mod tmpfs;

@@ -39,13 +39,60 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A port with nothing listening on it (connection refused), reusable later by a sink.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A port with nothing listening on it (connection refused), kept for a sink started later.
+///
+/// The port stays reserved by a socket that is bound but not listening: connections to it are
+/// refused, yet no other socket can be given the port meanwhile (neither a listener bound to
+/// port 0 nor an outgoing connection's ephemeral port), which a port found free and released
+/// could be. [`SinkServer::start_on`] turns that same socket into the sink's listener.
+pub struct ReservedPort {
+    fd: std::os::fd::OwnedFd,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn listen(self) -> TcpListener {
+        use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+        // SAFETY: `fd` is a bound TCP socket this value owns; `listen` only changes its state,
+        // and `from_raw_fd` takes over the ownership that `into_raw_fd` gives up.
+        unsafe {
+            assert_eq!(libc::listen(self.fd.as_raw_fd(), 128), 0, "listen: {}", std::io::Error::last_os_error());
+            TcpListener::from_raw_fd(self.fd.into_raw_fd())
+        }
+    }
+}
+
+pub fn free_port() -> ReservedPort {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: plain socket calls on a descriptor created here and owned by `OwnedFd` at once.
+    unsafe {
+        let raw = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(raw);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd.as_raw_fd(), &addr as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut bound: libc::sockaddr_in = std::mem::zeroed();
+        let mut blen = len;
+        let rc =
+            libc::getsockname(fd.as_raw_fd(), &mut bound as *mut libc::sockaddr_in as *mut libc::sockaddr, &mut blen);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        ReservedPort { fd, port: u16::from_be(bound.sin_port) }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The HTTP sink
+
+/// A [`SinkServer`] status: read the request, never answer.
+pub const HANG: u16 = 0;
 
 /// An HTTP endpoint answering every request with `status` (and `Retry-After` when set).
 /// Records the event id of every request it answered with 2xx.
@@ -60,12 +107,20 @@ pub struct SinkServer {
 
 impl SinkServer {
     pub fn start(status: u16) -> SinkServer {
-        Self::start_on(0, status)
+        Self::serve(TcpListener::bind("127.0.0.1:0").expect("bind sink"), status)
     }
 
-    /// Listens on `port` (0: any free port).
-    pub fn start_on(port: u16, status: u16) -> SinkServer {
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind sink");
+    /// Listens on a port reserved by [`free_port`] (where a router may already be sending).
+    pub fn start_on(port: ReservedPort, status: u16) -> SinkServer {
+        Self::serve(port.listen(), status)
+    }
+
+    /// An endpoint that reads each request and never answers ([`HANG`]).
+    pub fn hanging() -> SinkServer {
+        Self::start(HANG)
+    }
+
+    fn serve(listener: TcpListener, status: u16) -> SinkServer {
         let port = listener.local_addr().unwrap().port();
         let s = SinkServer {
             port,
@@ -136,6 +191,19 @@ fn serve_conn(
     let Some((head, body)) = read_request(&mut conn) else { return };
     attempts.fetch_add(1, Ordering::AcqRel);
     let code = status.load(Ordering::Acquire);
+    if code == HANG {
+        // Hold the connection without a word until the client gives up (or a status is set).
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut byte = [0u8; 1];
+        while status.load(Ordering::Acquire) == HANG {
+            match conn.read(&mut byte) {
+                Ok(0) => return,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                _ => return,
+            }
+        }
+        return;
+    }
     let id = head
         .lines()
         .find_map(|l| l.strip_prefix("x-webio-event-id:").or_else(|| l.strip_prefix("X-Webio-Event-Id:")))
@@ -223,8 +291,15 @@ pub struct Setup {
 impl Setup {
     /// `routes` is the whole routes.toml; `delivery` extra lines for `[delivery]`.
     pub fn new(routes: &str, delivery: &str) -> Setup {
+        Self::with(routes, delivery, "", None)
+    }
+
+    /// Like [`Setup::new`], with extra `[server]` lines and the spool somewhere else
+    /// (e.g. on a small tmpfs).
+    pub fn with(routes: &str, delivery: &str, server: &str, spool_dir: Option<&Path>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
+        let spool = spool_dir.map_or_else(|| d.join("spool"), Path::to_owned);
         std::fs::write(d.join("routes.toml"), routes).unwrap();
         let config = format!(
             r#"routes_file = "{routes}"
@@ -232,6 +307,7 @@ impl Setup {
 [server]
 listen = "127.0.0.1:0"
 path = "/webhooks/webio"
+{server}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -244,10 +320,6 @@ organisation_id = "42"
 mode = "spool"
 spool_dir = "{spool}"
 dead_letter_file = "{dead}"
-retry_initial = "50ms"
-retry_max = "500ms"
-max_attempts = 1000
-shutdown_timeout = "3s"
 {delivery}
 
 [log]
@@ -255,8 +327,9 @@ format = "json"
 level = "info"
 "#,
             routes = d.join("routes.toml").display(),
-            spool = d.join("spool").display(),
+            spool = spool.display(),
             dead = d.join("dead-letter.jsonl").display(),
+            delivery = with_defaults(delivery),
         );
         std::fs::write(d.join("webio-router.toml"), config).unwrap();
         Setup { dir }
@@ -336,6 +409,23 @@ level = "info"
     }
 }
 
+/// `delivery` lines plus the test defaults it does not set itself (fast retries, a short
+/// shutdown), so that a test can override any of them.
+fn with_defaults(delivery: &str) -> String {
+    const DEFAULTS: &[(&str, &str)] = &[
+        ("retry_initial", "\"50ms\""),
+        ("retry_max", "\"500ms\""),
+        ("max_attempts", "1000"),
+        ("shutdown_timeout", "\"3s\""),
+    ];
+    let set: Vec<&str> = delivery.lines().filter_map(|l| l.split_once('=')).map(|(k, _)| k.trim()).collect();
+    let mut out = delivery.trim().to_owned();
+    for (k, v) in DEFAULTS.iter().filter(|(k, _)| !set.contains(k)) {
+        out.push_str(&format!("\n{k} = {v}"));
+    }
+    out
+}
+
 fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
     crate::helpers::ready_addr(line, key)
 }
@@ -374,23 +464,70 @@ impl Router {
 
     /// SIGKILL, no goodbye.
     pub fn kill9(mut self) {
+        self.kill9_in_place();
+    }
+
+    /// SIGKILL, keeping the value (to be replaced by the next start).
+    pub fn kill9_in_place(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 
     /// SIGTERM and wait for the exit.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_timed().0
+    }
+
+    /// SIGTERM, wait for the exit, and how long it took from the signal.
+    pub fn terminate_timed(mut self) -> (ExitStatus, Duration) {
+        let sent = Instant::now();
         let ok = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = sent + Duration::from_secs(30);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+                return (s, sent.elapsed());
             }
             assert!(Instant::now() < deadline, "router did not stop after SIGTERM:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// `GET /readyz`: (status, JSON body).
+    pub fn readyz(&self) -> (u16, serde_json::Value) {
+        let a = http(self.admin, "GET", "/readyz", &[], b"");
+        (a.status, serde_json::from_str(&a.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The peak resident memory of the daemon so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kb * 1024
+    }
+}
+
+/// Posts `body` to `addr` with a valid token; `None` when the router is not there (killed).
+pub fn try_post(addr: SocketAddr, body: &str) -> Option<Answer> {
+    let token = token();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let head = format!(
+        "POST /webhooks/webio HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\nx-webio-token: {token}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Answer { status, head: head.to_owned(), body: body.to_owned() })
 }
 
 impl Drop for Router {

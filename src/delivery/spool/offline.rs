@@ -1,0 +1,430 @@
+//! `webio-router spool check` and `webio-router spool salvage`, run while the daemon is
+//! stopped (redb's lock makes them fail with "in use" otherwise, rather than race it).
+//!
+//! - **check** opens the spool as a start would, reads every row and checks every event
+//!   record: healthy or damaged, pending deliveries per sink, the oldest pending event, the
+//!   size. Nothing is changed (beyond redb's own recovery of an interrupted commit).
+//! - **salvage** moves the spool file aside (`spool.redb.damaged-<time>`, never deleted) and
+//!   copies every readable pending record into a fresh spool, so that the next start
+//!   delivers them. When redb can still read the file's index, each record keeps the sinks it
+//!   was pending for. When it cannot (zeroed pages, a torn index), the file's bytes are
+//!   scanned for intact records, which are queued for the sinks their routes match now: the
+//!   index no longer says which were still pending, so some may be delivered a second time
+//!   (at least once; sinks dedupe by event id). A record that fails its check is written to
+//!   the dead-letter file as stored, so that nothing disappears without a trace.
+
+use super::dead::DeadLetter;
+use super::guard;
+use super::record;
+use super::store::{self, Op as _, SpoolError, StoreError, EVENTS, PENDING};
+use super::writer::append_offline;
+use crate::config::DeliveryConfig;
+use crate::event::Event;
+use redb::{ReadableDatabase, ReadableTable};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Records per transaction when filling the fresh spool.
+const BATCH: usize = 512;
+
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    /// No spool file yet (and none expected): nothing pending.
+    pub absent: bool,
+    pub size: u64,
+    pub events: u64,
+    pub event_bytes: u64,
+    pub pending: BTreeMap<String, u64>,
+    /// The oldest pending work: (sink, event id, received at).
+    pub oldest: Option<(String, String, String)>,
+    pub dedup_ids: usize,
+    /// Event records that fail their check: (seq, why).
+    pub damaged: Vec<(u64, String)>,
+}
+
+impl CheckReport {
+    pub fn healthy(&self) -> bool {
+        self.damaged.is_empty()
+    }
+}
+
+/// Checks the spool of `cfg`. An `Err` is a spool that cannot be opened (damaged, missing,
+/// in use): its message says what to do.
+pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
+    let dir = &cfg.spool_dir;
+    let path = dir.join(store::FILE_NAME);
+    if !path.exists() && !dir.join(store::MARKER).exists() {
+        return Ok(CheckReport { path, absent: true, ..Default::default() });
+    }
+    let (db, path) = store::open_db(dir)?;
+    let since = crate::dedup::now_millis().saturating_sub(cfg.dedup_window.as_millis() as u64);
+    let rec = store::recover(&db, since).map_err(|e| SpoolError::from_store(&path, e))?;
+    let oldest = match &rec.oldest {
+        Some((seq, sink)) => {
+            let found = store::load_events(&db, &[*seq], &[], 0).map_err(|e| SpoolError::from_store(&path, e))?;
+            let event = found.into_iter().next().and_then(|(_, r)| record::decode(&r?).ok());
+            Some(match event {
+                Some(env) => (sink.clone(), env.event.id, env.event.received_at),
+                None => (sink.clone(), format!("(seq {seq}, unreadable)"), "?".into()),
+            })
+        }
+        None => None,
+    };
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok(CheckReport {
+        path,
+        absent: false,
+        size,
+        events: rec.events,
+        event_bytes: rec.bytes,
+        pending: rec.pending,
+        oldest,
+        dedup_ids: rec.dedup.len(),
+        damaged: rec.unreadable,
+    })
+}
+
+/// How salvage read the old file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// There was nothing to read (the file was missing or empty).
+    #[default]
+    Nothing,
+    /// Through redb: every record keeps the sinks it was pending for.
+    Index,
+    /// redb could not open it: its bytes were scanned for intact records.
+    Scan,
+}
+
+#[derive(Debug, Default)]
+pub struct SalvageReport {
+    pub source: Source,
+    /// Why redb could not read the file (with [`Source::Scan`]), or what stopped the reading part way.
+    pub index_error: Option<String>,
+    /// Where the old file went.
+    pub moved_to: Option<PathBuf>,
+    pub fresh: PathBuf,
+    /// Events copied into the fresh spool, and the (event, sink) pairs by sink.
+    pub saved: u64,
+    pub pairs: BTreeMap<String, u64>,
+    /// Records that failed their check: written to the dead-letter file as stored.
+    pub damaged: u64,
+    /// Pending rows whose event row could not be found or read.
+    pub lost: u64,
+    /// Scanned events that no route matches now (not queued).
+    pub unrouted: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SalvageError {
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the fresh spool {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// One record found in the old file and where it goes.
+struct Found {
+    rec: Vec<u8>,
+    sinks: Vec<String>,
+}
+
+/// Salvages the spool of `cfg` (see the module doc). `route` gives the sinks an event
+/// matches now (used only when the file's index is unreadable).
+pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> Result<SalvageReport, SalvageError> {
+    let dir = &cfg.spool_dir;
+    let path = dir.join(store::FILE_NAME);
+    let mut report = SalvageReport { fresh: path.clone(), ..Default::default() };
+    let size = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(source) => return Err(SalvageError::Io { what: "cannot read", path, source }),
+    };
+    let mut found: Vec<Found> = Vec::new();
+    let mut damaged: Vec<DeadLetter> = Vec::new();
+    if size > 0 {
+        match store::open_file(&path) {
+            Ok(db) => {
+                report.source = Source::Index;
+                if let Err(e) = read_index(&db, &mut found, &mut damaged, &mut report) {
+                    report.index_error = Some(e.to_string());
+                }
+                // Keeps redb's lock until the file is moved aside.
+                move_aside(&path, &mut report)?;
+                drop(db);
+            }
+            Err(StoreError::Redb { source, .. }) if matches!(*source, redb::Error::DatabaseAlreadyOpen) => {
+                return Err(SpoolError::InUse { path }.into())
+            }
+            Err(e) => {
+                report.source = Source::Scan;
+                report.index_error = Some(e.to_string());
+                scan(&path, route, &mut found, &mut report)?;
+                move_aside(&path, &mut report)?;
+            }
+        }
+    } else if path.exists() {
+        move_aside(&path, &mut report)?;
+    }
+
+    let (db, fresh) = store::create_fresh(dir)?;
+    report.fresh = fresh.clone();
+    let mut next = 0;
+    for chunk in found.chunks(BATCH) {
+        let batch: Vec<(Vec<u8>, Vec<String>)> = chunk.iter().map(|f| (f.rec.clone(), f.sinks.clone())).collect();
+        next =
+            append_offline(&db, next, &batch).map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
+    }
+    report.saved = found.len() as u64;
+    for f in &found {
+        for s in &f.sinks {
+            *report.pairs.entry(s.clone()).or_default() += 1;
+        }
+    }
+    if !damaged.is_empty() {
+        append_letters(&cfg.dead_letter_file, &damaged).map_err(|source| SalvageError::Io {
+            what: "cannot write",
+            path: cfg.dead_letter_file.clone(),
+            source,
+        })?;
+        report.damaged = damaged.len() as u64;
+    }
+    Ok(report)
+}
+
+/// Reads every pending row and its event through redb, each read guarded so that one damaged
+/// page costs what it holds, not the rest. Stops at the first unreadable stretch of the
+/// pending table (the error says so in the report).
+fn read_index(
+    db: &redb::Database,
+    found: &mut Vec<Found>,
+    damaged: &mut Vec<DeadLetter>,
+    report: &mut SalvageReport,
+) -> Result<(), StoreError> {
+    // (seq → sinks), in seq order.
+    let mut pending: BTreeMap<u64, Vec<(String, u32)>> = BTreeMap::new();
+    let listed = guard::catch(|| -> Result<(), StoreError> {
+        let tx = db.begin_read().op("begin read")?;
+        let table = tx.open_table(PENDING).op("open pending")?;
+        for row in table.iter().op("read pending")? {
+            let (k, v) = row.op("read pending")?;
+            let (sink, seq) = k.value();
+            pending.entry(seq).or_default().push((sink.to_owned(), v.value()));
+        }
+        Ok(())
+    });
+    let listed = listed.map_err(StoreError::from).and_then(|r| r);
+    for (seq, sinks) in &pending {
+        let read = guard::catch(|| -> Result<Option<Vec<u8>>, StoreError> {
+            let tx = db.begin_read().op("begin read")?;
+            let events = tx.open_table(EVENTS).op("open events")?;
+            Ok(events.get(*seq).op("read event")?.map(|v| v.value().to_vec()))
+        });
+        match read.map_err(StoreError::from).and_then(|r| r) {
+            Ok(Some(rec)) => match record::decode(&rec) {
+                Ok(_) => found.push(Found { rec, sinks: sinks.iter().map(|(s, _)| s.clone()).collect() }),
+                Err(e) => {
+                    for (sink, attempts) in sinks {
+                        damaged.push(DeadLetter::unreadable(sink, &e.to_string(), *attempts, &rec));
+                    }
+                }
+            },
+            Ok(None) | Err(_) => report.lost += sinks.len() as u64,
+        }
+    }
+    listed
+}
+
+/// Scans the bytes of an unreadable file for intact records.
+fn scan(
+    path: &Path,
+    route: &dyn Fn(&Event) -> Vec<String>,
+    found: &mut Vec<Found>,
+    report: &mut SalvageReport,
+) -> Result<(), SalvageError> {
+    let map =
+        Mapped::open(path).map_err(|source| SalvageError::Io { what: "cannot read", path: path.to_owned(), source })?;
+    for env in record::scan(map.bytes()) {
+        let sinks = route(&env.event);
+        if sinks.is_empty() {
+            report.unrouted += 1;
+            continue;
+        }
+        found.push(Found { rec: record::encode(&env), sinks });
+    }
+    Ok(())
+}
+
+/// Renames the old file to `spool.redb.damaged-<UTC time>` beside it (durably).
+fn move_aside(path: &Path, report: &mut SalvageReport) -> Result<(), SalvageError> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let aside = path.with_file_name(format!("{}.damaged-{stamp}", store::FILE_NAME));
+    std::fs::rename(path, &aside).map_err(|source| SalvageError::Io {
+        what: "cannot move aside",
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    report.moved_to = Some(aside);
+    Ok(())
+}
+
+/// Appends `letters` to the dead-letter file and makes them durable.
+fn append_letters(file: &Path, letters: &[DeadLetter]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
+    let mut out = Vec::new();
+    for l in letters {
+        serde_json::to_writer(&mut out, l).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+    }
+    f.write_all(&out)?;
+    f.sync_data()
+}
+
+/// A read-only memory map of a file (the spool may be larger than memory).
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    fn open(path: &Path) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path)?;
+        let len = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
+        if len == 0 {
+            return Ok(Mapped { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a private read-only mapping of a file we opened; the pointer is checked
+        // against MAP_FAILED and unmapped in Drop. The file is not modified while mapped
+        // (the daemon is stopped; salvage renames it only after the scan).
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `open`.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Envelope;
+
+    fn env(n: u32) -> Envelope {
+        let body = format!(r#"{{"type":"payment","amount":{n}}}"#);
+        let ev = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(ev, body.into())
+    }
+
+    fn config(dir: &Path) -> DeliveryConfig {
+        DeliveryConfig { spool_dir: dir.join("spool"), dead_letter_file: dir.join("dead.jsonl"), ..Default::default() }
+    }
+
+    fn fill(cfg: &DeliveryConfig, n: u32) {
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        let recs: Vec<_> = (0..n).map(|i| (record::encode(&env(i)), vec!["a".to_owned(), "b".to_owned()])).collect();
+        append_offline(&db, 0, &recs).unwrap();
+    }
+
+    #[test]
+    fn check_reports_pending_per_sink_the_oldest_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        assert!(check(&cfg).unwrap().absent, "no spool yet: nothing pending, nothing created");
+        assert!(!cfg.spool_dir.join(store::FILE_NAME).exists());
+        fill(&cfg, 5);
+        let r = check(&cfg).unwrap();
+        assert!(r.healthy());
+        assert_eq!((r.events, r.pending["a"], r.pending["b"]), (5, 5, 5));
+        assert_eq!(r.oldest.as_ref().map(|o| o.1.clone()), Some(env(0).event.id));
+        assert!(r.size > 0);
+
+        let path = cfg.spool_dir.join(store::FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(11).position(|w| w == b"\"amount\":3}").unwrap();
+        bytes[at + 9] = b'8';
+        std::fs::write(&path, bytes).unwrap();
+        let r = check(&cfg).unwrap();
+        assert!(!r.healthy());
+        assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
+    }
+
+    #[test]
+    fn salvage_through_the_index_keeps_each_records_sinks_and_dead_letters_the_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        fill(&cfg, 4);
+        let path = cfg.spool_dir.join(store::FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(11).position(|w| w == b"\"amount\":2}").unwrap();
+        bytes[at + 9] = b'9';
+        std::fs::write(&path, bytes).unwrap();
+
+        let r = salvage(&cfg, &|_| panic!("not routed again")).unwrap();
+        assert_eq!(r.source, Source::Index);
+        assert_eq!((r.saved, r.damaged, r.lost), (3, 2, 0), "{r:?}");
+        assert_eq!(r.pairs["a"], 3);
+        assert!(r.moved_to.as_ref().unwrap().exists());
+        let letters = std::fs::read_to_string(&cfg.dead_letter_file).unwrap();
+        assert_eq!(letters.lines().count(), 2, "one per sink it was pending for");
+        let after = check(&cfg).unwrap();
+        assert!(after.healthy());
+        assert_eq!((after.events, after.pending["a"], after.pending["b"]), (3, 3, 3));
+    }
+
+    #[test]
+    fn salvage_scans_a_file_redb_cannot_open_and_routes_what_it_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        fill(&cfg, 60);
+        let path = cfg.spool_dir.join(store::FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The header: redb cannot open the file at all.
+        bytes[..4096].fill(0);
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(check(&cfg), Err(SpoolError::Damaged { .. })));
+
+        let r = salvage(&cfg, &|ev| if ev.extra["amount"] == 7 { vec![] } else { vec!["a".into()] }).unwrap();
+        assert_eq!(r.source, Source::Scan);
+        assert_eq!((r.saved, r.unrouted), (59, 1), "{r:?}");
+        let after = check(&cfg).unwrap();
+        assert_eq!(after.pending["a"], 59);
+    }
+}

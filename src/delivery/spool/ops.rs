@@ -1,0 +1,42 @@
+//! What the submit path and the drain tasks hand to the writer thread. Its own module, so
+//! that the queues (which send bookkeeping) and the writer (which fills the queues) do not
+//! import each other.
+
+use crate::delivery::{Accepted, Refused};
+use crate::event::Envelope;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+pub(crate) enum Op {
+    Append(Append),
+    Book(Bookkeeping),
+}
+
+/// A new event for `sinks`, answered once it is durable (or refused).
+pub(crate) struct Append {
+    pub rec: Vec<u8>,
+    pub id: String,
+    pub sinks: Vec<String>,
+    pub env: Arc<Envelope>,
+    pub reply: oneshot::Sender<Result<Accepted, Refused>>,
+}
+
+/// Delivery bookkeeping. Applying one twice is harmless, which the writer relies on to
+/// apply again what a reopen of the file rolled back.
+#[derive(Debug, Clone)]
+pub(crate) enum Bookkeeping {
+    /// These (sink, seq) pairs are delivered or dead-lettered: drop them (and the event when
+    /// no other sink still needs it).
+    Done { sink: Arc<str>, seqs: Vec<u64> },
+    /// Attempts made so far, so that a restart does not start counting again.
+    Attempts { sink: Arc<str>, items: Vec<(u64, u32)> },
+}
+
+impl Bookkeeping {
+    pub fn rows(&self) -> usize {
+        match self {
+            Bookkeeping::Done { seqs, .. } => seqs.len(),
+            Bookkeeping::Attempts { items, .. } => items.len(),
+        }
+    }
+}
