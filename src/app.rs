@@ -48,6 +48,8 @@ pub enum ServeError {
     Spool(#[from] crate::delivery::spool::SpoolError),
     #[error("{0}")]
     Control(#[from] crate::control::ControlError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
     #[error("ingest.dir: cannot create {dir} and its done/ and rejected/ folders: {source}")]
     Ingest { dir: std::path::PathBuf, source: std::io::Error },
 }
@@ -256,9 +258,13 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
 /// Runs the daemon until SIGTERM/SIGINT; SIGHUP re-reads secrets, routes.toml and the
 /// webhook listener's certificate.
 pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
+    // Installed before anything else: a SIGHUP or SIGTERM that arrives while the daemon starts,
+    // or just after it says it is ready, is handled rather than left to the default action
+    // (which for SIGHUP is to die).
+    let signals = Signals::install().map_err(ServeError::Signals)?;
     let app = App::build(loaded).await?;
     let shutdown = app.shutdown();
-    let signals = tokio::spawn(handle_signals(app.state(), shutdown.clone()));
+    let signals = tokio::spawn(signals.handle(app.state(), shutdown.clone()));
     let watchdog = crate::notify::spawn_watchdog();
     app.run().await;
     signals.abort();
@@ -268,27 +274,37 @@ pub async fn serve(loaded: Loaded) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets, routes.toml and the
-/// webhook listener's certificate.
-async fn handle_signals(state: Arc<State>, shutdown: Shutdown) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot install signal handlers; stopping");
-        shutdown.trigger();
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                crate::notify::reloading();
-                let _ = state.reload();
-                crate::notify::ready();
+/// The signals `serve` handles, registered with the runtime.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// SIGTERM/SIGINT trigger the shutdown; SIGHUP re-reads secrets, routes.toml and the
+    /// webhook listener's certificate.
+    async fn handle(mut self, state: Arc<State>, shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+                _ = self.hup.recv() => {
+                    crate::notify::reloading();
+                    let _ = state.reload();
+                    crate::notify::ready();
+                }
             }
         }
+        shutdown.trigger();
     }
-    shutdown.trigger();
 }

@@ -4,7 +4,7 @@
 use crate::event::Envelope;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::value::RawValue;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,25 +40,43 @@ impl Format {
             Format::Event => env.json().clone(),
             Format::Raw => env.raw.clone(),
             Format::Cloudevents => {
+                // Keys in sorted order (as this encoding always wrote them); `data` is the
+                // event's own JSON, shared with the other formats, so `extra` stays exact.
+                #[derive(serde::Serialize)]
+                struct CloudEvent<'a> {
+                    data: &'a RawValue,
+                    datacontenttype: &'static str,
+                    dataschema: &'static str,
+                    id: &'a str,
+                    source: &'a str,
+                    specversion: &'static str,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    subject: Option<&'a str>,
+                    time: &'a str,
+                    #[serde(rename = "type")]
+                    event_type: &'a str,
+                }
                 let ev = &env.event;
                 let source = match &ev.organisation_id {
                     Some(org) => format!("{CLOUDEVENTS_SOURCE}/organisations/{org}"),
                     None => CLOUDEVENTS_SOURCE.to_owned(),
                 };
-                let mut ce = json!({
-                    "specversion": "1.0",
-                    "id": ev.id,
-                    "type": ev.event_type,
-                    "source": source,
-                    "time": ev.occurred_at.as_deref().unwrap_or(&ev.received_at),
-                    "datacontenttype": "application/json",
-                    "dataschema": crate::event::SCHEMA,
-                    "data": ev,
-                });
-                if let Some(c) = &ev.conversation_id {
-                    ce["subject"] = json!(c);
-                }
-                Bytes::from(serde_json::to_vec(&ce).expect("JSON values serialise"))
+                let data: &RawValue = std::str::from_utf8(env.json())
+                    .ok()
+                    .and_then(|json| serde_json::from_str(json).ok())
+                    .expect("an event's JSON is one JSON value");
+                let ce = CloudEvent {
+                    data,
+                    datacontenttype: "application/json",
+                    dataschema: crate::event::SCHEMA,
+                    id: &ev.id,
+                    source: &source,
+                    specversion: "1.0",
+                    subject: ev.conversation_id.as_deref(),
+                    time: ev.occurred_at.as_deref().unwrap_or(&ev.received_at),
+                    event_type: &ev.event_type,
+                };
+                Bytes::from(serde_json::to_vec(&ce).expect("a CloudEvent serialises"))
             }
         }
     }

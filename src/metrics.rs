@@ -76,7 +76,8 @@ const KNOWN_TYPES: &[&str] = &[
     "conversationAssignment",
 ];
 
-fn type_label(t: &str) -> &'static str {
+/// The label value of an event type: itself when known, else `other`.
+pub fn type_label(t: &str) -> &'static str {
     KNOWN_TYPES.iter().find(|k| **k == t).copied().unwrap_or("other")
 }
 
@@ -212,6 +213,10 @@ static REQUEST_HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
 static EVENT_COUNTERS: [OnceLock<Counter>; (KNOWN_TYPES.len() + 1) * 2] =
     [const { OnceLock::new() }; (KNOWN_TYPES.len() + 1) * 2];
 static SECRET_COUNTERS: [OnceLock<Counter>; 8] = [const { OnceLock::new() }; 8];
+/// By type: KNOWN_TYPES then `other`.
+static UNROUTED_COUNTERS: [OnceLock<Counter>; KNOWN_TYPES.len() + 1] =
+    [const { OnceLock::new() }; KNOWN_TYPES.len() + 1];
+static DUPLICATE_COUNTER: OnceLock<Counter> = OnceLock::new();
 
 fn installed() -> bool {
     HANDLE.get().is_some()
@@ -259,11 +264,23 @@ pub fn auth_secret_used(index: usize) {
 }
 
 pub fn unrouted(event_type: &str) {
-    counter!(UNROUTED, "type" => type_label(event_type)).increment(1);
+    let label = type_label(event_type);
+    let make = || counter!(UNROUTED, "type" => label);
+    let t = KNOWN_TYPES.iter().position(|k| *k == label).unwrap_or(KNOWN_TYPES.len());
+    if installed() {
+        UNROUTED_COUNTERS[t].get_or_init(make).increment(1);
+    } else {
+        make().increment(1);
+    }
 }
 
 pub fn duplicate() {
-    counter!(DUPLICATES).increment(1);
+    let make = || counter!(DUPLICATES);
+    if installed() {
+        DUPLICATE_COUNTER.get_or_init(make).increment(1);
+    } else {
+        make().increment(1);
+    }
 }
 
 pub fn rejected(reason: &'static str) {

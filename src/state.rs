@@ -104,23 +104,31 @@ impl State {
     /// ingested events share, so that routing, dedup and metrics are the same for both. An
     /// event no route matches is taken (and counted as unrouted) without reaching delivery.
     pub async fn route(&self, event: Event, raw: Bytes) -> Result<Taken, Refused> {
+        self.route_envelope(Envelope::new(event, raw)).await
+    }
+
+    /// [`State::route`] for an event whose envelope is made already (its JSON written once by
+    /// [`crate::event::normalise_envelope`]).
+    pub async fn route_envelope(&self, env: Envelope) -> Result<Taken, Refused> {
         let table = self.table();
-        let matched = table.routes.matching(&event);
+        let event = &env.event;
+        let matched = table.routes.matching(event);
         let routes = matched.routes.len();
-        tracing::Span::current().record("event_id", event.id.as_str());
-        let (event_type, shape) = (event.event_type.clone(), event.shape.as_str());
+        // Labels, not copies: the event moves on to delivery.
+        let (event_type, shape) = (crate::metrics::type_label(&event.event_type), event.shape.as_str());
         if matched.sinks.is_empty() {
-            crate::metrics::event(&event_type, shape);
-            crate::metrics::unrouted(&event_type);
-            tracing::debug!(event_id = %event.id, event_type = %event_type, "event matched no route");
+            crate::metrics::event(event_type, shape);
+            crate::metrics::unrouted(event_type);
+            tracing::debug!(event_id = %event.id, event_type = %event.event_type, "event matched no route");
             return Ok(Taken::Accepted { routes: 0 });
         }
         let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
         drop(matched);
-        let id = event.id.clone();
-        match self.delivery.submit(Envelope::new(event, raw), sinks).await? {
+        let id = tracing::enabled!(tracing::Level::DEBUG).then(|| event.id.clone());
+        let id = id.as_deref().unwrap_or_default();
+        match self.delivery.submit(env, sinks).await? {
             Accepted::New => {
-                crate::metrics::event(&event_type, shape);
+                crate::metrics::event(event_type, shape);
                 tracing::debug!(event_id = %id, routes, "event accepted");
                 Ok(Taken::Accepted { routes })
             }

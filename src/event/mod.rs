@@ -1,14 +1,21 @@
 //! The normalised event (`webio.event/v1`) and the rules that build it from both
 //! Webio payload shapes (before and after the February 2021 change).
+//!
+//! Invariants: an event's `id` is [`event_id`] of its other fields (the spool and dead letters
+//! carry ids made by earlier builds, so the hashed bytes never change); `extra` holds the
+//! unmapped fields as the sender wrote them (numbers exactly), compact, keys sorted.
 
+mod extra;
+mod json;
 mod normalise;
 mod time;
 
-pub use normalise::{event_id, normalise, BodyError, NormaliseOptions};
+pub use extra::Extra;
+pub use normalise::{event_id, normalise, normalise_envelope, BodyError, NormaliseOptions};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 pub const SCHEMA: &str = "webio.event/v1";
 
@@ -50,7 +57,8 @@ pub struct Event {
     pub status_code: Option<i64>,
     pub occurred_at: Option<String>,
     pub received_at: String,
-    pub extra: Map<String, Value>,
+    /// Unmapped payload fields, as sent. Derefs to a `serde_json::Map` (read on first use).
+    pub extra: Extra,
 }
 
 /// Normalised field names a route condition or a template may name (besides `extra.<name>`).
@@ -129,7 +137,24 @@ impl Event {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an Event always serialises")
+        // Sized for the fields and a little more: one allocation, no regrowth.
+        let mut out = Vec::with_capacity(320 + self.text_len());
+        json::write_event(&mut out, self, &self.id, &self.received_at, self.extra.json());
+        out
+    }
+
+    /// Roughly the length of the variable text (for buffer sizes).
+    pub(crate) fn text_len(&self) -> usize {
+        let opt = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        self.event_type.len()
+            + self.organisation_id.as_ref().map_or(0, String::len)
+            + opt(&self.conversation_id)
+            + opt(&self.communication_action_id)
+            + opt(&self.outbound_channel_address)
+            + opt(&self.inbound_channel_address)
+            + opt(&self.customer_uid)
+            + opt(&self.body) * 9 / 8
+            + self.extra.json().len()
     }
 }
 

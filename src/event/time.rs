@@ -17,6 +17,22 @@ pub fn parse_date(raw: &str, zone: Tz) -> Option<DateTime<Utc>> {
     parse_date_general(s, zone)
 }
 
+/// `occurredAt` from a `dateCreated` value: [`parse_date`] then [`format_utc`]. What Webio sends
+/// most (`YYYY-MM-DD HH:MM:SS.mmm` read in UTC) is the same digits with `T` and `Z`: taken as
+/// they are once validated, without taking the date apart and writing it again.
+pub fn occurred_at(raw: &str, zone: Tz) -> Option<String> {
+    let s = raw.trim();
+    if zone == Tz::UTC && (s.len() == 23 || s.len() == 19) && webio_naive(s).is_some() {
+        let mut out = String::with_capacity(24);
+        out.push_str(&s[..10]);
+        out.push('T');
+        out.push_str(&s[11..]);
+        out.push_str(if s.len() == 19 { ".000Z" } else { "Z" });
+        return Some(out);
+    }
+    parse_date(s, zone).map(format_utc)
+}
+
 /// Every format, tried in order (the reference the fast path agrees with).
 fn parse_date_general(s: &str, zone: Tz) -> Option<DateTime<Utc>> {
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
@@ -93,7 +109,7 @@ pub fn format_utc(dt: DateTime<Utc>) -> String {
     for (i, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
         out[i] = c;
     }
-    out.iter().map(|&b| b as char).collect()
+    String::from_utf8(out.to_vec()).expect("digits and ASCII punctuation")
 }
 
 #[cfg(test)]
@@ -135,6 +151,16 @@ mod tests {
                 proptest::prop_assert_eq!(fast, parse_date_general(s, zone), "{}", s);
             }
             proptest::prop_assert_eq!(parse_date(s, zone), parse_date_general(s, zone), "{}", s);
+        }
+
+        /// The shortcut for UTC answers what parsing and formatting answer.
+        #[test]
+        fn occurred_at_agrees_with_parse_then_format(
+            s in " ?[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,4})? ?",
+            zone in proptest::sample::select(&["UTC", "Europe/London"][..]),
+        ) {
+            let zone: Tz = zone.parse().unwrap();
+            proptest::prop_assert_eq!(occurred_at(&s, zone), parse_date(&s, zone).map(format_utc), "{}", s);
         }
 
         /// The direct formatter writes what chrono writes.

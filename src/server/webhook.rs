@@ -6,7 +6,7 @@ pub mod custom_values;
 
 use super::error::RequestError;
 use super::Body;
-use crate::event::normalise;
+use crate::event::normalise_envelope;
 use crate::metrics;
 use crate::state::{State, Taken};
 use bytes::Bytes;
@@ -20,23 +20,46 @@ use tracing::Instrument;
 
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
+/// The request id of log lines: the client's `x-request-id` (up to 64 characters), else a
+/// counter in hex. Written only when a line needs it.
+struct RequestId {
+    given: Option<http::HeaderValue>,
+    seq: u64,
+}
+
+impl RequestId {
+    fn of(req: &Request<Incoming>) -> Self {
+        const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+        let given = req.headers().get(X_REQUEST_ID).filter(|v| v.len() <= 64 && v.to_str().is_ok()).cloned();
+        RequestId { given, seq: NEXT_REQUEST.fetch_add(1, Ordering::Relaxed) }
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.given.as_ref().and_then(|v| v.to_str().ok()) {
+            Some(v) => f.write_str(v),
+            None => write!(f, "{:x}", self.seq),
+        }
+    }
+}
+
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    // Every log line about this request carries its request id and, once known, the event id.
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 64)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{:x}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed)));
-    let span = tracing::info_span!("request", request_id = %request_id, event_id = tracing::field::Empty);
-    let resp = match accept(&state, req).instrument(span).await {
+    let request_id = RequestId::of(&req);
+    // Log lines inside the request carry its request id and, once known, the event id. The
+    // span is at debug level: at info and above it is never made (a span costs as much as a
+    // third of the request path); the warn lines below name both ids themselves.
+    let span = tracing::debug_span!("request", request_id = %request_id, event_id = tracing::field::Empty);
+    let mut event_id = None;
+    let resp = match accept(&state, req, &span, &mut event_id).instrument(span.clone()).await {
         Ok(resp) => resp,
         Err(e) => {
             match &e {
                 RequestError::Auth(a) => metrics::auth_failure(a.reason()),
-                RequestError::Unavailable { reason, .. } => tracing::warn!(%reason, "webhook refused with 503"),
+                RequestError::Unavailable { reason, .. } => {
+                    tracing::warn!(request_id = %request_id, event_id = event_id.as_deref().unwrap_or(""), %reason, "webhook refused with 503")
+                }
                 _ => {}
             }
             e.into_response()
@@ -47,7 +70,12 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     resp
 }
 
-async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RequestError> {
+async fn accept(
+    state: &State,
+    req: Request<Incoming>,
+    span: &tracing::Span,
+    event_id: &mut Option<String>,
+) -> Result<Response<Body>, RequestError> {
     if req.uri().path() != state.path {
         return Err(RequestError::NotFound);
     }
@@ -69,40 +97,74 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<Response<Body>,
 
     let body = read_body(state, req).await?;
     let received_at = chrono::Utc::now();
-    let event = match normalise(&body, verified.organisation_id, &state.normalise, received_at) {
-        Ok(ev) => ev,
+    let env = match normalise_envelope(body.clone(), verified.organisation_id, &state.normalise, received_at) {
+        Ok(env) => env,
         Err(e) => {
             state.reject(&body, &e, received_at).await?;
             return Err(RequestError::BadBody(e));
         }
     };
-    let id = event.id.clone();
-    match state.route(event, body).await {
-        Ok(Taken::Accepted { routes }) => Ok(accepted(&id, routes)),
-        Ok(Taken::Duplicate) => Ok(ok_json(StatusCode::OK, &Answer { status: "duplicate", id: &id, routes: None })),
-        Err(refused) => Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after }),
+    drop(body);
+    if !span.is_disabled() {
+        span.record("event_id", tracing::field::display(&env.event.id));
+    }
+    // The answer is written before the event moves on: no copy of the id is kept for it.
+    let accepted = Answer::new(&env.event.id);
+    let taken = state.route_envelope(env).await;
+    match taken {
+        Ok(Taken::Accepted { routes }) => Ok(accepted.accepted(routes)),
+        Ok(Taken::Duplicate) => Ok(accepted.duplicate()),
+        Err(refused) => {
+            *event_id = Some(accepted.id().to_owned());
+            Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after })
+        }
     }
 }
 
-/// Success answers, with `status` first for people reading them.
-#[derive(serde::Serialize)]
-struct Answer<'a> {
-    status: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    routes: Option<usize>,
+/// The success answers, `{"status":"accepted","id":"…","routes":N}` and
+/// `{"status":"duplicate","id":"…"}` (`status` first for people reading them), written from a
+/// template around the id (32 hex digits: nothing to escape).
+struct Answer {
+    /// [`ACCEPTED`] then the id.
+    buf: Vec<u8>,
 }
 
-fn accepted(id: &str, routes: usize) -> Response<Body> {
-    ok_json(StatusCode::ACCEPTED, &Answer { status: "accepted", id, routes: Some(routes) })
+const ACCEPTED: &[u8] = br#"{"status":"accepted","id":""#;
+const DUPLICATE: &[u8] = br#"{"status":"duplicate","id":""#;
+
+impl Answer {
+    fn new(id: &str) -> Self {
+        let mut buf = Vec::with_capacity(ACCEPTED.len() + id.len() + 24);
+        buf.extend_from_slice(ACCEPTED);
+        buf.extend_from_slice(id.as_bytes());
+        Answer { buf }
+    }
+
+    fn id(&self) -> &str {
+        std::str::from_utf8(&self.buf[ACCEPTED.len()..]).unwrap_or_default()
+    }
+
+    fn accepted(mut self, routes: usize) -> Response<Body> {
+        self.buf.extend_from_slice(br#"","routes":"#);
+        serde_json::to_writer(&mut self.buf, &routes).expect("an integer serialises");
+        self.buf.push(b'}');
+        respond(StatusCode::ACCEPTED, self.buf)
+    }
+
+    fn duplicate(self) -> Response<Body> {
+        let mut buf = Vec::with_capacity(DUPLICATE.len() + self.buf.len());
+        buf.extend_from_slice(DUPLICATE);
+        buf.extend_from_slice(self.id().as_bytes());
+        buf.extend_from_slice(br#""}"#);
+        respond(StatusCode::OK, buf)
+    }
 }
 
-fn ok_json(status: StatusCode, answer: &Answer<'_>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(Bytes::from(serde_json::to_vec(answer).expect("answers serialise"))))
-        .expect("static response parts are valid")
+fn respond(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
 }
 
 async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, RequestError> {
@@ -115,14 +177,36 @@ async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, Reque
     if declared.is_some_and(|n| n > max as u64) {
         return Err(RequestError::TooLarge(max));
     }
-    let collect = Limited::new(req.into_body(), max).collect();
-    match tokio::time::timeout(state.request_timeout, collect).await {
+    let mut collect = std::pin::pin!(collect(Limited::new(req.into_body(), max)));
+    // A small body usually came with the head: take it without arming a timer.
+    let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
+        Some(done) => Ok(done),
+        None => tokio::time::timeout(state.request_timeout, collect).await,
+    };
+    match collected {
         Err(_) => Err(RequestError::Timeout),
-        // A copy of its own: the collected body is usually a slice of the connection's read
-        // buffer (8 KiB or more), which an event waiting in the spool's queue would otherwise
-        // keep alive, and which hyper must then reallocate for the next request.
-        Ok(Ok(c)) => Ok(Bytes::copy_from_slice(&c.to_bytes())),
+        Ok(Ok(body)) => Ok(body),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge(max)),
         Ok(Err(e)) => Err(RequestError::BodyRead(e.to_string())),
     }
+}
+
+/// The whole body in a buffer of its own: a copy, since a frame is usually a slice of the
+/// connection's read buffer (8 KiB or more), which an event waiting in the spool's queue would
+/// otherwise keep alive, and which hyper must then reallocate for the next request. The usual
+/// single frame is copied once, without `Collected`'s list of frames.
+async fn collect(body: Limited<Incoming>) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
+    let mut body = std::pin::pin!(body);
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buf.is_empty() {
+                // Exactly the first frame (usually the whole body): not what the client
+                // declared, which a slow sender could make us hold for nothing.
+                buf.reserve_exact(data.len());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }

@@ -14,6 +14,7 @@ mod cli;
 mod custom_values;
 mod deploy_metrics;
 mod direct_mode;
+mod exact_numbers;
 mod file_sink;
 mod flood;
 mod hostile;

@@ -521,7 +521,7 @@ fn other_event_types_pass_through_with_the_same_rules() {
         assert_eq!(ev.communication_action_id, None, "{t}");
         assert_eq!(ev.status_code, Some(7), "{t}");
         assert_eq!(ev.occurred_at.as_deref(), Some("2025-05-19T16:40:00.000Z"), "{t}");
-        assert_eq!(Value::Object(ev.extra.clone()), json!({"agent": {"id": 17}}), "{t}");
+        assert_eq!(Value::Object(ev.extra.to_map()), json!({"agent": {"id": 17}}), "{t}");
     }
 }
 
