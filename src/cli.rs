@@ -270,12 +270,15 @@ fn check(loaded: &Loaded) -> ExitCode {
 #[derive(Debug, Clone, Copy)]
 pub struct Ttl(Option<Duration>);
 
-fn parse_ttl(text: &str) -> Result<Ttl, String> {
+/// A `--ttl` that is not a duration.
+#[derive(Debug, thiserror::Error)]
+#[error("not a duration: write e.g. 1h, 30m or 90s, or 0 for a token without `exp`")]
+pub struct TtlError;
+
+fn parse_ttl(text: &str) -> Result<Ttl, TtlError> {
     match text.trim() {
         "0" | "none" => Ok(Ttl(None)),
-        t => humantime::parse_duration(t)
-            .map(|d| Ttl(Some(d)))
-            .map_err(|_| "not a duration: write e.g. 1h, 30m or 90s, or 0 for a token without `exp`".to_owned()),
+        t => humantime::parse_duration(t).map(|d| Ttl(Some(d))).map_err(|_| TtlError),
     }
 }
 

@@ -1,16 +1,21 @@
 //! Configuration: built-in defaults < TOML file < `WEBIO_ROUTER_*` environment (figment),
 //! unknown keys refused, validated once by [`Config::load`] (which `check` runs too).
 
+pub mod custom_values;
+pub mod ingest;
+pub mod suggest;
+
 use crate::event::NormaliseOptions;
-use crate::ingest::IngestConfig;
-use crate::server::webhook::custom_values::CustomValuesConfig;
+pub use custom_values::CustomValuesConfig;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
+pub use ingest::IngestConfig;
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+pub use suggest::did_you_mean;
 
 pub const DEFAULT_CONFIG_FILE: &str = "webio-router.toml";
 pub const ENV_PREFIX: &str = "WEBIO_ROUTER_";
@@ -63,22 +68,6 @@ impl FloorBoundary for str {
         }
         i
     }
-}
-
-/// The candidate a misspelt `name` most likely meant: the same name in another case
-/// (`statuscode` → `statusCode`), else the most similar one if it is similar enough to be a
-/// typo (Jaro-Winkler ≥ 0.8 on lowercase: `lisen` → `listen`, `fsyn` → `fsync`).
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let lower = name.to_lowercase();
-    let mut best: Option<(f64, &str)> = None;
-    for c in candidates {
-        let c_lower = c.to_lowercase();
-        let score = if c_lower == lower { 2.0 } else { strsim::jaro_winkler(&lower, &c_lower) };
-        if score >= 0.8 && best.map_or(true, |(b, _)| score > b) {
-            best = Some((score, c));
-        }
-    }
-    best.map(|(_, c)| c)
 }
 
 /// "unknown key `lisen`: did you mean `listen`? (known keys: `listen`, `path`)".

@@ -16,10 +16,10 @@
 //!   and modification time across one poll interval. Dot-files, partial names (`*.tmp`,
 //!   `*.part`, `*.filepart`), empty files, symlinks and directories are left alone.
 
+use crate::config::ingest::IngestConfig;
 use crate::event::{normalise, BodyError, Event, NormaliseOptions};
 use crate::state::State;
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -34,37 +34,6 @@ use tracing::Instrument;
 
 /// A larger file is rejected unread (Webio writes one call, or a few, per file).
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
-
-/// `[ingest]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// `""`: off.
-    pub dir: PathBuf,
-    #[serde(with = "crate::config::duration")]
-    pub poll: Duration,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig { dir: PathBuf::new(), poll: Duration::from_secs(1) }
-    }
-}
-
-impl IngestConfig {
-    pub fn enabled(&self) -> bool {
-        !self.dir.as_os_str().is_empty()
-    }
-
-    /// Problems as `ingest.<key>: …` messages.
-    pub fn validate(&self) -> Vec<String> {
-        let mut errs = Vec::new();
-        if self.poll.is_zero() {
-            errs.push("ingest.poll: must be greater than 0".into());
-        }
-        errs
-    }
-}
 
 /// Why a file is not webhook calls (it goes to `rejected/`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -335,17 +335,26 @@ fn flatten_when(key: String, v: toml::Value, out: &mut Vec<(String, toml::Value)
     }
 }
 
-fn patterns(v: toml::Value) -> Result<Vec<Pattern>, String> {
-    fn one(v: toml::Value) -> Result<Pattern, String> {
+/// Why a `when` value is not a pattern.
+#[derive(Debug, thiserror::Error)]
+enum PatternError {
+    #[error("{0} is not a string, integer or boolean")]
+    Type(&'static str),
+    #[error("an empty list matches nothing")]
+    Empty,
+}
+
+fn patterns(v: toml::Value) -> Result<Vec<Pattern>, PatternError> {
+    fn one(v: toml::Value) -> Result<Pattern, PatternError> {
         match v {
             toml::Value::String(s) => Ok(Pattern::Text(s)),
             toml::Value::Integer(i) => Ok(Pattern::Int(i)),
             toml::Value::Boolean(b) => Ok(Pattern::Bool(b)),
-            other => Err(format!("{} is not a string, integer or boolean", other.type_str())),
+            other => Err(PatternError::Type(other.type_str())),
         }
     }
     match v {
-        toml::Value::Array(items) if items.is_empty() => Err("an empty list matches nothing".into()),
+        toml::Value::Array(items) if items.is_empty() => Err(PatternError::Empty),
         toml::Value::Array(items) => items.into_iter().map(one).collect(),
         v => one(v).map(|p| vec![p]),
     }

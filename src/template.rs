@@ -48,7 +48,7 @@ pub enum TemplateError {
 
 /// ": did you mean {statusCode}?" for a near miss such as `{statuscode}`.
 fn field_hint(name: &str) -> String {
-    crate::config::did_you_mean(name, crate::event::FIELDS.iter().copied())
+    crate::config::suggest::did_you_mean(name, crate::event::FIELDS.iter().copied())
         .map_or(String::new(), |f| format!(": did you mean {{{f}}}?"))
 }
 

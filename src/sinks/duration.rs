@@ -17,16 +17,16 @@ mod tests {
     use super::*;
     use serde::de::value::{Error, I64Deserializer, StrDeserializer};
 
-    fn parse(text: &str) -> Result<Duration, String> {
-        deserialize(StrDeserializer::<Error>::new(text)).map_err(|e| e.to_string())
+    fn parse(text: &str) -> Result<Duration, Error> {
+        deserialize(StrDeserializer::<Error>::new(text))
     }
 
     #[test]
     fn durations_parse_with_units_and_bad_ones_say_what_to_write() {
-        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse(" 10s "), Ok(Duration::from_secs(10)));
-        assert_eq!(parse("1m 30s"), Ok(Duration::from_secs(90)));
-        let err = parse("soon").unwrap_err();
+        assert_eq!(parse("250ms").ok(), Some(Duration::from_millis(250)));
+        assert_eq!(parse(" 10s ").ok(), Some(Duration::from_secs(10)));
+        assert_eq!(parse("1m 30s").ok(), Some(Duration::from_secs(90)));
+        let err = parse("soon").unwrap_err().to_string();
         assert!(err.contains("\"soon\"") && err.contains("\"10s\""), "{err}");
         assert!(parse("10").is_err(), "a unit is required");
         let err = deserialize(I64Deserializer::<Error>::new(5)).unwrap_err().to_string();

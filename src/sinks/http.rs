@@ -40,7 +40,7 @@ impl HttpConfig {
         match Template::parse(&self.url, Escape::Url) {
             Ok(t) if t.is_constant() => {
                 if let Err(e) = parse_url(&self.url) {
-                    errs.push(("url".into(), e));
+                    errs.push(("url".into(), e.to_string()));
                 }
             }
             // A templated URL must still name a scheme and host before the first field.
@@ -67,11 +67,20 @@ fn timeout_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D:
     super::duration_option("timeout", d)
 }
 
-fn parse_url(url: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+/// Why a (rendered) sink URL is refused.
+#[derive(Debug, thiserror::Error)]
+enum UrlError {
+    #[error("invalid URL: {0}")]
+    Invalid(#[from] http::uri::InvalidUri),
+    #[error("must be an absolute http:// or https:// URL")]
+    NotHttp,
+}
+
+fn parse_url(url: &str) -> Result<http::Uri, UrlError> {
+    let uri: http::Uri = url.parse()?;
     match uri.scheme_str() {
         Some("http") | Some("https") if uri.host().is_some() => Ok(uri),
-        _ => Err("must be an absolute http:// or https:// URL".into()),
+        _ => Err(UrlError::NotHttp),
     }
 }
 

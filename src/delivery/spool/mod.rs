@@ -392,7 +392,7 @@ mod tests {
     }
 
     async fn wait(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..2000 {
+        for _ in 0..6000 {
             if f() {
                 return;
             }

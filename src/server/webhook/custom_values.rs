@@ -9,19 +9,17 @@
 //! `Cache-Control: no-store` is not cached. This path never touches the spool or the dedup
 //! window: a Custom Value Request is a question, not an event.
 
+use crate::config::custom_values::{CustomValuesConfig, Headers};
 use crate::config::Diagnostic;
 use crate::metrics;
 use crate::server::error::RequestError;
 use crate::server::Body;
-use crate::template::expand_env;
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,111 +29,6 @@ pub const MAX_UPSTREAM_BODY: usize = 1 << 20;
 const MAX_CACHE_ENTRIES: usize = 1024;
 const MAX_CACHE_BYTES: usize = 16 << 20;
 const MAX_CACHED_BODY: usize = 64 << 10;
-
-/// Upstream headers, values expanded and marked sensitive.
-type Headers = Vec<(HeaderName, HeaderValue)>;
-
-/// `[custom_values]`. `Debug` prints header names only: values may hold API keys.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CustomValuesConfig {
-    /// `""`: off (a GET stays 405).
-    pub upstream: String,
-    #[serde(with = "crate::config::duration")]
-    pub timeout: Duration,
-    /// `"0s"`: no cache.
-    #[serde(with = "crate::config::duration")]
-    pub cache_ttl: Duration,
-    /// Values may use `${NAME}` from the environment, expanded at start.
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Default for CustomValuesConfig {
-    fn default() -> Self {
-        CustomValuesConfig {
-            upstream: String::new(),
-            timeout: Duration::from_secs(2),
-            cache_ttl: Duration::from_secs(30),
-            headers: BTreeMap::new(),
-        }
-    }
-}
-
-impl fmt::Debug for CustomValuesConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CustomValuesConfig")
-            .field("upstream", &self.upstream)
-            .field("timeout", &self.timeout)
-            .field("cache_ttl", &self.cache_ttl)
-            .field("headers", &self.headers.keys().map(|k| (k, "[redacted]")).collect::<BTreeMap<_, _>>())
-            .finish()
-    }
-}
-
-impl CustomValuesConfig {
-    pub fn enabled(&self) -> bool {
-        !self.upstream.is_empty()
-    }
-
-    /// Problems as `custom_values.<key>: …` messages; header values are never quoted.
-    pub fn validate(&self) -> Vec<String> {
-        self.resolve(|k| std::env::var(k).ok()).err().unwrap_or_default()
-    }
-
-    /// The upstream URI and the headers with `${NAME}` expanded, or every problem found.
-    fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<(Uri, Headers), Vec<String>> {
-        let mut errs = Vec::new();
-        let upstream = match parse_upstream(&self.upstream) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                errs.push(format!("custom_values.upstream: {e}"));
-                None
-            }
-        };
-        if self.timeout.is_zero() {
-            errs.push("custom_values.timeout: must be greater than 0".into());
-        }
-        let mut headers = Vec::new();
-        for (k, v) in &self.headers {
-            let Ok(name) = HeaderName::from_bytes(k.as_bytes()) else {
-                errs.push(format!("custom_values.headers.{k}: not a valid header name"));
-                continue;
-            };
-            match expand_env(v, &env) {
-                Ok(v) => match HeaderValue::from_str(&v) {
-                    Ok(mut v) => {
-                        v.set_sensitive(true);
-                        headers.push((name, v));
-                    }
-                    Err(_) => {
-                        errs.push(format!("custom_values.headers.{k}: not a valid header value (value not shown)"))
-                    }
-                },
-                Err(e) => errs.push(format!("custom_values.headers.{k}: {e}")),
-            }
-        }
-        match upstream {
-            Some(u) if errs.is_empty() => Ok((u, headers)),
-            _ => Err(errs),
-        }
-    }
-}
-
-fn parse_upstream(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") if uri.host().is_some() => {}
-        _ => return Err(format!("{url:?} must be an absolute http:// or https:// URL")),
-    }
-    // hyper would silently drop `user:password@`: credentials go in `headers`.
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err("must not hold credentials (user:password@); put them in custom_values.headers".into());
-    }
-    if uri.query().is_some() {
-        return Err(format!("{url:?} must not have a query string: the request's query is forwarded as is"));
-    }
-    Ok(uri)
-}
 
 /// Why the upstream gave no usable answer. Logged with detail; the client gets `Display`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -430,51 +323,5 @@ mod tests {
         }
         let total: usize = c.entries.iter().map(|(k, v)| k.bytes() + v.answer.body.len()).sum();
         assert_eq!(total, c.bytes, "the byte count follows the entries");
-    }
-
-    #[test]
-    fn configuration_problems_are_reported_without_header_values() {
-        let cfg = CustomValuesConfig {
-            upstream: "ftp://h/x?y=1".into(),
-            timeout: Duration::ZERO,
-            cache_ttl: Duration::ZERO,
-            headers: [
-                ("x-api-key".to_owned(), "${MISSING_KEY}".to_owned()),
-                ("bad header".to_owned(), "v".to_owned()),
-                ("x-bad-value".to_owned(), "secret\nvalue".to_owned()),
-            ]
-            .into(),
-        };
-        let errs = cfg.resolve(|_| None).unwrap_err().join("\n");
-        for want in [
-            "custom_values.upstream",
-            "custom_values.timeout",
-            "custom_values.headers.x-api-key: environment variable MISSING_KEY is not set",
-            "custom_values.headers.bad header",
-            "custom_values.headers.x-bad-value: not a valid header value (value not shown)",
-        ] {
-            assert!(errs.contains(want), "{want} in {errs}");
-        }
-        assert!(!errs.contains("secret"), "{errs}");
-        let with_query = CustomValuesConfig { upstream: "http://h/x?y=1".into(), ..Default::default() };
-        assert!(with_query.resolve(|_| None).unwrap_err()[0].contains("query"));
-        let with_password = CustomValuesConfig { upstream: "http://u:pw@h/x".into(), ..Default::default() };
-        let e = with_password.resolve(|_| None).unwrap_err().join("");
-        assert!(e.contains("credentials") && !e.contains("pw"), "{e}");
-    }
-
-    #[test]
-    fn header_values_are_expanded_from_the_environment_and_never_debug_printed() {
-        let cfg = CustomValuesConfig {
-            upstream: "http://127.0.0.1:9000/values".into(),
-            headers: [("x-api-key".to_owned(), "k-${KEY}".to_owned())].into(),
-            ..Default::default()
-        };
-        let (uri, headers) = cfg.resolve(|k| (k == "KEY").then(|| "s3cr3t".to_owned())).unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:9000/values");
-        assert_eq!(headers[0].1, "k-s3cr3t");
-        assert!(headers[0].1.is_sensitive());
-        let shown = format!("{cfg:?}");
-        assert!(!shown.contains("${KEY}") && shown.contains("x-api-key"), "{shown}");
     }
 }

@@ -69,7 +69,7 @@ impl AmqpConfig {
         let mut errs = self.check_options();
         if let Some(path) = &self.tls_ca_file {
             if let Err(e) = read_ca_file(path) {
-                errs.push(("tls_ca_file".into(), e));
+                errs.push(("tls_ca_file".into(), e.to_string()));
             }
         }
         errs
@@ -97,17 +97,42 @@ impl AmqpConfig {
 
 /// The CA certificates of `path` as PEM text (what lapin takes), checked to hold at least one
 /// certificate that parses.
-pub(crate) fn read_ca_file(path: &Path) -> Result<String, String> {
+pub(crate) fn read_ca_file(path: &Path) -> Result<String, CaFileError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| CaFileError::Read { path: path.to_owned(), source })?;
     let certs = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+        .map_err(|source| CaFileError::NotPem { path: path.to_owned(), source })?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file", path.display()));
+        return Err(CaFileError::NoCertificate(path.to_owned()));
     }
     Ok(text)
+}
+
+/// Why `tls_ca_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: not a PEM certificate file: {source}", path.display())]
+    NotPem { path: std::path::PathBuf, source: rustls::pki_types::pem::Error },
+    #[error("{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file", .0.display())]
+    NoCertificate(std::path::PathBuf),
+}
+
+/// Why an AMQP URL is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpUrlError {
+    #[error("must start with amqp:// or amqps://")]
+    Scheme,
+    /// lapin's parser reports its reasons as text.
+    #[error("invalid AMQP URL: {0}")]
+    Lapin(String),
+    #[error("invalid AMQP URL: {0}")]
+    Url(#[from] url::ParseError),
+    #[error("invalid AMQP URL: no host")]
+    NoHost,
 }
 
 /// `exchange_type`: how the exchange routes, used when declaring it.
@@ -149,7 +174,7 @@ pub struct AmqpUrl {
 }
 
 impl AmqpUrl {
-    pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+    pub fn parse(text: &str) -> Result<AmqpUrl, AmqpUrlError> {
         Ok(AmqpUrl { text: text.to_owned(), uri: parse_url(text)? })
     }
 
@@ -199,19 +224,19 @@ pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 /// Parses an `amqp://` or `amqps://` URL with lapin's own parser; `frame_max` defaults to
 /// [`DEFAULT_FRAME_MAX`].
-pub(crate) fn parse_url(url: &str) -> Result<AMQPUri, String> {
+pub(crate) fn parse_url(url: &str) -> Result<AMQPUri, AmqpUrlError> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err("must start with amqp:// or amqps://".into());
+        return Err(AmqpUrlError::Scheme);
     }
-    let mut uri: AMQPUri = url.parse().map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
+    let mut uri: AMQPUri = url.parse().map_err(AmqpUrlError::Lapin)?;
     // amq-protocol-uri only keeps host *names* and turns an IP address into "localhost";
     // put the address back.
-    let parsed = url::Url::parse(url).map_err(|e| format!("invalid AMQP URL: {e}"))?;
+    let parsed = url::Url::parse(url)?;
     match parsed.host() {
         Some(url::Host::Ipv4(ip)) => uri.authority.host = ip.to_string(),
         Some(url::Host::Ipv6(ip)) => uri.authority.host = ip.to_string(),
         Some(url::Host::Domain(_)) => {}
-        None => return Err("invalid AMQP URL: no host".into()),
+        None => return Err(AmqpUrlError::NoHost),
     }
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     Ok(uri)
@@ -249,8 +274,8 @@ mod tests {
         assert!(!AmqpUrl::parse("amqp://h/").unwrap().is_tls());
     }
 
-    fn table(extra: &str) -> Result<AmqpConfig, String> {
-        toml::from_str(&format!("url = \"amqp://127.0.0.1/\"\nexchange = \"x\"\n{extra}")).map_err(|e| e.to_string())
+    fn table(extra: &str) -> Result<AmqpConfig, toml::de::Error> {
+        toml::from_str(&format!("url = \"amqp://127.0.0.1/\"\nexchange = \"x\"\n{extra}"))
     }
 
     #[test]
@@ -261,9 +286,9 @@ mod tests {
         assert_eq!(c.reconnect_max, Duration::from_secs(10));
         assert_eq!(c.exchange_type, ExchangeType::Fanout);
 
-        let e = table("reconnect_max = \"often\"").unwrap_err();
+        let e = table("reconnect_max = \"often\"").unwrap_err().to_string();
         assert!(e.contains("invalid duration \"often\""), "{e}");
-        let e = table("exchange_type = \"topical\"").unwrap_err();
+        let e = table("exchange_type = \"topical\"").unwrap_err().to_string();
         assert!(e.contains("direct") && e.contains("headers"), "{e}");
     }
 }

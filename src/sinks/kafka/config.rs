@@ -136,7 +136,7 @@ impl KafkaConfig {
         }
         check_template(&mut errs, "topic", &self.topic, Escape::Topic);
         if let Err(e) = check_topic_literals(&self.topic) {
-            errs.push(("topic".into(), e));
+            errs.push(("topic".into(), e.to_string()));
         }
         check_template(&mut errs, "key", &self.key, Escape::None);
         errs.extend(self.check_properties());
@@ -205,14 +205,14 @@ pub(super) fn librdkafka_message(e: &KafkaError) -> String {
 
 /// The literal parts of a topic template must be valid topic-name characters (the fields are
 /// escaped at render time).
-fn check_topic_literals(text: &str) -> Result<(), String> {
+fn check_topic_literals(text: &str) -> Result<(), TopicError> {
     let mut in_field = false;
     for c in text.chars() {
         match c {
             '{' => in_field = true,
             '}' => in_field = false,
             c if !(in_field || c.is_ascii_alphanumeric() || "._-".contains(c)) => {
-                return Err(format!("{c:?} cannot appear in a Kafka topic name (allowed: A-Z a-z 0-9 . _ -)"));
+                return Err(TopicError::Character(c));
             }
             _ => {}
         }
@@ -221,14 +221,25 @@ fn check_topic_literals(text: &str) -> Result<(), String> {
 }
 
 /// A rendered topic name Kafka accepts.
-pub(super) fn check_topic(topic: &str) -> Result<(), String> {
+pub(super) fn check_topic(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() || topic == "." || topic == ".." {
-        return Err(format!("rendered topic {topic:?} is not a valid topic name"));
+        return Err(TopicError::Invalid(topic.to_owned()));
     }
     if topic.len() > 249 {
-        return Err(format!("rendered topic is {} characters long (Kafka allows 249)", topic.len()));
+        return Err(TopicError::TooLong(topic.len()));
     }
     Ok(())
+}
+
+/// Why a topic name (a template's literal part, or a rendered name) is not one Kafka accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("{0:?} cannot appear in a Kafka topic name (allowed: A-Z a-z 0-9 . _ -)")]
+    Character(char),
+    #[error("rendered topic {0:?} is not a valid topic name")]
+    Invalid(String),
+    #[error("rendered topic is {0} characters long (Kafka allows 249)")]
+    TooLong(usize),
 }
 
 #[cfg(test)]
@@ -245,15 +256,15 @@ mod tests {
         assert!(check_topic("webio.inboundMessage").is_ok());
     }
 
-    fn table(extra: &str) -> Result<KafkaConfig, String> {
-        toml::from_str(&format!("brokers = \"k:9093\"\ntopic = \"t\"\n{extra}")).map_err(|e| e.to_string())
+    fn table(extra: &str) -> Result<KafkaConfig, toml::de::Error> {
+        toml::from_str(&format!("brokers = \"k:9093\"\ntopic = \"t\"\n{extra}"))
     }
 
     #[test]
     fn queue_timeout_is_typed_at_load() {
         assert_eq!(table("").unwrap().queue_timeout, Duration::from_secs(10));
         assert_eq!(table("queue_timeout = \"300ms\"").unwrap().queue_timeout, Duration::from_millis(300));
-        let e = table("queue_timeout = \"later\"").unwrap_err();
+        let e = table("queue_timeout = \"later\"").unwrap_err().to_string();
         assert!(e.contains("invalid duration \"later\""), "{e}");
     }
 

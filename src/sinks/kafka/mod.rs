@@ -141,7 +141,7 @@ impl KafkaSink {
     async fn send(&self, env: &Envelope) -> Result<(), SinkError> {
         let ev = &env.event;
         let topic = self.topic.render(ev);
-        check_topic(&topic).map_err(SinkError::permanent)?;
+        check_topic(&topic).map_err(|e| SinkError::permanent(e.to_string()))?;
         let key = self.key.render(ev);
         let payload = self.format.encode(env);
         let headers = OwnedHeaders::new_with_capacity(3)
