@@ -1,4 +1,4 @@
-//! The control socket (`admin.control_socket`, SPEC §11): the one way to change a running
+//! The control socket (`admin.control_socket`, README "Operating it"): the one way to change a running
 //! daemon. Nothing that changes state is served over TCP; the admin listener only reads.
 //!
 //! A Unix socket created with mode 0600 (only the daemon's user, and root, may connect) and

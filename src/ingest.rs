@@ -1,4 +1,4 @@
-//! `[ingest]`: Webio's SFTP hooks (SPEC §12). Webio can write webhook calls as JSON files into
+//! `[ingest]`: Webio's SFTP hooks (README "Custom Value Requests and SFTP hooks"). Webio can write webhook calls as JSON files into
 //! the organisation's SFTP folder; with `ingest.dir` set, a task of the app polls that folder
 //! and feeds every `*.json` file through the same [`State::route`] as a POST.
 //!

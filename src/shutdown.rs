@@ -1,4 +1,4 @@
-//! One shutdown, one deadline (SPEC §10).
+//! One shutdown, one deadline (README "Delivery").
 //!
 //! [`Shutdown`] is the cancellation tree of the daemon (tokio-util's `CancellationToken`)
 //! plus the single deadline that every phase of a stop shares: from the signal, draining

@@ -1,4 +1,4 @@
-//! Every refusal class of SPEC §4, rotation, the organisation claim and the cache.
+//! Every refusal class of README "HTTP answers", rotation, the organisation claim and the cache.
 
 use super::*;
 use crate::config::{AuthConfig, Config, Secret};

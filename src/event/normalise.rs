@@ -1,4 +1,4 @@
-//! Payload → [`Event`]. The rules are SPEC §5; each has a unit test below.
+//! Payload → [`Event`]. The rules are README "The normalised event"; each has a unit test below.
 //!
 //! One pass of serde_json reads the top-level object into (key, raw value) pairs borrowed from
 //! the body; a mapped value is read from its raw text, an unmapped one is kept as that text in

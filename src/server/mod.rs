@@ -64,7 +64,7 @@ pub fn refresh_gauges() {
 }
 
 /// Serves `listener` until `stop` is cancelled, then lets in-flight requests finish until
-/// the shutdown's one deadline (SPEC §10). A connection is cut when its headers take longer than
+/// the shutdown's one deadline (README "Delivery"). A connection is cut when its headers take longer than
 /// `header_timeout`, and when an answer cannot be written for as long (a peer that stops
 /// reading); the webhook handler bounds the body time itself. Open connections (of both
 /// listeners) are bounded; at the bound, a new connection takes the place of the oldest one

@@ -1,4 +1,4 @@
-//! The HTTP contract of SPEC §4, the normalised output of every fixture, authentication,
+//! The HTTP contract of README "HTTP answers", the normalised output of every fixture, authentication,
 //! routing semantics, direct delivery and signals. In-process ([`spawn_app`]) where HTTP is
 //! the point; the real binary where metrics, signals or log lines are.
 

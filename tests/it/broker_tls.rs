@@ -1,4 +1,4 @@
-//! Secured brokers (SPEC §11): Kafka over TLS and SASL with every compression codec, RabbitMQ
+//! Secured brokers (README "Operating it"): Kafka over TLS and SASL with every compression codec, RabbitMQ
 //! over `amqps://`, and one rustls crypto provider for the whole binary.
 //!
 //! No Kafka broker speaks TLS here, so the Kafka tests show what the producer really sends: a

@@ -1,4 +1,4 @@
-//! SPEC §12, Webio's Custom Value Request: an authenticated `GET {path}?…` is forwarded to
+//! README "Custom Value Requests and SFTP hooks", Webio's Custom Value Request: an authenticated `GET {path}?…` is forwarded to
 //! `custom_values.upstream` with the query intact and the configured headers (never the token);
 //! 2xx answers come back as they are and are cached per (organisation, query); an upstream error
 //! answers 502, a timeout 504. Behaviour in-process; metrics against the real binary.

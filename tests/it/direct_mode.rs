@@ -1,4 +1,4 @@
-//! Direct mode and permanent refusals (SPEC §10): a sink that refuses an event for good gets
+//! Direct mode and permanent refusals (README "Delivery"): a sink that refuses an event for good gets
 //! a dead letter (the spool's line format) and the webhook its 202 once every other sink
 //! confirmed; only a retryable failure makes Webio retry.
 

@@ -1,5 +1,5 @@
 //! The files the daemon appends to — a file sink's, the dead letters, `rejected.jsonl` — at
-//! the edges (SPEC §10): a full disk loses nothing, leaves no torn line and stops nothing for
+//! the edges (README "Delivery"): a full disk loses nothing, leaves no torn line and stops nothing for
 //! good; a name the filesystem cannot hold is dead-lettered at once; `rejected.jsonl` stays
 //! bounded. The real binary in spool mode; small tmpfs mounts play the full disk.
 

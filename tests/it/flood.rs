@@ -1,4 +1,4 @@
-//! A flood of idle connections (SPEC §10, issue 11): thousands of sockets that each sent one
+//! A flood of idle connections (README "Delivery", issue 11): thousands of sockets that each sent one
 //! byte must neither keep a real webhook waiting nor cut a request in progress, the admin
 //! listener stays reachable, and the memory the flood took is given back once it ends.
 

@@ -1,4 +1,4 @@
-//! The HTTP sink against an endpoint that answers 2xx with a huge body (SPEC §10): the
+//! The HTTP sink against an endpoint that answers 2xx with a huge body (README "Delivery"): the
 //! answer is read up to a small limit and discarded, so memory stays bounded, and every
 //! event is confirmed.
 

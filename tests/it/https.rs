@@ -1,4 +1,4 @@
-//! HTTPS on the webhook listener (SPEC §11, issue 12): `server.tls_cert_file` and
+//! HTTPS on the webhook listener (README "Operating it", issue 12): `server.tls_cert_file` and
 //! `server.tls_key_file` make the listener speak HTTPS only; the certificate is re-read on
 //! SIGHUP (a bad one is refused and the old one stays); `check` refuses files that do not
 //! belong together; half-open handshakes are shed like silent sockets.

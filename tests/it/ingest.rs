@@ -1,4 +1,4 @@
-//! SPEC §12, SFTP hooks: `*.json` files in `ingest.dir` (one call, or an array of calls) are
+//! README "Custom Value Requests and SFTP hooks", SFTP hooks: `*.json` files in `ingest.dir` (one call, or an array of calls) are
 //! routed like POSTs with `auth.organisation_id`, moved to `done/` once taken, to `rejected/`
 //! when they are not webhook calls, and read only once complete. Behaviour in-process;
 //! metrics against the real binary.

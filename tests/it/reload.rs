@@ -1,4 +1,4 @@
-//! SIGHUP re-reads the secrets as well as routes.toml (SPEC §11): a secret rotated in its
+//! SIGHUP re-reads the secrets as well as routes.toml (README "Operating it"): a secret rotated in its
 //! file is in force without a restart; an invalid one is refused and the old ones stay.
 
 use crate::helpers::*;

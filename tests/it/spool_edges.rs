@@ -1,4 +1,4 @@
-//! The spool at the edges real deployments hit (issue 11, SPEC §10): a full disk, a sink that
+//! The spool at the edges real deployments hit (issue 11, README "Delivery"): a full disk, a sink that
 //! never answers at shutdown, large bodies waiting for a dead sink, a damaged spool file.
 //! The real binary, real signals; "within the deadline" is the only timing asserted, because
 //! the contract itself is a deadline.

@@ -1,4 +1,4 @@
-//! SPEC §5, rule by rule, plus every fixture in `tests/fixtures/`.
+//! README "The normalised event", rule by rule, plus every fixture in `tests/fixtures/`.
 
 use super::*;
 use chrono::TimeZone;

@@ -1,4 +1,4 @@
-//! `GET {server.path}`: Webio's Custom Value Request (SPEC §12). A bot asks for live values with
+//! `GET {server.path}`: Webio's Custom Value Request (README "Custom Value Requests and SFTP hooks"). A bot asks for live values with
 //! a GET; an authenticated one is forwarded as a GET to `custom_values.upstream` with the query
 //! string exactly as received and the configured headers — never the Webio token. A 2xx answer
 //! comes back as is (status, content type, body); anything else is an [`UpstreamError`], which
