@@ -180,7 +180,12 @@ fn serve(loaded: Loaded) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(crate::app::serve(loaded)) {
+    let result = runtime.block_on(crate::app::serve(loaded));
+    // `serve` returns once the shutdown deadline is met or passed; a blocking task still
+    // running then (a write stuck on a dead network filesystem, say) must not hold the exit:
+    // dropping the runtime would wait for it without bound.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(crate::app::ServeError::Config(e)) => config_error(&e),
         // Logged once, on stderr like every log line (the journal, `kubectl logs`).
