@@ -576,8 +576,12 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                 println!("spool {}: {state}", r.path.display());
                 println!("size: {} bytes ({} events, {} bytes of event data)", r.size, r.events, r.event_bytes);
                 println!("pending deliveries: {}", r.pending.values().sum::<u64>());
+                let paused = |sink: &String| if r.paused.contains(sink) { " (paused)" } else { "" };
                 for (sink, n) in &r.pending {
-                    println!("  {sink}: {n}");
+                    println!("  {sink}: {n}{}", paused(sink));
+                }
+                for sink in r.paused.iter().filter(|s| !r.pending.contains_key(*s)) {
+                    println!("  {sink}: 0 (paused)");
                 }
                 if let Some((sink, id, at)) = &r.oldest {
                     println!("oldest pending: event {id} received {at} (sink {sink})");

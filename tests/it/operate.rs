@@ -65,6 +65,8 @@ fn a_paused_sink_gets_nothing_even_after_a_restart_and_resume_delivers_the_backl
 
     // A restart keeps the pause: the backlog waits, and so does what arrives meanwhile.
     assert!(router.terminate().success());
+    let check = ok(&setup, &["spool", "check"]);
+    assert!(check.contains("  crm: 5 (paused)"), "{check}");
     let router = setup.start();
     assert!(router.log().contains("sink is paused"), "{}", router.log());
     assert_eq!(router.metric(r#"webio_router_sink_paused{sink="crm"}"#), Some(1.0));
@@ -218,4 +220,24 @@ fn check_and_explain_show_the_limits_and_a_bad_one_is_reported_at_its_line() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("routes.toml:4:14: sinks.crm.rate_limit: invalid rate \"fast\""), "{err}");
     assert!(err.contains("routes.toml:10:15: sinks.archive.concurrency: must be between 1 and"), "{err}");
+}
+
+#[test]
+fn direct_mode_honours_concurrency_too() {
+    let sink = SinkServer::start(200);
+    sink.set_delay_ms(20);
+    let routes = format!(
+        "[sinks.crm]\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 1\n\n[[routes]]\nname = \"all\"\nto = [\"crm\"]\n",
+        sink.url("/hook")
+    );
+    // The helpers' base configuration is direct mode: each webhook waits for its delivery.
+    let router = crate::helpers::router("", &routes).spawn();
+    let addr = router.addr;
+    let posts: Vec<_> = (0..8)
+        .map(|i| std::thread::spawn(move || crate::helpers::post(addr, payload("direct", i).as_bytes()).status))
+        .collect();
+    let statuses: Vec<u16> = posts.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(sink.received().len(), 8);
+    assert_eq!(sink.max_in_flight(), 1);
 }

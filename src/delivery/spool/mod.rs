@@ -167,17 +167,17 @@ impl Spool {
             trouble: RwLock::new(None),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
-        for (name, n) in &rec.pending {
-            registry.queue_with(name, *n);
-        }
-        for name in sinks.keys() {
-            registry.queue(name);
-        }
         for (name, since) in &rec.paused {
             let since = std::time::UNIX_EPOCH + Duration::from_millis(*since);
             let since = crate::event::format_time(chrono::DateTime::<chrono::Utc>::from(since));
             tracing::warn!(sink = %name, since = %since, pending = rec.pending.get(name).copied().unwrap_or(0), "sink is paused; its events wait in the spool until `webio-router resume {name}`");
-            registry.queue(name).set_paused(true);
+        }
+        let paused = |name: &str| rec.paused.contains_key(name);
+        for (name, n) in &rec.pending {
+            registry.queue_at_start(name, *n, paused(name));
+        }
+        for name in sinks.keys().chain(rec.paused.keys()) {
+            registry.queue_at_start(name, 0, paused(name));
         }
         let writer = Writer {
             shared: shared.clone(),

@@ -85,8 +85,11 @@ pub(crate) struct SinkQueue {
 }
 
 impl SinkQueue {
-    fn new(name: &str, on_disk: u64) -> Self {
+    fn new(name: &str, on_disk: u64, paused: bool) -> Self {
         crate::metrics::spool_pending(name, on_disk);
+        if paused {
+            crate::metrics::sink_paused(name, true);
+        }
         SinkQueue {
             name: Arc::from(name),
             state: Mutex::new(QState {
@@ -99,7 +102,7 @@ impl SinkQueue {
             }),
             wake: Notify::new(),
             status: AtomicU8::new(if on_disk > 0 { BUSY } else { IDLE }),
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(paused),
             last_error: Mutex::new(None),
         }
     }
@@ -261,11 +264,17 @@ impl Registry {
 
     /// The queue of `name`, created (with `on_disk` pending rows) and started if new.
     pub fn queue_with(&self, name: &str, on_disk: u64) -> Arc<SinkQueue> {
+        self.queue_at_start(name, on_disk, false)
+    }
+
+    /// [`Registry::queue_with`], the queue paused from the start when it is new (a pause read
+    /// from the spool holds before its drain task runs at all).
+    pub fn queue_at_start(&self, name: &str, on_disk: u64, paused: bool) -> Arc<SinkQueue> {
         let mut queues = self.queues.lock().expect("queues lock");
         if let Some(q) = queues.get(name) {
             return q.clone();
         }
-        let q = Arc::new(SinkQueue::new(name, on_disk));
+        let q = Arc::new(SinkQueue::new(name, on_disk, paused));
         queues.insert(name.to_owned(), q.clone());
         let task = self.runtime.spawn(drain(self.shared.clone(), q.clone()));
         self.tasks.lock().expect("tasks lock").push(task);
@@ -594,7 +603,7 @@ mod tests {
         let body = br#"{"type":"payment"}"#;
         let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
         let env = Arc::new(Envelope::new(ev, bytes::Bytes::from_static(body)));
-        let q = SinkQueue::new("s", 0);
+        let q = SinkQueue::new("s", 0, false);
         for seq in 0..10 {
             q.enqueue(seq, env.clone(), WINDOW_BYTES / 4 + 1);
         }
@@ -606,7 +615,7 @@ mod tests {
         q.put_back(taken);
         assert_eq!(q.mem_bytes(), 3 * (WINDOW_BYTES / 4 + 1));
         // One item is always held, however large.
-        let big = SinkQueue::new("t", 0);
+        let big = SinkQueue::new("t", 0, false);
         big.enqueue(0, env, WINDOW_BYTES * 4);
         assert_eq!(big.lock().mem.len(), 1);
     }
