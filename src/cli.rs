@@ -257,7 +257,8 @@ fn check(loaded: &Loaded) -> ExitCode {
     }
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
-        println!("  sink {name}: {} (format {})", sink.type_name(), sink.format().as_str());
+        let limits = routes.limits.get(name).map_or(String::new(), |l| l.describe());
+        println!("  sink {name}: {} (format {}{limits})", sink.type_name(), sink.format().as_str());
     }
     for r in &routes.routes {
         let when = if r.when.is_empty() {
@@ -337,7 +338,15 @@ fn explain(loaded: &Loaded, file: &Path, org: Option<String>) -> ExitCode {
     let sinks: Vec<_> = matched
         .sinks
         .iter()
-        .map(|s| serde_json::json!({"name": s, "type": routes.sinks.get(*s).map(|c| c.type_name())}))
+        .map(|s| {
+            let limits = routes.limits.get(*s).copied().unwrap_or_default();
+            serde_json::json!({
+                "name": s,
+                "type": routes.sinks.get(*s).map(|c| c.type_name()),
+                "rate_limit": limits.rate_limit.map(|r| r.to_string()),
+                "concurrency": limits.concurrency,
+            })
+        })
         .collect();
     let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));
@@ -575,8 +584,12 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                 println!("spool {}: {state}", r.path.display());
                 println!("size: {} bytes ({} events, {} bytes of event data)", r.size, r.events, r.event_bytes);
                 println!("pending deliveries: {}", r.pending.values().sum::<u64>());
+                let paused = |sink: &String| if r.paused.contains(sink) { " (paused)" } else { "" };
                 for (sink, n) in &r.pending {
-                    println!("  {sink}: {n}");
+                    println!("  {sink}: {n}{}", paused(sink));
+                }
+                for sink in r.paused.iter().filter(|s| !r.pending.contains_key(*s)) {
+                    println!("  {sink}: 0 (paused)");
                 }
                 if let Some((sink, id, at)) = &r.oldest {
                     println!("oldest pending: event {id} received {at} (sink {sink})");

@@ -11,7 +11,6 @@
 
 use crate::state::State;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -39,32 +38,8 @@ pub enum Request {
     },
 }
 
-/// One sink as `webio-router sinks` and `GET /sinks` show it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SinkStatus {
-    pub name: String,
-    /// `file`, `http`, `amqp`, `kafka`; `null` for a sink no longer in routes.toml that
-    /// still has pending work.
-    #[serde(rename = "type")]
-    pub sink_type: Option<String>,
-    pub up: bool,
-    pub paused: bool,
-    pub pending: u64,
-    /// Age of the oldest pending event, in seconds.
-    pub oldest_pending_seconds: Option<f64>,
-    pub last_error: Option<String>,
-}
-
-/// What a `replay` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplayOutcome {
-    /// Re-injected (event, sink) pairs, by sink.
-    pub injected: BTreeMap<String, u64>,
-    /// Lines not re-injected because that (event, sink) pair was already pending.
-    pub already_pending: u64,
-    /// Lines that could not be replayed: (line number, why).
-    pub skipped: Vec<(usize, String)>,
-}
+pub use crate::delivery::ReplayOutcome;
+pub use crate::state::SinkStatus;
 
 /// The answer line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 use crate::config::{did_you_mean, explain_serde_message, ConfigError, Diagnostic};
 use crate::event::{is_field, Event, FieldValue, FIELDS};
+use crate::sinks::limit::Limits;
 use crate::sinks::SinkConfig;
 use crate::template::expand_env;
 use serde::Deserialize;
@@ -71,6 +72,8 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routes {
     pub sinks: BTreeMap<String, SinkConfig>,
+    /// `rate_limit` and `concurrency` of each sink of `sinks` (options common to every type).
+    pub limits: BTreeMap<String, Limits>,
     pub routes: Vec<Route>,
 }
 
@@ -101,6 +104,7 @@ impl Routes {
         let at = |offset: usize, msg: String| Diagnostic::at(source, text, offset, msg);
 
         let mut sinks = BTreeMap::new();
+        let mut limits = BTreeMap::new();
         // Sinks already reported as invalid: routes naming them are not reported again.
         let mut broken = Vec::new();
         let no_sinks = DeTable::new();
@@ -108,7 +112,8 @@ impl Routes {
         for (name, table) in tables.iter() {
             let (name_span, name) = (name.span(), name.get_ref().to_string());
             match parse_sink(&name, name_span.clone(), table.clone(), text, &env) {
-                Ok(cfg) => {
+                Ok((cfg, lim)) => {
+                    limits.insert(name.clone(), lim);
                     sinks.insert(name, cfg);
                 }
                 Err(problems) => {
@@ -163,7 +168,7 @@ impl Routes {
             routes.push(Route { name, when, to, stop: r.stop });
         }
         if errs.is_empty() {
-            Ok(Routes { sinks, routes })
+            Ok(Routes { sinks, limits, routes })
         } else {
             // In file order, whatever order the checks ran in.
             errs.sort_by_key(|d| d.line);
@@ -199,7 +204,7 @@ fn parse_sink(
     mut table: Spanned<DeValue<'_>>,
     text: &str,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<SinkConfig, Vec<(usize, String)>> {
+) -> Result<(SinkConfig, Limits), Vec<(usize, String)>> {
     let table_span = table.span();
     let DeValue::Table(options) = table.get_mut() else {
         return Err(vec![(table_span.start, format!("sinks.{name}: must be a table of options"))]);
@@ -242,6 +247,7 @@ fn parse_sink(
         // Validating the unexpanded text would only add noise.
         return Err(problems);
     }
+    let limits = take_limits(name, options, &mut problems);
     match SinkConfig::deserialize_typed(&sink_type, ValueDeserializer::from(table)) {
         Ok(Some(cfg)) => {
             for (key, msg) in cfg.validate() {
@@ -249,7 +255,7 @@ fn parse_sink(
                 problems.push((offset, format!("sinks.{name}.{key}: {msg}")));
             }
             if problems.is_empty() {
-                Ok(cfg)
+                Ok((cfg, limits))
             } else {
                 Err(problems)
             }
@@ -274,6 +280,36 @@ fn parse_sink(
             Err(vec![(span.start, format!("{prefix}: {msg}"))])
         }
     }
+}
+
+/// `rate_limit` and `concurrency`, common to every sink type: taken out of the table (after
+/// `${NAME}` expansion) before the rest is read as the type's own options.
+fn take_limits(name: &str, options: &mut DeTable<'_>, problems: &mut Vec<(usize, String)>) -> Limits {
+    let mut limits = Limits::default();
+    if let Some(v) = options.remove("rate_limit") {
+        let at = v.span().start;
+        match v.get_ref().as_str().map(str::parse) {
+            Some(Ok(rate)) => limits.rate_limit = Some(rate),
+            Some(Err(e)) => problems.push((at, format!("sinks.{name}.rate_limit: {e}"))),
+            None => {
+                problems.push((at, format!("sinks.{name}.rate_limit: must be a string, e.g. \"50/s\" or \"600/m\"")))
+            }
+        }
+    }
+    if let Some(v) = options.remove("concurrency") {
+        let at = v.span().start;
+        match v.get_ref().as_integer().and_then(|i| i64::from_str_radix(i.as_str(), i.radix()).ok()) {
+            Some(n) => match Limits::concurrency_value(n) {
+                Ok(n) => limits.concurrency = Some(n),
+                Err(e) => problems.push((at, format!("sinks.{name}.concurrency: {e}"))),
+            },
+            None => problems.push((
+                at,
+                format!("sinks.{name}.concurrency: must be an integer (deliveries in flight at once), e.g. 4"),
+            )),
+        }
+    }
+    limits
 }
 
 /// The span of the value at `path` (`url`, `headers.x-api-key`, `properties.compression.type`:

@@ -15,6 +15,7 @@ use crate::sinks::Sink;
 use bytes::Bytes;
 use http::HeaderName;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,15 +30,20 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the sinks of `routes`, reusing those of `previous` whose configuration did not
-    /// change (so a reload does not reconnect to every broker).
+    /// Builds the sinks of `routes` (behind their `rate_limit` and `concurrency`), reusing
+    /// those of `previous` whose configuration did not change (so a reload does not reconnect
+    /// to every broker).
     pub fn build(routes: Routes, previous: Option<&RouteTable>) -> Result<RouteTable, ConfigError> {
         let mut sinks = HashMap::new();
         let mut errs = Vec::new();
         for (name, cfg) in &routes.sinks {
-            let reused = previous
-                .and_then(|p| (p.routes.sinks.get(name) == Some(cfg)).then(|| p.sinks.get(name).cloned()).flatten());
-            match reused.map(Ok).unwrap_or_else(|| cfg.build(name)) {
+            let limits = routes.limits.get(name).copied().unwrap_or_default();
+            let same = |p: &&RouteTable| {
+                p.routes.sinks.get(name) == Some(cfg)
+                    && p.routes.limits.get(name).copied().unwrap_or_default() == limits
+            };
+            let reused = previous.filter(same).and_then(|p| p.sinks.get(name).cloned());
+            match reused.map(Ok).unwrap_or_else(|| cfg.build(name).map(|s| limits.wrap(s))) {
                 Ok(s) => {
                     crate::metrics::register_sink(name);
                     sinks.insert(name.clone(), s);
@@ -51,6 +57,22 @@ impl RouteTable {
             Err(ConfigError(errs))
         }
     }
+}
+
+/// One sink as `webio-router sinks` and `GET /sinks` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SinkStatus {
+    pub name: String,
+    /// `file`, `http`, `amqp`, `kafka`; `null` for a sink no longer in routes.toml that
+    /// still has pending work.
+    #[serde(rename = "type")]
+    pub sink_type: Option<String>,
+    pub up: bool,
+    pub paused: bool,
+    pub pending: u64,
+    /// Age of the oldest pending event, in seconds.
+    pub oldest_pending_seconds: Option<f64>,
+    pub last_error: Option<String>,
 }
 
 /// What [`State::route`] did with an event.
@@ -170,7 +192,7 @@ impl State {
     }
 
     /// Every sink of routes.toml, and every sink the spool still holds work for, by name.
-    pub fn sinks_status(&self) -> Vec<crate::control::SinkStatus> {
+    pub fn sinks_status(&self) -> Vec<SinkStatus> {
         let table = self.table();
         let mut states = self.delivery.sink_states();
         let now = std::time::SystemTime::now();
@@ -181,7 +203,7 @@ impl State {
             .into_iter()
             .map(|name| {
                 let st = states.remove(&name).unwrap_or_default();
-                crate::control::SinkStatus {
+                SinkStatus {
                     sink_type: table.routes.sinks.get(&name).map(|c| c.type_name().to_owned()),
                     up: table.sinks.get(&name).is_some_and(|s| s.is_up()),
                     paused: st.paused,
@@ -212,7 +234,7 @@ impl State {
         &self,
         lines: Vec<String>,
         only: Option<&str>,
-    ) -> Result<crate::control::ReplayOutcome, crate::delivery::ControlRefused> {
+    ) -> Result<crate::delivery::ReplayOutcome, crate::delivery::ControlRefused> {
         let known: std::collections::BTreeSet<String> = self.table().sinks.keys().cloned().collect();
         if let Some(s) = only.filter(|s| !known.contains(*s)) {
             return Err(crate::delivery::ControlRefused::UnknownSink(s.to_owned()));

@@ -12,7 +12,8 @@ pub mod spool;
 
 use crate::event::Envelope;
 use crate::sinks::{BoxFuture, Sink};
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,17 @@ pub struct SinkState {
     pub last_error: Option<String>,
 }
 
+/// What a `replay` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayOutcome {
+    /// Re-injected (event, sink) pairs, by sink.
+    pub injected: BTreeMap<String, u64>,
+    /// Lines not re-injected because that (event, sink) pair was already pending.
+    pub already_pending: u64,
+    /// Lines that could not be replayed: (line number, why).
+    pub skipped: Vec<(usize, String)>,
+}
+
 /// Why an operator's request (pause, resume, replay) was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlRefused {
@@ -41,6 +53,8 @@ pub enum ControlRefused {
     UnknownSink(String),
     #[error("delivery.mode = \"direct\" keeps no spool: pausing and replaying need delivery.mode = \"spool\"")]
     NoSpool,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Spool(#[from] spool::SpoolError),
 }
@@ -83,7 +97,7 @@ pub trait Delivery: Send + Sync + 'static {
         _lines: Vec<String>,
         _only: Option<String>,
         _known: std::collections::BTreeSet<String>,
-    ) -> BoxFuture<'_, Result<crate::control::ReplayOutcome, ControlRefused>> {
+    ) -> BoxFuture<'_, Result<ReplayOutcome, ControlRefused>> {
         Box::pin(async { Err(ControlRefused::NoSpool) })
     }
 

@@ -9,6 +9,7 @@ pub(crate) mod duration;
 pub mod file;
 pub mod http;
 pub mod kafka;
+pub mod limit;
 
 use crate::event::Envelope;
 use crate::format::Format;
@@ -35,6 +36,11 @@ pub trait Sink: Send + Sync + 'static {
     /// Flushes buffered output before shutdown, for at most `timeout`.
     fn flush(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+
+    /// Deliveries it takes at once (its `concurrency` option, see [`limit`]); `None`: no bound.
+    fn concurrency(&self) -> Option<usize> {
+        None
     }
 }
 

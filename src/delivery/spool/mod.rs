@@ -8,6 +8,8 @@
 //! - [`queue`]: one backlog and one drain task per sink; retries with backoff; dead letters.
 //! - [`dead`]: the dead-letter line.
 //! - [`replay`]: `webio-router replay`, re-injecting dead letters while the daemon is stopped.
+//! - [`operate`]: what the control socket asks of the running spool: pause/resume (kept in
+//!   the `paused` table, so a pause outlives a restart), each sink's state, online replay.
 //! - [`offline`]: `webio-router spool check` and `spool salvage`.
 //! - [`guard`]: turns redb's panics on damaged files into errors.
 //!
@@ -18,6 +20,7 @@
 pub mod dead;
 mod guard;
 pub mod offline;
+mod operate;
 mod ops;
 mod queue;
 pub mod record;
@@ -29,13 +32,13 @@ pub use store::{SpoolError, StoreError};
 
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
-use crate::delivery::{Accepted, Delivery, Refused};
+use crate::delivery::{Accepted, ControlRefused, Delivery, Refused, ReplayOutcome, SinkState};
 use crate::event::Envelope;
 use crate::jsonl::JsonlFile;
 use crate::sinks::{BoxFuture, Sink};
 use ops::{Append, Op};
 use queue::Registry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -164,11 +167,17 @@ impl Spool {
             trouble: RwLock::new(None),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
-        for (name, n) in &rec.pending {
-            registry.queue_with(name, *n);
+        for (name, since) in &rec.paused {
+            let since = std::time::UNIX_EPOCH + Duration::from_millis(*since);
+            let since = crate::event::format_time(chrono::DateTime::<chrono::Utc>::from(since));
+            tracing::warn!(sink = %name, since = %since, pending = rec.pending.get(name).copied().unwrap_or(0), "sink is paused; its events wait in the spool until `webio-router resume {name}`");
         }
-        for name in sinks.keys() {
-            registry.queue(name);
+        let paused = |name: &str| rec.paused.contains_key(name);
+        for (name, n) in &rec.pending {
+            registry.queue_at_start(name, *n, paused(name));
+        }
+        for name in sinks.keys().chain(rec.paused.keys()) {
+            registry.queue_at_start(name, 0, paused(name));
         }
         let writer = Writer {
             shared: shared.clone(),
@@ -216,10 +225,10 @@ impl Spool {
         self.registry.all().iter().map(|q| (q.name.to_string(), q.pending())).collect()
     }
 
-    /// Pending pairs of the sinks that can drain (those still in routes.toml).
+    /// Pending pairs of the sinks that can drain (those still in routes.toml, not paused).
     fn drainable(&self) -> u64 {
         let sinks = self.shared.sinks.read().expect("sinks lock");
-        self.registry.all().iter().filter(|q| sinks.contains_key(&*q.name)).map(|q| q.pending()).sum()
+        self.registry.all().iter().filter(|q| sinks.contains_key(&*q.name) && !q.is_paused()).map(|q| q.pending()).sum()
     }
 }
 
@@ -248,7 +257,7 @@ impl Delivery for Spool {
             names.dedup();
             let (reply, answer) = oneshot::channel();
             let id = env.event.id.clone();
-            let op = Op::Append(Append { rec, id, sinks: names, env: Arc::new(env), reply });
+            let op = Op::Append(Append { rec, id, sinks: names, env: Arc::new(env), dedup: true, reply });
             if !self.shared.send(op) {
                 self.shared.used.fetch_sub(size, Ordering::AcqRel);
                 return Err(Refused { reason: "the spool is closed".into(), retry_after: FULL_RETRY_AFTER });
@@ -274,6 +283,24 @@ impl Delivery for Spool {
 
     fn is_ready(&self) -> bool {
         !self.closing.load(Ordering::Acquire) && self.shared.trouble().is_none()
+    }
+
+    fn sink_states(&self) -> HashMap<String, SinkState> {
+        self.states()
+    }
+
+    fn set_paused(&self, sink: &str, paused: bool) -> BoxFuture<'_, Result<(), ControlRefused>> {
+        let sink = sink.to_owned();
+        Box::pin(async move { self.pause(&sink, paused).await })
+    }
+
+    fn replay(
+        &self,
+        lines: Vec<String>,
+        only: Option<String>,
+        known: BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<ReplayOutcome, ControlRefused>> {
+        Box::pin(self.replay_lines(lines, only, known))
     }
 
     fn unready_reason(&self) -> Option<String> {
@@ -571,6 +598,80 @@ mod tests {
         assert!(letter.reason.contains("down") && letter.reason.contains("3 attempts"), "{}", letter.reason);
         assert_eq!(letter.envelope().unwrap().event.id, id);
         wait("the event row to go", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_sink_gets_no_attempt_stays_paused_across_a_restart_and_delivers_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let sink = fake("s", true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        spool.set_paused("s", true).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(i), t.clone()).await, Ok(Accepted::New));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sink.calls.load(Ordering::Acquire), 0);
+        let st = &spool.sink_states()["s"];
+        assert!(st.paused && st.pending == 3 && st.oldest_pending.is_some(), "{st:?}");
+        // A paused sink does not hold the shutdown.
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        drop(spool);
+
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sink.calls.load(Ordering::Acquire), 0, "still paused after the restart");
+        assert!(spool.sink_states()["s"].paused);
+        spool.set_paused("s", false).await.unwrap();
+        wait("the backlog", || sink.got.lock().unwrap().len() == 3).await;
+        wait("an empty spool", || spool.pending()["s"] == 0).await;
+        assert_eq!(spool.sink_states()["s"], SinkState::default());
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert!(!spool.sink_states()["s"].paused, "the resume was kept too");
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_online_replay_delivers_the_dead_letter_again_and_skips_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_attempts = 1;
+        let bad = fake("bad", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("bad".to_string(), bad.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let env = envelope(1);
+        let id = env.event.id.clone();
+        assert_eq!(spool.submit(env, vec![bad.clone()]).await, Ok(Accepted::New));
+        wait("the dead letter", || std::fs::read_to_string(&cfg.dead_letter_file).is_ok_and(|t| t.ends_with('\n')))
+            .await;
+        wait("no pending work", || spool.pending()["bad"] == 0).await;
+        assert_eq!(spool.sink_states()["bad"].last_error.as_deref(), Some("down (gave up after 1 attempts)"));
+        let lines: Vec<String> =
+            std::fs::read_to_string(&cfg.dead_letter_file).unwrap().lines().map(str::to_owned).collect();
+        let known: BTreeSet<String> = ["bad".to_string()].into();
+
+        spool.set_paused("bad", true).await.unwrap();
+        let mut with_junk = lines.clone();
+        with_junk.push("not json".into());
+        let first = spool.replay(with_junk, None, known.clone()).await.unwrap();
+        assert_eq!(first.injected, [("bad".to_string(), 1)].into());
+        assert_eq!((first.already_pending, first.skipped.len()), (0, 1), "{first:?}");
+        assert_eq!(first.skipped[0].0, 2);
+        let second = spool.replay(lines.clone(), None, known.clone()).await.unwrap();
+        assert_eq!((second.injected.len(), second.already_pending), (0, 1), "{second:?}");
+        assert_eq!(spool.pending()["bad"], 1);
+        let unknown = spool.replay(lines, Some("nowhere".into()), known).await.unwrap();
+        assert!(unknown.skipped[0].1.contains("not in routes.toml"), "{unknown:?}");
+
+        bad.ok.store(true, Ordering::Release);
+        spool.set_paused("bad", false).await.unwrap();
+        wait("the replayed event", || bad.got.lock().unwrap().len() == 1).await;
+        assert_eq!(*bad.got.lock().unwrap(), vec![id]);
+        wait("no error once delivered", || spool.sink_states()["bad"].last_error.is_none()).await;
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 }

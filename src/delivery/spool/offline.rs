@@ -39,6 +39,8 @@ pub struct CheckReport {
     /// The oldest pending work: (sink, event id, received at).
     pub oldest: Option<(String, String, String)>,
     pub dedup_ids: usize,
+    /// Sinks paused by `webio-router pause` (they stay paused at the next start).
+    pub paused: Vec<String>,
     /// Event records that fail their check: (seq, why).
     pub damaged: Vec<(u64, String)>,
 }
@@ -81,6 +83,7 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
         pending: rec.pending,
         oldest,
         dedup_ids: rec.dedup.len(),
+        paused: rec.paused.into_keys().collect(),
         damaged: rec.unreadable,
     })
 }

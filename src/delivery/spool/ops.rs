@@ -2,6 +2,7 @@
 //! that the queues (which send bookkeeping) and the writer (which fills the queues) do not
 //! import each other.
 
+use super::store::StoreError;
 use crate::delivery::{Accepted, Refused};
 use crate::event::Envelope;
 use std::sync::Arc;
@@ -10,6 +11,14 @@ use tokio::sync::oneshot;
 pub(crate) enum Op {
     Append(Append),
     Book(Bookkeeping),
+    Pause(Pause),
+}
+
+/// `webio-router pause` / `resume`: the `paused` table changed durably, answered once committed.
+pub(crate) struct Pause {
+    pub sink: String,
+    pub paused: bool,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// A new event for `sinks`, answered once it is durable (or refused).
@@ -18,6 +27,9 @@ pub(crate) struct Append {
     pub id: String,
     pub sinks: Vec<String>,
     pub env: Arc<Envelope>,
+    /// Checked against (and recorded in) the dedup window; `false` for a replayed dead
+    /// letter, which must go out again although its id was seen.
+    pub dedup: bool,
     pub reply: oneshot::Sender<Result<Accepted, Refused>>,
 }
 

@@ -16,7 +16,7 @@ use crate::delivery::observe;
 use crate::event::Envelope;
 use crate::sinks::SinkError;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -48,6 +48,8 @@ pub const IDLE: u8 = 0;
 pub const BUSY: u8 = 1;
 pub const FAILING: u8 = 2;
 pub const PARKED: u8 = 3;
+/// Paused by the operator (`webio-router pause`): no attempts, its work stays pending.
+pub const PAUSED: u8 = 4;
 
 #[derive(Clone)]
 pub(crate) struct Item {
@@ -76,11 +78,18 @@ pub(crate) struct SinkQueue {
     state: Mutex<QState>,
     wake: Notify,
     status: AtomicU8,
+    /// Set by `webio-router pause` (persisted in the spool's `paused` table first).
+    paused: AtomicBool,
+    /// The last delivery error since the sink last confirmed one (for `webio-router sinks`).
+    last_error: Mutex<Option<String>>,
 }
 
 impl SinkQueue {
-    fn new(name: &str, on_disk: u64) -> Self {
+    fn new(name: &str, on_disk: u64, paused: bool) -> Self {
         crate::metrics::spool_pending(name, on_disk);
+        if paused {
+            crate::metrics::sink_paused(name, true);
+        }
         SinkQueue {
             name: Arc::from(name),
             state: Mutex::new(QState {
@@ -93,6 +102,30 @@ impl SinkQueue {
             }),
             wake: Notify::new(),
             status: AtomicU8::new(if on_disk > 0 { BUSY } else { IDLE }),
+            paused: AtomicBool::new(paused),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses or resumes the drain (a resumed one is woken to deliver its backlog).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        crate::metrics::sink_paused(&self.name, paused);
+        self.wake.notify_one();
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last error lock").clone()
+    }
+
+    /// After a batch: its last error, or none once a delivery was confirmed without one.
+    fn note_outcome(&self, error: Option<String>, confirmed: bool) {
+        if error.is_some() || confirmed {
+            *self.last_error.lock().expect("last error lock") = error;
         }
     }
 
@@ -231,11 +264,17 @@ impl Registry {
 
     /// The queue of `name`, created (with `on_disk` pending rows) and started if new.
     pub fn queue_with(&self, name: &str, on_disk: u64) -> Arc<SinkQueue> {
+        self.queue_at_start(name, on_disk, false)
+    }
+
+    /// [`Registry::queue_with`], the queue paused from the start when it is new (a pause read
+    /// from the spool holds before its drain task runs at all).
+    pub fn queue_at_start(&self, name: &str, on_disk: u64, paused: bool) -> Arc<SinkQueue> {
         let mut queues = self.queues.lock().expect("queues lock");
         if let Some(q) = queues.get(name) {
             return q.clone();
         }
-        let q = Arc::new(SinkQueue::new(name, on_disk));
+        let q = Arc::new(SinkQueue::new(name, on_disk, paused));
         queues.insert(name.to_owned(), q.clone());
         let task = self.runtime.spawn(drain(self.shared.clone(), q.clone()));
         self.tasks.lock().expect("tasks lock").push(task);
@@ -301,8 +340,11 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             tracing::info!(sink = %q.name, pending = q.pending(), "sink is back in routes.toml; delivering its pending work");
             parked_warned = false;
         }
+        if held_paused(&q, &mut stop).await {
+            continue;
+        }
 
-        let mut batch = q.take(CONCURRENCY);
+        let mut batch = q.take(sink.concurrency().unwrap_or(CONCURRENCY));
         if batch.is_empty() {
             if let Some((after, gen)) = q.needs_load() {
                 q.status.store(BUSY, Ordering::Release);
@@ -431,6 +473,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut retry = Vec::new();
         let mut retry_after: Option<Duration> = None;
         let mut last_error = String::new();
+        let (mut batch_error, mut confirmed) = (None, false);
         let mut attempts_update = Vec::new();
         for (mut it, (r, started)) in batch.into_iter().zip(outcomes) {
             let attempts = it.attempts.saturating_add(1);
@@ -445,10 +488,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             match outcome {
                 Outcome::Ok => {
                     observe(&q.name, "ok", started);
+                    confirmed = true;
                     done.push(it.seq);
                 }
                 Outcome::Retry(e) => {
                     observe(&q.name, "retry", started);
+                    batch_error = Some(e.message.clone());
                     retry_after = retry_after.max(e.retry_after);
                     last_error = e.message;
                     it.attempts = attempts;
@@ -457,6 +502,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
                 Outcome::Dead(reason) => {
                     observe(&q.name, "dead", started);
+                    batch_error = Some(reason.clone());
                     let env = it.env.as_ref().expect("filled above");
                     tracing::warn!(sink = %q.name, event_id = %env.event.id, attempts, %reason, "delivery abandoned; writing a dead letter");
                     let letter = DeadLetter::new(&q.name, &reason, attempts, env);
@@ -471,6 +517,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
         }
+        q.note_outcome(batch_error, confirmed);
         if !done.is_empty() {
             q.finished(done.len() as u64);
             shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
@@ -498,6 +545,20 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         sleep_or_stop(delay, &mut stop).await;
     }
     tracing::debug!(sink = %q.name, "drain stopped");
+}
+
+/// The gate before an attempt: while the sink is paused, waits (for a resume, new work or
+/// the stop) and returns true, so that the drain looks again; false when it may deliver.
+async fn held_paused(q: &SinkQueue, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    if !q.is_paused() {
+        return false;
+    }
+    q.status.store(PAUSED, Ordering::Release);
+    tokio::select! {
+        _ = q.wake.notified() => {}
+        _ = stop.changed() => {}
+    }
+    true
 }
 
 /// Runs a read of the spool on the blocking pool.
@@ -542,7 +603,7 @@ mod tests {
         let body = br#"{"type":"payment"}"#;
         let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
         let env = Arc::new(Envelope::new(ev, bytes::Bytes::from_static(body)));
-        let q = SinkQueue::new("s", 0);
+        let q = SinkQueue::new("s", 0, false);
         for seq in 0..10 {
             q.enqueue(seq, env.clone(), WINDOW_BYTES / 4 + 1);
         }
@@ -554,7 +615,7 @@ mod tests {
         q.put_back(taken);
         assert_eq!(q.mem_bytes(), 3 * (WINDOW_BYTES / 4 + 1));
         // One item is always held, however large.
-        let big = SinkQueue::new("t", 0);
+        let big = SinkQueue::new("t", 0, false);
         big.enqueue(0, env, WINDOW_BYTES * 4);
         assert_eq!(big.lock().mem.len(), 1);
     }

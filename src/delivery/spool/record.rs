@@ -96,6 +96,21 @@ pub fn decode(rec: &[u8]) -> Result<Envelope, RecordError> {
     }
 }
 
+/// The event id a record says it holds, read without checking the record (to compare ids
+/// cheaply, e.g. whether a replayed event is already pending); `None` when unreadable.
+pub fn stored_id(rec: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    let json = match *rec.first()? {
+        V2 => rec.get(V2_HEAD..V2_HEAD.checked_add(u32_at(rec, 1)?)?)?,
+        V1 => rec.get(5..5usize.checked_add(u32_at(rec, 1)?)?)?,
+        _ => return None,
+    };
+    serde_json::from_slice::<Id>(json).ok().map(|i| i.id)
+}
+
 fn checked(json: &[u8], raw: &[u8]) -> Result<Envelope, RecordError> {
     let event: Event = serde_json::from_slice(json).map_err(RecordError::Json)?;
     let computed = crate::event::event_id(&event);

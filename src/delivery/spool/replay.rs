@@ -1,13 +1,16 @@
 //! `webio-router replay FILE [--sink NAME]`: puts dead letters back into the spool as new
 //! pending work, for the sink recorded in each line or for `--sink`.
 //!
-//! It opens the spool file itself, so it runs while the daemon is stopped: redb locks the
-//! file, and a running daemon makes replay fail with "in use" rather than race it. The next
-//! start delivers what was replayed. Replayed events skip the dedup window on purpose.
+//! [`replay`] opens the spool file itself, so it runs while the daemon is stopped: redb locks
+//! the file, and a running daemon makes it fail with "in use" rather than race it (the CLI
+//! goes through the control socket then, see [`super::operate`]). The next start delivers
+//! what was replayed. Replayed events skip the dedup window on purpose. [`parse_line`] reads
+//! a line for both.
 
-use super::dead::DeadLetter;
+use super::dead::{DeadLetter, LetterError};
 use super::store::{self, SpoolError, StoreError};
 use crate::config::DeliveryConfig;
+use crate::event::Envelope;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -66,26 +69,8 @@ pub fn replay(
         if line.trim().is_empty() {
             continue;
         }
-        let letter: DeadLetter = match serde_json::from_str(&line) {
-            Ok(l) => l,
-            Err(e) => {
-                report.skipped.push((n, format!("not a dead letter: {e}")));
-                continue;
-            }
-        };
-        let sink = only.unwrap_or(&letter.sink).to_owned();
-        if !known.contains(&sink) {
-            report.skipped.push((n, format!("sink {sink:?} is not in routes.toml (use --sink NAME)")));
-            continue;
-        }
-        match letter.envelope() {
-            // Sinks take the id as an idempotency key, and the spool checks it when it reads
-            // the record back: an event edited by hand would be dead-lettered as damaged.
-            Ok(env) if crate::event::event_id(&env.event) != env.event.id => report.skipped.push((
-                n,
-                "the event's content does not match its id (edited by hand?); it would not be delivered".into(),
-            )),
-            Ok(env) => {
+        match parse_line(&line, only, known) {
+            Ok((sink, env)) => {
                 *report.injected.entry(sink.clone()).or_default() += 1;
                 batch.push((store::encode(&env), vec![sink]));
             }
@@ -103,6 +88,36 @@ pub fn replay(
     progress(total, total);
     report.pending_after = store::pending_len(&db).map_err(write_err)?;
     Ok(report)
+}
+
+/// Why one dead-letter line is not replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("not a dead letter: {0}")]
+    NotALetter(#[source] serde_json::Error),
+    #[error("sink {0:?} is not in routes.toml (use --sink NAME)")]
+    UnknownSink(String),
+    #[error("the event's content does not match its id (edited by hand?); it would not be delivered")]
+    Edited,
+    #[error(transparent)]
+    Letter(#[from] LetterError),
+}
+
+/// One dead-letter line: the sink it goes to (`only`, else its own, which must be among
+/// `known`) and the event to deliver. Shared by the offline replay and the running spool's.
+pub fn parse_line(line: &str, only: Option<&str>, known: &BTreeSet<String>) -> Result<(String, Envelope), LineError> {
+    let letter: DeadLetter = serde_json::from_str(line).map_err(LineError::NotALetter)?;
+    let sink = only.unwrap_or(&letter.sink).to_owned();
+    if !known.contains(&sink) {
+        return Err(LineError::UnknownSink(sink));
+    }
+    let env = letter.envelope()?;
+    // Sinks take the id as an idempotency key, and the spool checks it when it reads the
+    // record back: an event edited by hand would be dead-lettered as damaged.
+    if crate::event::event_id(&env.event) != env.event.id {
+        return Err(LineError::Edited);
+    }
+    Ok((sink, env))
 }
 
 /// A one-line progress bar on stderr, drawn only when stderr is a terminal.

@@ -7,6 +7,7 @@
 //! | `pending` | (sink name, seq) | attempts made so far (u32) |
 //! | `dedup` | (accepted at, unix ms; event id key) | () |
 //! | `probe` | 0 | a few KiB rewritten to prove that a commit can allocate space again |
+//! | `paused` | sink name | paused since, unix ms (`webio-router pause`; a row per paused sink) |
 //!
 //! An event row lives as long as at least one `pending` row names its seq. Everything that
 //! changes these tables goes through one write transaction at a time (the writer thread, or
@@ -36,6 +37,8 @@ pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const PENDING: TableDefinition<(&str, u64), u32> = TableDefinition::new("pending");
 pub const DEDUP: TableDefinition<(u64, u128), ()> = TableDefinition::new("dedup");
 pub const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("probe");
+/// Added in place to format 1: an older build ignores it (and does not honour the pause).
+pub const PAUSED: TableDefinition<&str, u64> = TableDefinition::new("paused");
 
 /// Size of the [`probe`] value: enough to need pages of its own.
 const PROBE_BYTES: usize = 16 << 10;
@@ -232,6 +235,7 @@ fn init(path: &Path) -> Result<Database, SpoolError> {
             tx.open_table(EVENTS).op("open events")?;
             tx.open_table(PENDING).op("open pending")?;
             tx.open_table(DEDUP).op("open dedup")?;
+            tx.open_table(PAUSED).op("open paused")?;
         }
         if found.is_some_and(|f| f > FORMAT) {
             tx.abort().op("abort")?;
@@ -294,6 +298,8 @@ pub struct Recovered {
     pub orphans: Vec<u64>,
     /// The pending pair with the lowest seq (the oldest work), if any.
     pub oldest: Option<(u64, String)>,
+    /// Paused sinks (`webio-router pause`), with the time they were paused (unix ms).
+    pub paused: BTreeMap<String, u64>,
 }
 
 /// Reads everything a start needs from one snapshot, checking every event record.
@@ -334,7 +340,72 @@ fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreErro
         let (k, _) = row.op("read dedup")?;
         r.dedup.push(k.value());
     }
+    r.paused = paused_sinks(&tx)?;
     Ok(r)
+}
+
+/// The `paused` table (a spool created before it existed has none: nothing paused).
+fn paused_sinks(tx: &redb::ReadTransaction) -> Result<BTreeMap<String, u64>, StoreError> {
+    let table = match tx.open_table(PAUSED) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(StoreError::at("open paused")(e.into())),
+    };
+    let mut out = BTreeMap::new();
+    for row in table.iter().op("read paused")? {
+        let (k, v) = row.op("read paused")?;
+        out.insert(k.value().to_owned(), v.value());
+    }
+    Ok(out)
+}
+
+/// Records `sink` as paused (since `at`, unix ms) or not, durably.
+pub fn set_paused(db: &Database, sink: &str, paused: bool, at: u64) -> Result<(), StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_write().op("begin")?;
+        {
+            let mut t = tx.open_table(PAUSED).op("open paused")?;
+            if paused {
+                t.insert(sink, at).op("write paused")?;
+            } else {
+                t.remove(sink).op("write paused")?;
+            }
+        }
+        tx.commit().op("commit")
+    })?
+}
+
+/// The stored record of `sink`'s oldest pending event (lowest seq), if any.
+pub fn oldest_pending(db: &Database, sink: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        let first = pending.range((sink, 0u64)..=(sink, u64::MAX)).op("read pending")?.next();
+        let Some(row) = first else { return Ok(None) };
+        let seq = row.op("read pending")?.0.value().1;
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let rec = events.get(seq).op("read events")?.map(|v| v.value().to_vec());
+        Ok(rec)
+    })?
+}
+
+/// The event ids pending for `sink` (records that cannot be read are left out).
+pub fn pending_ids(db: &Database, sink: &str) -> Result<std::collections::HashSet<String>, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let mut out = std::collections::HashSet::new();
+        for row in pending.range((sink, 0u64)..=(sink, u64::MAX)).op("read pending")? {
+            let seq = row.op("read pending")?.0.value().1;
+            if let Some(rec) = events.get(seq).op("read events")? {
+                if let Some(id) = super::record::stored_id(rec.value()) {
+                    out.insert(id);
+                }
+            }
+        }
+        Ok(out)
+    })?
 }
 
 /// The next free seq (for `replay`, and the writer after a reopen).

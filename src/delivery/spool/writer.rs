@@ -11,7 +11,7 @@
 //! the disk takes writes — so the daemon resumes by itself once space is back. It never spins
 //! on a failing commit: it waits for work or for the next attempt, and stops with the spool.
 
-use super::ops::{Append, Bookkeeping, Op};
+use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
 use super::record;
 use super::store::{self, Op as _, StoreError, DEDUP, EVENTS, PENDING};
@@ -134,6 +134,7 @@ impl Writer {
                 },
             };
             let mut appends = Vec::new();
+            let mut pauses = Vec::new();
             let mut bytes = 0u64;
             let mut next = first;
             while let Some(op) = next {
@@ -143,6 +144,7 @@ impl Writer {
                         appends.push(a);
                     }
                     Op::Book(b) => deferred.push(b),
+                    Op::Pause(p) => pauses.push(p),
                 }
                 if appends.len() + deferred.ops.len() >= MAX_OPS || bytes >= MAX_BATCH_BYTES {
                     break;
@@ -172,9 +174,13 @@ impl Writer {
                 }
                 if broken.is_some() {
                     self.refuse(appends);
+                    for p in pauses {
+                        let _ = p.reply.send(Err(StoreError::Reopening));
+                    }
                     continue;
                 }
             }
+            self.pause(pauses);
 
             let mut book = Vec::new();
             if appends.is_empty() || deferred.due() {
@@ -210,6 +216,17 @@ impl Writer {
             if let Err((e, _)) = self.apply(Vec::new(), carry, true) {
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: the last deliveries could not be recorded; they will repeat after the restart");
             }
+        }
+    }
+
+    /// Records pauses and resumes, each durably (a rare operator action: no batching).
+    fn pause(&self, pauses: Vec<Pause>) {
+        for p in pauses {
+            let result = self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis()));
+            if result.is_err() {
+                crate::metrics::spool_write_error();
+            }
+            let _ = p.reply.send(result);
         }
     }
 
@@ -276,7 +293,7 @@ impl Writer {
         for (a, seq) in appends.into_iter().zip(seqs) {
             match seq {
                 Some(seq) => {
-                    if window > 0 {
+                    if a.dedup && window > 0 {
                         self.shared.dedup.record_at(&a.id, now);
                     }
                     // Queue before answering: once a request has its 202, its work is visible.
@@ -319,7 +336,7 @@ impl Writer {
             let mut next = self.next_seq;
             for a in appends {
                 let key = crate::dedup::key(&a.id);
-                if window > 0 && (self.shared.dedup.contains_at(&a.id, now) || !in_batch.insert(key)) {
+                if a.dedup && window > 0 && (self.shared.dedup.contains_at(&a.id, now) || !in_batch.insert(key)) {
                     seqs.push(None);
                     continue;
                 }
@@ -329,7 +346,7 @@ impl Writer {
                 for sink in &a.sinks {
                     pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
-                if window > 0 {
+                if a.dedup && window > 0 {
                     dedup.insert((now, key), ()).op("write dedup")?;
                 }
                 seqs.push(Some(seq));

@@ -103,6 +103,16 @@ pub struct SinkServer {
     received: Arc<Mutex<Vec<String>>>,
     attempts: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Requests read and not answered yet, the most ever seen at once, and how long each
+    /// answer is held back (ms).
+    flight: Arc<Flight>,
+}
+
+#[derive(Default)]
+struct Flight {
+    now: AtomicU64,
+    max: AtomicU64,
+    delay_ms: AtomicU64,
 }
 
 impl SinkServer {
@@ -129,18 +139,20 @@ impl SinkServer {
             received: Arc::default(),
             attempts: Arc::default(),
             stop: Arc::default(),
+            flight: Arc::default(),
         };
         let (status, retry_after, received, attempts, stop) =
             (s.status.clone(), s.retry_after.clone(), s.received.clone(), s.attempts.clone(), s.stop.clone());
+        let flight = s.flight.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop.load(Ordering::Acquire) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (status, retry_after, received, attempts) =
-                    (status.clone(), retry_after.clone(), received.clone(), attempts.clone());
-                std::thread::spawn(move || serve_conn(conn, &status, &retry_after, &received, &attempts));
+                let (status, retry_after, received, attempts, flight) =
+                    (status.clone(), retry_after.clone(), received.clone(), attempts.clone(), flight.clone());
+                std::thread::spawn(move || serve_conn(conn, &status, &retry_after, &received, &attempts, &flight));
             }
         });
         s
@@ -170,6 +182,16 @@ impl SinkServer {
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Acquire)
     }
+
+    /// Holds each answer back `ms` milliseconds (so that deliveries overlap when they may).
+    pub fn set_delay_ms(&self, ms: u64) {
+        self.flight.delay_ms.store(ms, Ordering::Release);
+    }
+
+    /// The most requests it ever held at once (read, not yet answered).
+    pub fn max_in_flight(&self) -> u64 {
+        self.flight.max.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for SinkServer {
@@ -185,11 +207,17 @@ fn serve_conn(
     retry_after: &Mutex<Option<String>>,
     received: &Mutex<Vec<String>>,
     attempts: &AtomicU64,
+    flight: &Flight,
 ) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     // One request per connection (we answer `Connection: close`).
     let Some((head, body)) = read_request(&mut conn) else { return };
     attempts.fetch_add(1, Ordering::AcqRel);
+    let now = flight.now.fetch_add(1, Ordering::AcqRel) + 1;
+    flight.max.fetch_max(now, Ordering::AcqRel);
+    std::thread::sleep(Duration::from_millis(flight.delay_ms.load(Ordering::Acquire)));
+    // Out of flight before the answer leaves: the client may send the next one at once.
+    flight.now.fetch_sub(1, Ordering::AcqRel);
     let code = status.load(Ordering::Acquire);
     if code == HANG {
         // Hold the connection without a word until the client gives up (or a status is set).
