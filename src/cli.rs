@@ -252,7 +252,11 @@ fn check(loaded: &Loaded) -> ExitCode {
     }
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
-        println!("  sink {name}: {} (format {})", sink.type_name(), sink.format().as_str());
+        let ordering = match sink.ordering() {
+            crate::sinks::SinkOrdering::None => String::new(),
+            o => format!(", ordering {}", o.as_str()),
+        };
+        println!("  sink {name}: {} (format {}{ordering})", sink.type_name(), sink.format().as_str());
     }
     for r in &routes.routes {
         let when = if r.when.is_empty() {
@@ -329,7 +333,14 @@ fn explain(loaded: &Loaded, file: &Path, org: Option<String>) -> ExitCode {
     let sinks: Vec<_> = matched
         .sinks
         .iter()
-        .map(|s| serde_json::json!({"name": s, "type": routes.sinks.get(*s).map(|c| c.type_name())}))
+        .map(|s| {
+            let cfg = routes.sinks.get(*s);
+            serde_json::json!({
+                "name": s,
+                "type": cfg.map(|c| c.type_name()),
+                "ordering": cfg.map(|c| c.ordering().as_str()),
+            })
+        })
         .collect();
     let out = serde_json::json!({"event": event, "routes": matched.routes, "sinks": sinks});
     println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialise"));

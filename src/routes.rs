@@ -1,9 +1,9 @@
 //! `routes.toml`: named sinks and ordered routes. Parsing keeps source spans so every
 //! problem is reported as `file:line:col: message`; matching is pure and allocation-light.
 
-use crate::config::{did_you_mean, explain_serde_message, ConfigError, Diagnostic};
+use crate::config::{did_you_mean, explain_serde_message, ConfigError, DeliveryMode, Diagnostic};
 use crate::event::{is_field, Event, FieldValue, FIELDS};
-use crate::sinks::SinkConfig;
+use crate::sinks::{SinkConfig, SinkOrdering};
 use crate::template::expand_env;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -72,6 +72,10 @@ pub struct Route {
 pub struct Routes {
     pub sinks: BTreeMap<String, SinkConfig>,
     pub routes: Vec<Route>,
+    /// The file's name in diagnostics, and where each sink's `ordering` option is written
+    /// (line, column), for [`Routes::check_delivery_mode`].
+    source: String,
+    ordering_at: BTreeMap<String, (usize, usize)>,
 }
 
 /// Which routes matched and which sinks (each once, in first-named order) get the event.
@@ -101,6 +105,7 @@ impl Routes {
         let at = |offset: usize, msg: String| Diagnostic::at(source, text, offset, msg);
 
         let mut sinks = BTreeMap::new();
+        let mut ordering_at = BTreeMap::new();
         // Sinks already reported as invalid: routes naming them are not reported again.
         let mut broken = Vec::new();
         let no_sinks = DeTable::new();
@@ -109,6 +114,10 @@ impl Routes {
             let (name_span, name) = (name.span(), name.get_ref().to_string());
             match parse_sink(&name, name_span.clone(), table.clone(), text, &env) {
                 Ok(cfg) => {
+                    let written = table.get_ref().as_table().and_then(|t| value_span(t, "ordering"));
+                    if let Some(span) = written {
+                        ordering_at.insert(name.clone(), crate::config::line_col(text, span.start));
+                    }
                     sinks.insert(name, cfg);
                 }
                 Err(problems) => {
@@ -163,10 +172,37 @@ impl Routes {
             routes.push(Route { name, when, to, stop: r.stop });
         }
         if errs.is_empty() {
-            Ok(Routes { sinks, routes })
+            Ok(Routes { sinks, routes, source: source.to_owned(), ordering_at })
         } else {
             // In file order, whatever order the checks ran in.
             errs.sort_by_key(|d| d.line);
+            Err(ConfigError(errs))
+        }
+    }
+
+    /// `ordering` needs the spool: `delivery.mode = "direct"` keeps no queue in which a later
+    /// event could wait while Webio retries an earlier one, so a sink that asks for ordering
+    /// is refused there (at its option) rather than silently not ordered.
+    pub fn check_delivery_mode(&self, mode: DeliveryMode) -> Result<(), ConfigError> {
+        if mode != DeliveryMode::Direct {
+            return Ok(());
+        }
+        let errs: Vec<Diagnostic> = self
+            .sinks
+            .iter()
+            .filter(|(_, cfg)| cfg.ordering() != SinkOrdering::None)
+            .map(|(name, cfg)| Diagnostic {
+                source: self.source.clone(),
+                line: self.ordering_at.get(name).copied(),
+                message: format!(
+                    "sinks.{name}.ordering: {:?} needs delivery.mode = \"spool\" (direct delivery keeps no queue in which a conversation's later events could wait for an earlier one); use the spool or remove the option",
+                    cfg.ordering().as_str()
+                ),
+            })
+            .collect();
+        if errs.is_empty() {
+            Ok(())
+        } else {
             Err(ConfigError(errs))
         }
     }

@@ -6,6 +6,7 @@
 //! - [`writer`]: the single writer thread; group commit (many requests, one fsync); heals
 //!   after a failed commit (full disk) without a restart.
 //! - [`queue`]: one backlog and one drain task per sink; retries with backoff; dead letters.
+//! - [`order`]: the conversation gate of a sink with `ordering = "conversation"`.
 //! - [`dead`]: the dead-letter line.
 //! - [`replay`]: `webio-router replay`, re-injecting dead letters while the daemon is stopped.
 //! - [`offline`]: `webio-router spool check` and `spool salvage`.
@@ -19,6 +20,7 @@ pub mod dead;
 mod guard;
 pub mod offline;
 mod ops;
+mod order;
 mod queue;
 pub mod record;
 pub mod replay;
