@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// What `check` validates: everything `serve` would refuse to start with, without
 /// connecting anywhere.
 pub fn check(loaded: &Loaded) -> Result<Routes, ConfigError> {
-    Routes::load(&loaded.config.routes_file)
+    let routes = Routes::load(&loaded.config.routes_file)?;
+    routes.check_delivery_mode(loaded.config.delivery.mode)?;
+    Ok(routes)
 }
 
 /// Everything `serve` needs before binding: a startup failure here is a configuration error.
@@ -131,6 +133,7 @@ impl App {
             rejected: JsonlFile::rotated(cfg.delivery.rejected_file(), cfg.delivery.max_rejected_bytes),
             ready: AtomicBool::new(false),
             restart_settings: cfg.restart_settings(),
+            mode: cfg.delivery.mode,
             tls,
         });
         state.refresh_gauges();

@@ -258,7 +258,11 @@ fn check(loaded: &Loaded) -> ExitCode {
     println!("routes: {} ({} sinks, {} routes)", c.routes_file.display(), routes.sinks.len(), routes.routes.len());
     for (name, sink) in &routes.sinks {
         let limits = routes.limits.get(name).map_or(String::new(), |l| l.describe());
-        println!("  sink {name}: {} (format {}{limits})", sink.type_name(), sink.format().as_str());
+        let ordering = match sink.ordering() {
+            crate::sinks::SinkOrdering::None => String::new(),
+            o => format!(", ordering {}", o.as_str()),
+        };
+        println!("  sink {name}: {} (format {}{limits}{ordering})", sink.type_name(), sink.format().as_str());
     }
     for r in &routes.routes {
         let when = if r.when.is_empty() {
@@ -340,11 +344,13 @@ fn explain(loaded: &Loaded, file: &Path, org: Option<String>) -> ExitCode {
         .iter()
         .map(|s| {
             let limits = routes.limits.get(*s).copied().unwrap_or_default();
+            let cfg = routes.sinks.get(*s);
             serde_json::json!({
                 "name": s,
-                "type": routes.sinks.get(*s).map(|c| c.type_name()),
+                "type": cfg.map(|c| c.type_name()),
                 "rate_limit": limits.rate_limit.map(|r| r.to_string()),
                 "concurrency": limits.concurrency,
+                "ordering": cfg.map(|c| c.ordering().as_str()),
             })
         })
         .collect();

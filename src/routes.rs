@@ -1,10 +1,10 @@
 //! `routes.toml`: named sinks and ordered routes. Parsing keeps source spans so every
 //! problem is reported as `file:line:col: message`; matching is pure and allocation-light.
 
-use crate::config::{did_you_mean, explain_serde_message, ConfigError, Diagnostic};
+use crate::config::{did_you_mean, explain_serde_message, ConfigError, DeliveryMode, Diagnostic};
 use crate::event::{is_field, Event, FieldValue, FIELDS};
 use crate::sinks::limit::Limits;
-use crate::sinks::SinkConfig;
+use crate::sinks::{SinkConfig, SinkOrdering};
 use crate::template::expand_env;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -75,6 +75,10 @@ pub struct Routes {
     /// `rate_limit` and `concurrency` of each sink of `sinks` (options common to every type).
     pub limits: BTreeMap<String, Limits>,
     pub routes: Vec<Route>,
+    /// The file's name in diagnostics, and where each sink's `ordering` option is written
+    /// (line, column), for [`Routes::check_delivery_mode`].
+    source: String,
+    ordering_at: BTreeMap<String, (usize, usize)>,
 }
 
 /// Which routes matched and which sinks (each once, in first-named order) get the event.
@@ -105,6 +109,7 @@ impl Routes {
 
         let mut sinks = BTreeMap::new();
         let mut limits = BTreeMap::new();
+        let mut ordering_at = BTreeMap::new();
         // Sinks already reported as invalid: routes naming them are not reported again.
         let mut broken = Vec::new();
         let no_sinks = DeTable::new();
@@ -114,6 +119,10 @@ impl Routes {
             match parse_sink(&name, name_span.clone(), table.clone(), text, &env) {
                 Ok((cfg, lim)) => {
                     limits.insert(name.clone(), lim);
+                    let written = table.get_ref().as_table().and_then(|t| value_span(t, "ordering"));
+                    if let Some(span) = written {
+                        ordering_at.insert(name.clone(), crate::config::line_col(text, span.start));
+                    }
                     sinks.insert(name, cfg);
                 }
                 Err(problems) => {
@@ -168,10 +177,37 @@ impl Routes {
             routes.push(Route { name, when, to, stop: r.stop });
         }
         if errs.is_empty() {
-            Ok(Routes { sinks, limits, routes })
+            Ok(Routes { sinks, limits, routes, source: source.to_owned(), ordering_at })
         } else {
             // In file order, whatever order the checks ran in.
             errs.sort_by_key(|d| d.line);
+            Err(ConfigError(errs))
+        }
+    }
+
+    /// `ordering` needs the spool: `delivery.mode = "direct"` keeps no queue in which a later
+    /// event could wait while Webio retries an earlier one, so a sink that asks for ordering
+    /// is refused there (at its option) rather than silently not ordered.
+    pub fn check_delivery_mode(&self, mode: DeliveryMode) -> Result<(), ConfigError> {
+        if mode != DeliveryMode::Direct {
+            return Ok(());
+        }
+        let errs: Vec<Diagnostic> = self
+            .sinks
+            .iter()
+            .filter(|(_, cfg)| cfg.ordering() != SinkOrdering::None)
+            .map(|(name, cfg)| Diagnostic {
+                source: self.source.clone(),
+                line: self.ordering_at.get(name).copied(),
+                message: format!(
+                    "sinks.{name}.ordering: {:?} needs delivery.mode = \"spool\" (direct delivery keeps no queue in which a conversation's later events could wait for an earlier one); use the spool or remove the option",
+                    cfg.ordering().as_str()
+                ),
+            })
+            .collect();
+        if errs.is_empty() {
+            Ok(())
+        } else {
             Err(ConfigError(errs))
         }
     }

@@ -105,6 +105,9 @@ pub struct State {
     pub(crate) ready: AtomicBool,
     /// What a reload cannot change, as it was at start (to warn when the file differs).
     pub(crate) restart_settings: String,
+    /// The delivery mode the daemon started with (routes that need the spool are refused
+    /// by a reload in direct mode).
+    pub(crate) mode: crate::config::DeliveryMode,
     /// The webhook listener's TLS (`server.tls_cert_file`), whose certificate a reload swaps.
     pub tls: Option<Arc<crate::server::tls::Tls>>,
 }
@@ -281,7 +284,10 @@ impl State {
             _ => None,
         };
         let current = self.table();
-        let table = Routes::load(&self.routes_file).and_then(|r| RouteTable::build(r, Some(&current)))?;
+        let routes = Routes::load(&self.routes_file)?;
+        // The mode in force is the one the daemon started with (a reload cannot change it).
+        routes.check_delivery_mode(self.mode)?;
+        let table = RouteTable::build(routes, Some(&current))?;
         let verifier = Verifier::new(&loaded);
         self.delivery.sinks_changed(&table.sinks);
         let (routes, sinks) = (table.routes.routes.len(), table.sinks.len());

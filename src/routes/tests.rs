@@ -118,7 +118,12 @@ fn the_spec_example_parses_with_every_sink_type() {
     assert_eq!(r.sinks.keys().collect::<Vec<_>>(), ["archive", "bus", "crm", "stream"]);
     assert_eq!(
         r.sinks["archive"],
-        SinkConfig::File(FileConfig { path: "var/events.jsonl".into(), format: Format::Event, fsync: true })
+        SinkConfig::File(FileConfig {
+            path: "var/events.jsonl".into(),
+            format: Format::Event,
+            fsync: true,
+            ordering: Default::default()
+        })
     );
     assert_eq!(
         r.sinks["crm"],
@@ -127,6 +132,7 @@ fn the_spec_example_parses_with_every_sink_type() {
             timeout: std::time::Duration::from_secs(5),
             headers: [("x-api-key".to_owned(), "k-123".to_owned())].into(),
             format: Format::Event,
+            ordering: Default::default(),
         })
     );
     let SinkConfig::Amqp(bus) = &r.sinks["bus"] else { panic!("bus is not amqp: {:?}", r.sinks["bus"]) };
@@ -869,4 +875,67 @@ to = ["crm", "bus"]
     assert!(key.is_constant());
     let SinkConfig::Amqp(bus) = &r.sinks["bus"] else { panic!("bus is not amqp") };
     assert_eq!(bus.url, "amqp://guest:p{w}@127.0.0.1:5672/%2f", "a non-template option is taken as is");
+}
+
+#[test]
+fn ordering_is_read_typed_on_every_sink_type_and_defaults_to_none() {
+    let text = r#"
+[sinks.f]
+type = "file"
+path = "x.jsonl"
+ordering = "conversation"
+[sinks.h]
+type = "http"
+url = "http://127.0.0.1:9/x"
+ordering = "none"
+[sinks.a]
+type = "amqp"
+url = "amqp://127.0.0.1:5672/%2f"
+exchange = "webio"
+ordering = "conversation"
+[sinks.k]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topic = "webio"
+ordering = "conversation"
+[sinks.plain]
+type = "file"
+path = "y.jsonl"
+[[routes]]
+to = ["f", "h", "a", "k", "plain"]
+"#;
+    let r = ok(text);
+    let got: Vec<_> = ["f", "h", "a", "k", "plain"].iter().map(|s| r.sinks[*s].ordering().as_str()).collect();
+    assert_eq!(got, ["conversation", "none", "conversation", "conversation", "none"]);
+    assert!(r.check_delivery_mode(crate::config::DeliveryMode::Spool).is_ok());
+}
+
+#[test]
+fn a_bad_ordering_is_reported_at_its_value_with_the_values_it_may_take() {
+    for written in ["\"convo\"", "\"Conversation\"", "true", "[\"conversation\"]"] {
+        let text = format!("[sinks.s]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\nordering = {written}\n");
+        let d = errs(&text);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].line, Some(pos(&text, written)), "{}", d[0]);
+        assert!(d[0].message.starts_with("sinks.s.ordering: "), "{}", d[0]);
+        if written.starts_with('"') {
+            assert!(d[0].message.contains("conversation"), "{}", d[0]);
+        }
+    }
+    let d = errs("[sinks.s]\ntype = \"file\"\npath = \"x\"\nordering = \"convrsation\"\n");
+    assert!(d[0].message.contains("did you mean `conversation`?"), "{}", d[0]);
+}
+
+#[test]
+fn ordering_is_refused_in_direct_mode_at_the_option() {
+    let text = "[sinks.s]\ntype = \"file\"\npath = \"x\"\nordering = \"conversation\"\n[sinks.t]\ntype = \"file\"\npath = \"y\"\nordering = \"none\"\n[[routes]]\nto = [\"s\", \"t\"]\n";
+    let r = ok(text);
+    let e = r.check_delivery_mode(crate::config::DeliveryMode::Direct).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert_eq!(e.0[0].line, Some(pos(text, "\"conversation\"")), "{e}");
+    assert_eq!(e.0[0].source, "routes.toml");
+    assert!(
+        e.0[0].message.starts_with("sinks.s.ordering: ") && e.0[0].message.contains("delivery.mode = \"spool\""),
+        "{e}"
+    );
 }

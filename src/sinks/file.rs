@@ -35,6 +35,9 @@ pub struct FileConfig {
     /// host (the last moments may be lost).
     #[serde(default = "yes")]
     pub fsync: bool,
+    /// `"conversation"`: a conversation's events reach this sink in acceptance order.
+    #[serde(default)]
+    pub ordering: crate::sinks::SinkOrdering,
 }
 
 impl FileConfig {
@@ -71,6 +74,7 @@ pub struct FileSink {
     constant: Option<OnceLock<Arc<Path>>>,
     format: Format,
     jobs: std::sync::mpsc::Sender<Job>,
+    ordering: crate::sinks::SinkOrdering,
 }
 
 impl FileSink {
@@ -83,7 +87,7 @@ impl FileSink {
             .name(format!("file-sink-{name}"))
             .spawn(move || write_loop(&rx, fsync))
             .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e))?;
-        Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs })
+        Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs, ordering: c.ordering })
     }
 
     /// The line for `env`, without its newline: the event's JSON (or the configured format).
@@ -111,6 +115,10 @@ impl FileSink {
 impl Sink for FileSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn ordering(&self) -> crate::sinks::SinkOrdering {
+        self.ordering
     }
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
@@ -309,7 +317,12 @@ mod tests {
     async fn every_line_is_whole_past_the_write_back_threshold() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let config = FileConfig { path: path.display().to_string(), format: Format::Event, fsync: false };
+        let config = FileConfig {
+            path: path.display().to_string(),
+            format: Format::Event,
+            fsync: false,
+            ordering: Default::default(),
+        };
         let sink = FileSink::new("out", &config).unwrap();
         // ~6 MiB in lines of ~8 KiB: write-back is started at least once on the way.
         let n = (WRITEBACK_EVERY as usize * 3 / 2) / 8192;
@@ -333,7 +346,12 @@ mod tests {
     async fn raw_lines_are_the_body_as_sent_on_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raw.jsonl");
-        let config = FileConfig { path: path.display().to_string(), format: Format::Raw, fsync: true };
+        let config = FileConfig {
+            path: path.display().to_string(),
+            format: Format::Raw,
+            fsync: true,
+            ordering: Default::default(),
+        };
         let sink = FileSink::new("raw", &config).unwrap();
         let body = "{\n  \"type\": \"payment\",\n  \"amount\": 5\n}";
         let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();

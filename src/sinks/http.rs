@@ -31,6 +31,9 @@ pub struct HttpConfig {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub format: Format,
+    /// `"conversation"`: a conversation's events reach this sink in acceptance order.
+    #[serde(default)]
+    pub ordering: crate::sinks::SinkOrdering,
 }
 
 impl HttpConfig {
@@ -93,6 +96,7 @@ pub struct HttpSink {
     timeout: Duration,
     format: Format,
     client: HttpsClient,
+    ordering: crate::sinks::SinkOrdering,
 }
 
 impl HttpSink {
@@ -114,7 +118,15 @@ impl HttpSink {
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https);
-        Ok(HttpSink { name: name.to_owned(), url, headers, timeout: c.timeout, format: c.format, client })
+        Ok(HttpSink {
+            name: name.to_owned(),
+            url,
+            headers,
+            timeout: c.timeout,
+            format: c.format,
+            client,
+            ordering: c.ordering,
+        })
     }
 
     fn request(&self, env: &Envelope) -> Result<Request<Full<Bytes>>, SinkError> {
@@ -189,6 +201,10 @@ impl Sink for HttpSink {
         &self.name
     }
 
+    fn ordering(&self) -> crate::sinks::SinkOrdering {
+        self.ordering
+    }
+
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let req = self.request(env)?;
@@ -247,6 +263,7 @@ mod tests {
             timeout: Duration::ZERO,
             headers: [("bad header".to_owned(), "v".to_owned())].into(),
             format: Format::Event,
+            ordering: Default::default(),
         };
         let keys: Vec<_> = c.validate().into_iter().map(|(k, _)| k).collect();
         assert!(keys.contains(&"url".to_owned()));

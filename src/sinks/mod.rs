@@ -42,6 +42,33 @@ pub trait Sink: Send + Sync + 'static {
     fn concurrency(&self) -> Option<usize> {
         None
     }
+
+    /// The sink's `ordering` option: whether the spool must hold a conversation's later events
+    /// back until the earlier ones are delivered or dead-lettered.
+    fn ordering(&self) -> SinkOrdering {
+        SinkOrdering::None
+    }
+}
+
+/// A sink's `ordering` option (README "Ordering"), parsed once with the sink's table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkOrdering {
+    /// No ordering (the default): events are attempted as they come, many at once.
+    #[default]
+    None,
+    /// A conversation's events (same `conversationId`) reach the sink in acceptance order,
+    /// even through retries; events without a conversation id are not ordered.
+    Conversation,
+}
+
+impl SinkOrdering {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkOrdering::None => "none",
+            SinkOrdering::Conversation => "conversation",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +203,15 @@ impl SinkConfig {
             SinkConfig::Http(c) => c.format,
             SinkConfig::Amqp(c) => c.format,
             SinkConfig::Kafka(c) => c.format,
+        }
+    }
+
+    pub fn ordering(&self) -> SinkOrdering {
+        match self {
+            SinkConfig::File(c) => c.ordering,
+            SinkConfig::Http(c) => c.ordering,
+            SinkConfig::Amqp(c) => c.ordering,
+            SinkConfig::Kafka(c) => c.ordering,
         }
     }
 

@@ -23,6 +23,7 @@ mod https;
 mod ingest;
 mod kafka;
 mod operate;
+mod ordering;
 mod reload;
 mod spool_edges;
 mod spool_faults;

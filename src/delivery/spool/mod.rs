@@ -6,6 +6,7 @@
 //! - [`writer`]: the single writer thread; group commit (many requests, one fsync); heals
 //!   after a failed commit (full disk) without a restart.
 //! - [`queue`]: one backlog and one drain task per sink; retries with backoff; dead letters.
+//! - [`order`]: the conversation gate of a sink with `ordering = "conversation"`.
 //! - [`dead`]: the dead-letter line.
 //! - [`replay`]: `webio-router replay`, re-injecting dead letters while the daemon is stopped.
 //! - [`operate`]: what the control socket asks of the running spool: pause/resume (kept in
@@ -22,6 +23,7 @@ mod guard;
 pub mod offline;
 mod operate;
 mod ops;
+mod order;
 mod queue;
 pub mod record;
 pub mod replay;
@@ -426,6 +428,188 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("timed out: {what}");
+    }
+
+    /// A sink with `ordering = "conversation"` that fails chosen events, records what it
+    /// confirmed (conversation, body) in order, and notes any event it got while an earlier
+    /// event of the same conversation was not confirmed yet.
+    struct Ordered {
+        /// Body → answers still to fail (`u32::MAX`: until `hold` is false).
+        fail: Mutex<HashMap<String, u32>>,
+        /// While true, events failing "until released" keep failing.
+        hold: AtomicBool,
+        /// Body → permanent failure.
+        refuse: Vec<String>,
+        up: AtomicBool,
+        got: Mutex<Vec<(String, String)>>,
+        offered: Mutex<Vec<String>>,
+        violations: Mutex<Vec<String>>,
+    }
+
+    impl Ordered {
+        fn new(fail: &[(&str, u32)], refuse: &[&str], up: bool) -> Arc<Ordered> {
+            Arc::new(Ordered {
+                fail: Mutex::new(fail.iter().map(|(b, n)| (b.to_string(), *n)).collect()),
+                hold: AtomicBool::new(true),
+                refuse: refuse.iter().map(|b| b.to_string()).collect(),
+                up: AtomicBool::new(up),
+                got: Mutex::default(),
+                offered: Mutex::default(),
+                violations: Mutex::default(),
+            })
+        }
+
+        fn bodies(&self, conversation: &str) -> Vec<String> {
+            self.got.lock().unwrap().iter().filter(|(c, _)| c == conversation).map(|(_, b)| b.clone()).collect()
+        }
+    }
+
+    impl Sink for Ordered {
+        fn name(&self) -> &str {
+            "ordered"
+        }
+        fn ordering(&self) -> crate::sinks::SinkOrdering {
+            crate::sinks::SinkOrdering::Conversation
+        }
+        fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                let conv = env.event.conversation_id.clone().unwrap_or_default();
+                let body = env.event.body.clone().unwrap_or_default();
+                if !conv.is_empty() {
+                    // Every earlier body of this conversation (same prefix, smaller number)
+                    // must be confirmed or refused already.
+                    let n: u32 = body[1..].parse().unwrap();
+                    let done: Vec<String> = self.bodies(&conv);
+                    for k in 1..n {
+                        let earlier = format!("{}{k}", &body[..1]);
+                        if !done.contains(&earlier) && !self.refuse.contains(&earlier) {
+                            self.violations.lock().unwrap().push(format!("{body} before {earlier}"));
+                        }
+                    }
+                }
+                self.offered.lock().unwrap().push(body.clone());
+                // Long enough for events attempted together to overlap.
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                if !self.up.load(Ordering::Acquire) {
+                    return Err(SinkError::retryable("down"));
+                }
+                if self.refuse.contains(&body) {
+                    return Err(SinkError::permanent("refused"));
+                }
+                if let Some(left) = self.fail.lock().unwrap().get_mut(&body) {
+                    if *left == u32::MAX && self.hold.load(Ordering::Acquire) {
+                        return Err(SinkError::retryable("not yet"));
+                    }
+                    if *left > 0 && *left != u32::MAX {
+                        *left -= 1;
+                        return Err(SinkError::retryable("not yet"));
+                    }
+                }
+                self.got.lock().unwrap().push((conv, body));
+                Ok(())
+            })
+        }
+    }
+
+    /// An inbound message of conversation `conv` whose body is `body` (`A1`, `B2`, …).
+    fn message(conv: Option<&str>, body: &str) -> Envelope {
+        let c = conv.map_or(String::new(), |c| format!(r#""conversationId":"{c}","#));
+        let text = format!(r#"{{"type":"inboundMessage",{c}"body":"{body}"}}"#);
+        let event = crate::event::normalise(text.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(event, text.into())
+    }
+
+    fn expected(prefix: &str, n: usize) -> Vec<String> {
+        (1..=n).map(|k| format!("{prefix}{k}")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conversation_reaches_an_ordered_sink_in_acceptance_order_through_retries_while_others_flow_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        // A1 fails until every event of B and C is confirmed.
+        let sink = Ordered::new(&[("A1", u32::MAX), ("B2", 2)], &[], true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("ordered".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        for k in 1..=5 {
+            for c in ["A", "B", "C"] {
+                let env = message(Some(c), &format!("{c}{k}"));
+                assert_eq!(spool.submit(env, t.clone()).await, Ok(Accepted::New));
+            }
+            // Events without a conversation are not ordered (and not held back by A).
+            assert_eq!(spool.submit(message(None, &format!("N{k}")), t.clone()).await, Ok(Accepted::New));
+        }
+        wait("B and C while A1 fails", || sink.bodies("B").len() == 5 && sink.bodies("C").len() == 5).await;
+        wait("events without a conversation", || sink.bodies("").len() == 5).await;
+        assert!(sink.bodies("A").is_empty(), "A2.. wait for A1");
+        assert!(!sink.offered.lock().unwrap().iter().any(|b| b.starts_with('A') && b != "A1"), "only A1 was tried");
+        sink.hold.store(false, Ordering::Release);
+        wait("A", || sink.bodies("A").len() == 5).await;
+        assert_eq!(sink.bodies("A"), expected("A", 5));
+        assert_eq!(sink.bodies("B"), expected("B", 5));
+        assert_eq!(sink.bodies("C"), expected("C", 5));
+        assert_eq!(*sink.violations.lock().unwrap(), Vec::<String>::new());
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_lettered_event_releases_the_next_event_of_its_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_attempts = 3;
+        let sink = Ordered::new(&[("A1", 5)], &["A3"], true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("ordered".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        for k in 1..=4 {
+            assert_eq!(spool.submit(message(Some("A"), &format!("A{k}")), t.clone()).await, Ok(Accepted::New));
+        }
+        wait("the rest of A", || sink.bodies("A").len() == 2).await;
+        // A1 gave up after 3 attempts, A3 was refused: both dead letters, in that order.
+        assert_eq!(sink.bodies("A"), ["A2", "A4"]);
+        let text = std::fs::read_to_string(&cfg.dead_letter_file).unwrap();
+        let dead: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<dead::DeadLetter>(l).unwrap().envelope().unwrap().event.body.unwrap())
+            .collect();
+        assert_eq!(dead, ["A1", "A3"]);
+        let offered = sink.offered.lock().unwrap().clone();
+        assert_eq!(offered, ["A1", "A1", "A1", "A2", "A3", "A4"]);
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_order_survives_a_restart_with_a_backlog_beyond_the_memory_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let down = Ordered::new(&[], &[], false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("ordered".to_string(), down.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![down.clone()];
+        let n = queue::WINDOW; // per conversation: three times the window in all
+        for k in 1..=n {
+            for c in ["A", "B", "C"] {
+                let env = message(Some(c), &format!("{c}{k}"));
+                assert_eq!(spool.submit(env, t.clone()).await, Ok(Accepted::New));
+            }
+        }
+        wait("attempts while down", || down.offered.lock().unwrap().len() >= 3).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(300)).await;
+        drop(spool);
+
+        // After the restart the backlog is read back from disk; B2 fails a few times first.
+        let up = Ordered::new(&[("B2", 3)], &[], true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("ordered".to_string(), up.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        wait("the backlog", || up.got.lock().unwrap().len() == 3 * n).await;
+        for c in ["A", "B", "C"] {
+            assert_eq!(up.bodies(c), expected(c, n), "{c}");
+        }
+        assert_eq!(*up.violations.lock().unwrap(), Vec::<String>::new());
+        assert_eq!(*down.violations.lock().unwrap(), Vec::<String>::new());
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,12 +9,13 @@
 
 use super::dead::DeadLetter;
 use super::ops::{Bookkeeping, Op};
+use super::order::{Gate, Key};
 use super::record;
 use super::store;
 use super::Shared;
 use crate::delivery::observe;
 use crate::event::Envelope;
-use crate::sinks::SinkError;
+use crate::sinks::{SinkError, SinkOrdering};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,21 @@ pub(crate) struct Item {
     pub env: Option<Arc<Envelope>>,
     /// Memory `env` takes (0 without one).
     pub weight: u64,
+}
+
+impl Item {
+    /// The conversation that orders this item on a sink with `ordering = "conversation"`
+    /// (none for an event without one, or with an empty one).
+    fn conversation(&self) -> Option<&str> {
+        self.env.as_ref()?.event.conversation_id.as_deref().filter(|c| !c.is_empty())
+    }
+
+    fn key(&self) -> Key<'_> {
+        match self.env {
+            Some(_) => Key::Known { seq: self.seq, conversation: self.conversation() },
+            None => Key::Unknown,
+        }
+    }
 }
 
 struct QState {
@@ -182,6 +198,17 @@ impl SinkQueue {
         let mut s = self.lock();
         let n = n.min(s.mem.len());
         let items: Vec<Item> = s.mem.drain(..n).collect();
+        s.mem_bytes -= items.iter().map(|it| it.weight).sum::<u64>();
+        items
+    }
+
+    /// For a sink with ordering: at most `n` items the conversation gate lets go now, in
+    /// their order (see [`super::order`]).
+    fn take_ordered(&self, n: usize, gate: &mut Gate) -> Vec<Item> {
+        let mut s = self.lock();
+        let picked = gate.pick(&s.mem, n, Item::key);
+        let mut items: Vec<Item> = picked.iter().rev().filter_map(|&i| s.mem.remove(i)).collect();
+        items.reverse();
         s.mem_bytes -= items.iter().map(|it| it.weight).sum::<u64>();
         items
     }
@@ -319,6 +346,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     // does not fill the log).
     let mut read_failures: u32 = 0;
     let mut parked_warned = false;
+    // With `ordering = "conversation"`: which conversations have an event in flight or
+    // waiting for its retry.
+    let mut gate = Gate::new();
     loop {
         if *stop.borrow() {
             break;
@@ -344,7 +374,19 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
 
-        let mut batch = q.take(sink.concurrency().unwrap_or(CONCURRENCY));
+        let limit = sink.concurrency().unwrap_or(CONCURRENCY);
+        let ordered = sink.ordering() == SinkOrdering::Conversation;
+        let mut batch = if ordered {
+            // The gate must see the conversations of the events read back from disk.
+            read_ahead(&shared, &q).await;
+            q.take_ordered(limit, &mut gate)
+        } else {
+            if gate.held() > 0 {
+                // Ordering was switched off by a reload.
+                gate.clear();
+            }
+            q.take(limit)
+        };
         if batch.is_empty() {
             if let Some((after, gen)) = q.needs_load() {
                 q.status.store(BUSY, Ordering::Release);
@@ -489,6 +531,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 Outcome::Ok => {
                     observe(&q.name, "ok", started);
                     confirmed = true;
+                    gate.release(it.conversation(), it.seq);
                     done.push(it.seq);
                 }
                 Outcome::Retry(e) => {
@@ -507,7 +550,11 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                     tracing::warn!(sink = %q.name, event_id = %env.event.id, attempts, %reason, "delivery abandoned; writing a dead letter");
                     let letter = DeadLetter::new(&q.name, &reason, attempts, env);
                     match shared.dead.append(&letter).await {
-                        Ok(()) => done.push(it.seq),
+                        Ok(()) => {
+                            // A dead letter releases the conversation's next event.
+                            gate.release(it.conversation(), it.seq);
+                            done.push(it.seq)
+                        }
                         Err(err) => {
                             tracing::error!(file = %shared.dead.path().display(), error = %err, "cannot write the dead-letter file; the delivery stays in the spool");
                             it.attempts = attempts.saturating_sub(1);
@@ -559,6 +606,29 @@ async fn held_paused(q: &SinkQueue, stop: &mut tokio::sync::watch::Receiver<bool
         _ = stop.changed() => {}
     }
     true
+}
+
+/// For a sink with ordering: reads back the events of the next items that are only on disk
+/// (as far as the read-ahead budget goes), so that the gate knows their conversations and
+/// one stuck conversation does not hold back the events behind it. Best effort: what is
+/// not read here is read when its item comes up.
+async fn read_ahead(shared: &Arc<Shared>, q: &SinkQueue) {
+    let (ahead, budget) = q.missing_ahead(READ_AHEAD);
+    if ahead.is_empty() || budget == 0 {
+        return;
+    }
+    let sh = shared.clone();
+    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &[], &ahead, budget)).await {
+        let envs = recs
+            .into_iter()
+            .filter_map(|(seq, rec)| {
+                let rec = rec?;
+                let env = record::decode(&rec).ok()?;
+                Some((seq, (Arc::new(env), record::weight(rec.len()))))
+            })
+            .collect();
+        q.fill(envs);
+    }
 }
 
 /// Runs a read of the spool on the blocking pool.

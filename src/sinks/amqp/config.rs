@@ -61,6 +61,9 @@ pub struct AmqpConfig {
     /// (webpki-roots): for a broker whose certificate a private CA signed.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// `"conversation"`: a conversation's events reach this sink in acceptance order.
+    #[serde(default)]
+    pub ordering: crate::sinks::SinkOrdering,
 }
 
 impl AmqpConfig {

@@ -42,6 +42,7 @@ pub struct AmqpSink {
     format: Format,
     confirm_timeout: Duration,
     connect_wait: Duration,
+    ordering: crate::sinks::SinkOrdering,
     /// Dropped with the sink: tells the connection task to close the connection and end.
     _closed: watch::Sender<()>,
 }
@@ -87,6 +88,7 @@ impl AmqpSink {
             format: c.format,
             confirm_timeout: c.confirm_timeout,
             connect_wait: c.connect_wait,
+            ordering: c.ordering,
             _closed: closed_tx,
         })
     }
@@ -168,6 +170,10 @@ impl AmqpSink {
 impl Sink for AmqpSink {
     fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    fn ordering(&self) -> crate::sinks::SinkOrdering {
+        self.ordering
     }
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {

@@ -64,6 +64,9 @@ pub struct KafkaConfig {
     /// How long a delivery waits for room in librdkafka's queue when it is full.
     #[serde(default = "default_queue_timeout", with = "crate::sinks::duration")]
     pub queue_timeout: Duration,
+    /// `"conversation"`: a conversation's events reach this sink in acceptance order.
+    #[serde(default)]
+    pub ordering: crate::sinks::SinkOrdering,
 }
 
 /// A property whose value is a secret (`sasl.password`, `ssl.key.password`, …): never shown.
@@ -91,6 +94,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("properties", &Redacted(&self.properties))
             .field("format", &self.format)
             .field("queue_timeout", &self.queue_timeout)
+            .field("ordering", &self.ordering)
             .finish()
     }
 }

@@ -89,6 +89,7 @@ pub struct KafkaSink {
     key: Template,
     format: Format,
     queue_timeout: Duration,
+    ordering: crate::sinks::SinkOrdering,
 }
 
 impl KafkaSink {
@@ -117,6 +118,7 @@ impl KafkaSink {
             key,
             format: c.format,
             queue_timeout,
+            ordering: c.ordering,
         })
     }
 
@@ -196,6 +198,10 @@ fn create_producer(config: &ClientConfig, status: &Arc<Status>) -> Result<Produc
 impl Sink for KafkaSink {
     fn name(&self) -> &str {
         &self.status.name
+    }
+
+    fn ordering(&self) -> crate::sinks::SinkOrdering {
+        self.ordering
     }
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod brokers;
+pub mod conversation_sink;
 pub mod process;
 pub mod spool;
 pub mod tls;

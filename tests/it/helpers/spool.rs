@@ -55,7 +55,7 @@ impl ReservedPort {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    fn listen(self) -> TcpListener {
+    pub fn listen(self) -> TcpListener {
         use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
         // SAFETY: `fd` is a bound TCP socket this value owns; `listen` only changes its state,
         // and `from_raw_fd` takes over the ownership that `into_raw_fd` gives up.

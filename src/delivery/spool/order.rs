@@ -1,0 +1,240 @@
+//! The conversation gate of one sink with `ordering = "conversation"` (README "Ordering"):
+//! what the sink's drain task consults when it picks the next events to attempt, and what
+//! it tells when an event is finished.
+//!
+//! Invariants (the drain keeps them by calling [`Gate::pick`] only while none of the sink's
+//! events is in flight, and [`Gate::release`] for every event delivered or dead-lettered):
+//!
+//! - At most one event per conversation is in flight or waiting for its retry: the
+//!   conversation's *head*. The gate holds the conversation for the head's seq until the
+//!   head is released; later events of that conversation are not picked meanwhile.
+//! - The head is the conversation's lowest pending seq for this sink, because the candidates
+//!   come in seq (acceptance) order: new work is appended in seq order, retried work is put
+//!   back in front, and after a restart the pending rows are read back in seq order. So the
+//!   order survives retries and restarts without any state of its own on disk; the gate is
+//!   rebuilt from the pending rows as they are picked.
+//! - Events without a conversation id are never held and hold nothing back.
+//! - A candidate whose conversation is not known yet (its event not read back from the spool)
+//!   is picked only alone, first, with nothing skipped before it: it can then break no order.
+//! - A hold never outlives its head: if a pick finds nothing to attempt among candidates,
+//!   the holds whose head is not among them are stale (the head left some other way) and
+//!   are dropped, so a conversation can never be blocked for good. A pick from candidates
+//!   that are not empty never comes back empty.
+//!
+//! The gate does not import the queue: it sees candidates through [`Key`], so that the
+//! queue (which owns the items) and the gate stay one-way.
+
+use std::collections::{HashMap, VecDeque};
+
+/// What the gate needs to know of one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key<'a> {
+    /// The event is in memory: its seq and its conversation id, if any.
+    Known { seq: u64, conversation: Option<&'a str> },
+    /// The event is still only on disk: its conversation is not known yet.
+    Unknown,
+}
+
+/// The held conversations of one sink: conversation id → seq of its head.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    held: HashMap<String, u64>,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Conversations held right now (each by its head).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether `seq` of `conversation` may be attempted now; if so it is (or stays) the
+    /// conversation's head.
+    pub fn admit(&mut self, conversation: Option<&str>, seq: u64) -> bool {
+        let Some(c) = conversation else { return true };
+        match self.held.get(c) {
+            Some(&head) => head == seq,
+            None => {
+                self.held.insert(c.to_owned(), seq);
+                true
+            }
+        }
+    }
+
+    /// `seq` of `conversation` was delivered or dead-lettered: the conversation's next event
+    /// may go. Releasing an event that is not the head changes nothing.
+    pub fn release(&mut self, conversation: Option<&str>, seq: u64) {
+        if let Some(c) = conversation {
+            if self.held.get(c) == Some(&seq) {
+                self.held.remove(c);
+            }
+        }
+    }
+
+    /// Forgets every hold (the sink's ordering was switched off).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    /// Indices (ascending) of at most `n` of `items` (in seq order) that may be attempted now:
+    /// the head of each conversation, every event without a conversation, and at most one
+    /// event whose conversation is not known yet (see the module's invariants).
+    pub fn pick<T>(&mut self, items: &VecDeque<T>, n: usize, key: impl Fn(&T) -> Key<'_>) -> Vec<usize> {
+        let picked = self.scan(items, n, &key);
+        if !picked.is_empty() || items.is_empty() || n == 0 {
+            return picked;
+        }
+        // Nothing to attempt although work waits: every candidate is held back by a head
+        // that is not among them. With one batch at a time that cannot be; never let it
+        // block a conversation for good.
+        let seqs: std::collections::HashSet<u64> = items
+            .iter()
+            .filter_map(|it| match key(it) {
+                Key::Known { seq, .. } => Some(seq),
+                Key::Unknown => None,
+            })
+            .collect();
+        let before = self.held.len();
+        self.held.retain(|_, head| seqs.contains(head));
+        tracing::warn!(dropped = before - self.held.len(), "ordering: dropped holds whose event is gone");
+        let picked = self.scan(items, n, &key);
+        if !picked.is_empty() {
+            return picked;
+        }
+        // Only if a conversation's candidates came out of order, which the queue never does.
+        tracing::error!(held = self.held.len(), "ordering: candidates out of order; starting the gate afresh");
+        self.held.clear();
+        self.scan(items, n, &key)
+    }
+
+    fn scan<T>(&mut self, items: &VecDeque<T>, n: usize, key: &impl Fn(&T) -> Key<'_>) -> Vec<usize> {
+        let mut picked = Vec::new();
+        let mut skipped = false;
+        for (i, it) in items.iter().enumerate() {
+            if picked.len() >= n {
+                break;
+            }
+            match key(it) {
+                Key::Known { seq, conversation } => {
+                    if self.admit(conversation, seq) {
+                        picked.push(i);
+                    } else {
+                        skipped = true;
+                    }
+                }
+                Key::Unknown => {
+                    // It may belong to a conversation picked or held back above.
+                    if picked.is_empty() && !skipped {
+                        picked.push(i);
+                    }
+                    break;
+                }
+            }
+        }
+        picked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (seq, conversation); `None` seq: not known yet.
+    type Cand = (u64, Option<&'static str>, bool);
+
+    fn known(seq: u64, c: Option<&'static str>) -> Cand {
+        (seq, c, true)
+    }
+
+    fn unknown(seq: u64) -> Cand {
+        (seq, None, false)
+    }
+
+    fn key(c: &Cand) -> Key<'_> {
+        if c.2 {
+            Key::Known { seq: c.0, conversation: c.1 }
+        } else {
+            Key::Unknown
+        }
+    }
+
+    /// Picks from `items` and returns the seqs picked, removing them (as the queue does).
+    fn pick(gate: &mut Gate, items: &mut VecDeque<Cand>, n: usize) -> Vec<u64> {
+        let idx = gate.pick(items, n, key);
+        let seqs = idx.iter().map(|&i| items[i].0).collect();
+        for &i in idx.iter().rev() {
+            items.remove(i);
+        }
+        seqs
+    }
+
+    #[test]
+    fn one_event_per_conversation_until_it_is_released_and_others_flow_on() {
+        let mut gate = Gate::new();
+        let (a, b) = (Some("A"), Some("B"));
+        let mut items: VecDeque<Cand> =
+            [known(1, a), known(2, a), known(3, b), known(4, None), known(5, a), known(6, b), known(7, None)].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1, 3, 4, 7], "heads and events without a conversation");
+        assert_eq!(gate.held(), 2);
+
+        // 1 fails and is put back in front; 3 is delivered.
+        items.push_front(known(1, a));
+        gate.release(b, 3);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1, 6], "A waits for 1, B goes on");
+
+        // 1 fails again; 6 is dead-lettered: that releases B as well.
+        items.push_front(known(1, a));
+        gate.release(b, 6);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1]);
+        gate.release(a, 1);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![2]);
+        // Releasing an event that is not the head changes nothing.
+        gate.release(a, 5);
+        assert!(!gate.admit(a, 5), "2 still holds A");
+        gate.release(a, 2);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![5]);
+        gate.release(a, 5);
+        assert_eq!(gate.held(), 0);
+        assert!(items.is_empty());
+    }
+
+    #[test]
+    fn at_most_n_are_picked_and_the_rest_keep_their_place() {
+        let mut gate = Gate::new();
+        let mut items: VecDeque<Cand> = (0..10).map(|s| known(s, None)).collect();
+        assert_eq!(pick(&mut gate, &mut items, 3), vec![0, 1, 2]);
+        assert_eq!(items.front().map(|c| c.0), Some(3));
+        // A conversation's head counts against n; a held one does not block what follows.
+        let mut items: VecDeque<Cand> = [known(20, Some("A")), known(21, Some("A")), known(22, Some("B"))].into();
+        assert_eq!(pick(&mut gate, &mut items, 2), vec![20, 22]);
+    }
+
+    #[test]
+    fn an_event_not_read_back_yet_goes_only_alone_and_first() {
+        let mut gate = Gate::new();
+        let mut items: VecDeque<Cand> = [known(1, Some("A")), unknown(2), known(3, None)].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1], "it may be A's next event");
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![2], "first, alone");
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![3]);
+
+        // A's 1 waits for its retry, 2 is held back: 3 might be A's too, so it waits as well.
+        let mut gate = Gate::new();
+        assert!(gate.admit(Some("A"), 1));
+        let mut items: VecDeque<Cand> = [known(1, Some("A")), known(2, Some("A")), unknown(3)].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1]);
+    }
+
+    #[test]
+    fn a_hold_whose_event_is_gone_does_not_block_its_conversation_for_good() {
+        let mut gate = Gate::new();
+        assert!(gate.admit(Some("A"), 1));
+        assert!(!gate.admit(Some("A"), 2));
+        // Event 1 left without a release; only A's later events remain.
+        let mut items: VecDeque<Cand> = [known(2, Some("A")), known(3, Some("A"))].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![2]);
+        assert_eq!(gate.held(), 1);
+    }
+}
