@@ -657,6 +657,9 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                             c.routes_file.display()
                         );
                     }
+                    if !r.paused.is_empty() {
+                        println!("still paused (webio-router resume NAME): {}", r.paused.join(", "));
+                    }
                     println!("the next start delivers what was saved");
                     ExitCode::SUCCESS
                 }

@@ -1,7 +1,9 @@
 //! What the request handlers share: the route table (swapped whole on SIGHUP), the token
 //! verifier, the delivery mode, readiness. Built by [`crate::app::App`]; read by the
 //! listeners in [`crate::server`] and the SFTP-hook poller in [`crate::ingest`], which both
-//! hand events on through [`State::route`].
+//! hand events on through [`State::route`]. [`State::sinks_status`] is what `webio-router
+//! sinks` (through [`crate::control`]) and `GET /sinks` show; this module does not use the
+//! control socket, which uses it.
 
 use crate::auth::Verifier;
 use crate::config::{Config, ConfigError, Diagnostic};

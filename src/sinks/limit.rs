@@ -21,7 +21,7 @@ use tokio::time::Instant;
 /// The largest `concurrency` accepted.
 pub const MAX_CONCURRENCY: usize = 1024;
 
-/// `rate_limit`: at most `count` deliveries per `period`.
+/// `rate_limit`: at most `count` deliveries per `period` (a `count` of 0 counts as 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     pub count: u32,
@@ -73,13 +73,13 @@ impl std::fmt::Display for RateLimit {
 impl RateLimit {
     /// Time between two deliveries at the steady rate.
     pub fn interval(&self) -> Duration {
-        self.period / self.count
+        self.period / self.count.max(1)
     }
 
     /// Deliveries that may start at once after an idle time: one second's worth, at least one.
     pub fn burst(&self) -> u32 {
         let per_second = u64::from(self.count) * 1000 / (self.period.as_millis() as u64).max(1);
-        per_second.clamp(1, u64::from(self.count)) as u32
+        per_second.clamp(1, u64::from(self.count.max(1))) as u32
     }
 }
 

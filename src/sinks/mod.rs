@@ -2,7 +2,8 @@
 //! `routes.toml` table. Adding a sink = one new module + one [`SinkConfig`] variant.
 //!
 //! Every delivery outcome is classified once, in the sink: [`SinkError::retryable`] or
-//! [`SinkError::permanent`].
+//! [`SinkError::permanent`]. The options every type shares (`rate_limit`, `concurrency`) are
+//! [`limit`]'s: a built sink is wrapped in them, so both delivery modes honour them.
 
 pub mod amqp;
 pub(crate) mod duration;

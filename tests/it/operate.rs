@@ -181,8 +181,9 @@ fn sixty_events_through_a_sink_limited_to_20_per_second_take_at_least_2_s_and_no
 #[test]
 fn concurrency_1_keeps_one_delivery_in_flight_where_an_unlimited_sink_has_many() {
     let (one, many) = (SinkServer::start(200), SinkServer::start(200));
-    one.set_delay_ms(20);
-    many.set_delay_ms(20);
+    // Answers held long enough that deliveries allowed to overlap do.
+    one.set_delay_ms(50);
+    many.set_delay_ms(50);
     let routes = format!(
         "[sinks.one]\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 1\n\n[sinks.many]\ntype = \"http\"\nurl = \"{}\"\n\n[[routes]]\nname = \"all\"\nto = [\"one\", \"many\"]\n",
         one.url("/one"),

@@ -117,6 +117,8 @@ pub struct SalvageReport {
     pub lost: u64,
     /// Scanned events that no route matches now (not queued).
     pub unrouted: u64,
+    /// Sinks paused in the old file (read through its index), still paused in the fresh one.
+    pub paused: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,10 +159,13 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     };
     let mut found: Vec<Found> = Vec::new();
     let mut damaged: Vec<DeadLetter> = Vec::new();
+    let mut paused = BTreeMap::new();
     if size > 0 {
         match store::open_file(&path) {
             Ok(db) => {
                 report.source = Source::Index;
+                // A pause the operator set stays set (unreadable: the sinks start unpaused).
+                paused = store::paused(&db).unwrap_or_default();
                 if let Err(e) = read_index(&db, &mut found, &mut damaged, &mut report) {
                     report.index_error = Some(e.to_string());
                 }
@@ -190,6 +195,11 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
         next =
             append_offline(&db, next, &batch).map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
     }
+    for (sink, at) in &paused {
+        store::set_paused(&db, sink, true, *at)
+            .map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
+    }
+    report.paused = paused.into_keys().collect();
     report.saved = found.len() as u64;
     for f in &found {
         for s in &f.sinks {
@@ -394,6 +404,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
         fill(&cfg, 4);
+        {
+            let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+            store::set_paused(&db, "b", true, 7).unwrap();
+        }
         let path = cfg.spool_dir.join(store::FILE_NAME);
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.windows(11).position(|w| w == b"\"amount\":2}").unwrap();
@@ -410,6 +424,7 @@ mod tests {
         let after = check(&cfg).unwrap();
         assert!(after.healthy());
         assert_eq!((after.events, after.pending["a"], after.pending["b"]), (3, 3, 3));
+        assert_eq!((r.paused.clone(), after.paused), (vec!["b".to_owned()], vec!["b".to_owned()]), "the pause is kept");
     }
 
     #[test]

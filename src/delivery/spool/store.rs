@@ -359,6 +359,14 @@ fn paused_sinks(tx: &redb::ReadTransaction) -> Result<BTreeMap<String, u64>, Sto
     Ok(out)
 }
 
+/// The paused sinks, with the time each was paused (unix ms).
+pub fn paused(db: &Database) -> Result<BTreeMap<String, u64>, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        paused_sinks(&tx)
+    })?
+}
+
 /// Records `sink` as paused (since `at`, unix ms) or not, durably.
 pub fn set_paused(db: &Database, sink: &str, paused: bool, at: u64) -> Result<(), StoreError> {
     guard::catch(|| {
