@@ -22,6 +22,7 @@ mod http_sink;
 mod https;
 mod ingest;
 mod kafka;
+mod redis;
 mod reload;
 mod spool_edges;
 mod spool_faults;

@@ -1,0 +1,122 @@
+//! `delivery.dedup_store`: the dedup window shared between replicas through Redis
+//! (127.0.0.1:6379; `.ci/run` starts it). Each test sends bodies with a random tag, so that
+//! its event ids (hashes of the content) are its own, whatever else uses the same Redis.
+
+use crate::helpers::{dead_addr, router, Capture};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const REDIS: &str = "127.0.0.1:6379";
+
+fn body(tag: &str) -> Vec<u8> {
+    crate::helpers::spool::payload(tag, 1).into_bytes()
+}
+
+fn tag() -> String {
+    format!("{:016x}", fastrand_u64())
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+/// One Redis command in RESP, its raw answer.
+fn redis(args: &[&str]) -> String {
+    let mut s = TcpStream::connect(REDIS).expect("Redis must answer on 127.0.0.1:6379 (.ci/run starts it)");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn routes(sink: &Capture) -> String {
+    format!("[sinks.crm]\ntype = \"http\"\nurl = \"{}\"\n[[routes]]\nto = [\"crm\"]\n", sink.url("/events"))
+}
+
+fn config(store: &str) -> String {
+    format!("dedup_store = \"{store}\"\n")
+}
+
+/// A replica in spool mode (the default; the base test config says direct).
+fn spooled(store: &str, sink: &Capture) -> crate::helpers::Router {
+    router(&config(store), &routes(sink)).env("WEBIO_ROUTER_DELIVERY__MODE", "spool").spawn()
+}
+
+#[test]
+fn a_second_router_sharing_redis_answers_duplicate_for_the_same_webhook() {
+    assert!(redis(&["PING"]).starts_with("+PONG"), "Redis must run on {REDIS}");
+    let sink = Capture::start(200);
+    let store = format!("redis://{REDIS}");
+    let a = spooled(&store, &sink);
+    let b = spooled(&store, &sink);
+    let t = tag();
+    let first = a.post(&body(&t));
+    assert_eq!(first.status, 202, "{}", first.body);
+    let id = first.json()["id"].as_str().unwrap().to_owned();
+    assert!(redis(&["GET", &format!("webio-router:dedup:{id}")]).starts_with("$1\r\nt"), "the key says taken");
+    let ttl: i64 =
+        redis(&["PTTL", &format!("webio-router:dedup:{id}")]).trim().trim_start_matches(':').parse().unwrap();
+    assert!(ttl > 590_000 && ttl <= 600_000, "the key lives for the dedup window: {ttl} ms");
+
+    let second = b.post(&body(&t));
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.json()["status"], "duplicate");
+    assert_eq!(second.json()["id"], id.as_str());
+    assert_eq!(b.metric("webio_router_duplicates_total"), 1.0);
+    sink.wait_for(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.received().len(), 1, "delivered once for both replicas");
+    assert_eq!(a.metric("webio_router_dedup_store_errors_total"), 0.0);
+    assert_eq!(b.metric("webio_router_dedup_store_errors_total"), 0.0);
+
+    // Another webhook is new on the second replica too.
+    let other = b.post(&body(&tag()));
+    assert_eq!(other.status, 202, "{}", other.body);
+}
+
+#[test]
+fn a_refused_webhook_leaves_no_key_so_the_retry_is_taken_on_another_replica() {
+    // Direct mode with a failing sink: the webhook is refused (503), and Webio's retry lands
+    // on a replica whose sink works.
+    let down = Capture::start(503);
+    let up = Capture::start(200);
+    let store = format!("redis://{REDIS}");
+    let a = router(&config(&store), &routes(&down)).spawn();
+    let b = router(&config(&store), &routes(&up)).spawn();
+    let t = tag();
+    let refused = a.post(&body(&t));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let retry = b.post(&body(&t));
+    assert_eq!(retry.status, 202, "not a false duplicate: {}", retry.body);
+    assert_eq!(up.wait_for(1, Duration::from_secs(10)).len(), 1);
+}
+
+#[test]
+fn with_redis_unreachable_webhooks_are_taken_and_the_error_counter_rises() {
+    let sink = Capture::start(200);
+    let store = format!("redis://{}", dead_addr());
+    let r = spooled(&store, &sink);
+    assert_eq!(r.metric("webio_router_dedup_store_errors_total"), 0.0, "pre-registered at 0");
+    let t = tag();
+    let first = r.post(&body(&t));
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert!(r.metric("webio_router_dedup_store_errors_total") >= 1.0, "{}", r.metrics());
+    // The local window still answers.
+    let again = r.post(&body(&t));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["status"], "duplicate");
+    let other = r.post(&body(&tag()));
+    assert_eq!(other.status, 202, "{}", other.body);
+    assert!(r.metric("webio_router_dedup_store_errors_total") >= 2.0);
+    r.wait_log("dedup store: Redis is unavailable", Duration::from_secs(20));
+    assert!(!r.log_text().contains(&store), "the URL is never logged");
+}
