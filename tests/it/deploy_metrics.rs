@@ -175,6 +175,7 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_ingested_files_total", &["outcome"]),
     ("webio_router_connections_open", &[]),
     ("webio_router_connections_shed_total", &["state"]),
+    ("webio_router_dedup_store_errors_total", &[]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
