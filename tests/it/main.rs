@@ -27,3 +27,4 @@ mod reload;
 mod spool_edges;
 mod spool_faults;
 mod systemd_notify;
+mod trace;
