@@ -120,3 +120,25 @@ fn with_redis_unreachable_webhooks_are_taken_and_the_error_counter_rises() {
     r.wait_log("dedup store: Redis is unavailable", Duration::from_secs(20));
     assert!(!r.log_text().contains(&store), "the URL is never logged");
 }
+
+#[test]
+fn a_webhook_another_replica_is_taking_right_now_gets_503_then_is_taken_once_it_was_refused() {
+    let sink = Capture::start(200);
+    let store = format!("redis://{REDIS}");
+    let a = spooled(&store, &sink);
+    let b = spooled(&store, &sink);
+    let t = tag();
+    let first = a.post(&body(&t));
+    assert_eq!(first.status, 202, "{}", first.body);
+    let key = format!("webio-router:dedup:{}", first.json()["id"].as_str().unwrap());
+    // As if a replica had claimed it and not committed it yet.
+    assert!(redis(&["SET", &key, "p", "PX", "30000"]).starts_with("+OK"));
+    let busy = b.post(&body(&t));
+    assert_eq!(busy.status, 503, "not a duplicate while it may still be refused: {}", busy.body);
+    assert_eq!(busy.header("retry-after"), Some("2"));
+    // That replica refused it: the key is gone, and the retry is taken.
+    redis(&["DEL", &key]);
+    let retry = b.post(&body(&t));
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert!(redis(&["GET", &key]).starts_with("$1\r\nt"), "taken for the window");
+}
