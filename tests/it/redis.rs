@@ -24,18 +24,10 @@ fn fastrand_u64() -> u64 {
     h.finish()
 }
 
-/// One Redis command in RESP, its raw answer.
+/// One command to the shared Redis (127.0.0.1:6379), its raw RESP answer.
 fn redis(args: &[&str]) -> String {
-    let mut s = TcpStream::connect(REDIS).expect("Redis must answer on 127.0.0.1:6379 (.ci/run starts it)");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(cmd.as_bytes()).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    assert!(TcpStream::connect(REDIS).is_ok(), "Redis must answer on {REDIS} (.ci/run starts it)");
+    redis_at(6379, args)
 }
 
 fn routes(sink: &Capture) -> String {
@@ -141,4 +133,110 @@ fn a_webhook_another_replica_is_taking_right_now_gets_503_then_is_taken_once_it_
     let retry = b.post(&body(&t));
     assert_eq!(retry.status, 202, "{}", retry.body);
     assert!(redis(&["GET", &key]).starts_with("$1\r\nt"), "taken for the window");
+}
+
+/// A Redis of the test's own on a free port (so that it can be stopped and started again).
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is required (.ci/run installs it)");
+        let up = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(up.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { port, child }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_redis_that_goes_away_and_comes_back_never_refuses_a_webhook() {
+    let port = dead_addr().port();
+    let own = OwnRedis::start(port);
+    let sink = Capture::start(200);
+    let r = spooled(&format!("redis://127.0.0.1:{port}"), &sink);
+    let errors = || r.metric("webio_router_dedup_store_errors_total");
+    // Connected (in the background): the first webhooks go through Redis.
+    crate::helpers::wait_until("connected to Redis", Duration::from_secs(20), || {
+        r.log_text().contains("dedup store: connected to Redis")
+    });
+    assert_eq!(r.post(&body(&tag())).status, 202);
+    assert_eq!(errors(), 0.0);
+
+    own.stop();
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let a = r.post(&body(&tag()));
+        assert_eq!(a.status, 202, "Redis down never refuses a webhook: {}", a.body);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded waits: {:?}", started.elapsed());
+    assert!(errors() >= 1.0);
+
+    // Back: the window is shared again.
+    let own = OwnRedis::start(port);
+    let t = tag();
+    crate::helpers::wait_until("the window shared again", Duration::from_secs(30), || {
+        let a = r.post(&body(&format!("{t}-{}", fastrand_u64())));
+        assert!(a.status == 202, "{}", a.body);
+        let keys = redis_at(port, &["DBSIZE"]);
+        keys.trim().trim_start_matches(':').parse::<u64>().unwrap_or(0) > 0
+    });
+    drop(own);
+}
+
+#[test]
+fn a_redis_that_does_not_answer_costs_a_bounded_wait_and_never_refuses() {
+    // Accepts connections, never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for conn in silent.incoming().flatten() {
+            h.lock().unwrap().push(conn);
+        }
+    });
+    let sink = Capture::start(200);
+    let r = spooled(&format!("redis://127.0.0.1:{port}"), &sink);
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let a = r.post(&body(&tag()));
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded waits: {:?}", started.elapsed());
+    assert!(r.metric("webio_router_dedup_store_errors_total") >= 3.0);
+}
+
+/// One Redis command in RESP to 127.0.0.1:`port`, its raw answer.
+fn redis_at(port: u16, args: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
