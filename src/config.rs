@@ -446,16 +446,23 @@ impl fmt::Display for DeliveryMode {
 #[serde(transparent)]
 pub struct StoreUrl(pub String);
 
-impl fmt::Debug for StoreUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl StoreUrl {
+    /// The URL with its password replaced by `hidden`, for messages.
+    pub fn redacted(&self) -> String {
         match url::Url::parse(self.0.trim()) {
             Ok(mut u) if u.password().is_some() => {
                 let _ = u.set_password(Some("hidden"));
-                write!(f, "{:?}", u.as_str())
+                u.to_string()
             }
-            Ok(u) => write!(f, "{:?}", u.as_str()),
-            Err(_) => f.write_str("\"(not a URL; not shown)\""),
+            Ok(u) => u.to_string(),
+            Err(_) => "(not a URL; not shown)".into(),
         }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
     }
 }
 

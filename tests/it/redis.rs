@@ -240,3 +240,18 @@ fn redis_at(port: u16, args: &[&str]) -> String {
     let n = s.read(&mut buf).unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+#[test]
+fn check_names_the_shared_window_without_its_password() {
+    let sink = Capture::start(200);
+    let (dir, cfg, _) = router(&config("redis://:hunter2-secret@redis.example:6380/3"), &routes(&sink)).write();
+    let out = std::process::Command::new(crate::helpers::bin())
+        .args(["--config", cfg.to_str().unwrap(), "check"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("shared through redis://:hidden@redis.example:6380/3"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
