@@ -4,7 +4,8 @@
 #   systemd     systemd-analyze verify, and the exposure rating of
 #               systemd-analyze security --offline=true (must be <= 2.0)
 #   Kubernetes  yamllint, kubernetes-validate --strict (latest bundled schemas and 1.30),
-#               and cross-references between the manifests
+#               and cross-references between the manifests; the same for the gateway
+#               variant (deploy/kubernetes/gateway/)
 #   Prometheus  yamllint, promtool check rules, promtool test rules
 #   Grafana     python3 -m json.tool, and the dashboard's basic structure
 #
@@ -269,6 +270,153 @@ if problems:
         print("    FAILED:", p, file=sys.stderr)
     sys.exit(1)
 PY
+
+# ---------------------------------------------------------------------------- Kubernetes gateway
+
+gateway=$k8s/gateway
+gateway_manifests=("$gateway/configmap.yaml" "$gateway/secret.yaml" "$gateway/statefulset.yaml"
+    "$gateway/service.yaml" "$gateway/poddisruptionbudget.yaml" "$gateway/redis.yaml")
+for version in latest "$min_kubernetes"; do
+    args=(--strict)
+    [[ $version == latest ]] || args+=(-k "$version")
+    step "kubernetes-validate ${args[*]} $gateway/*.yaml (the gateway variant)"
+    out=$("${KUBERNETES_VALIDATE[@]}" "${args[@]}" "${gateway_manifests[@]}" 2>&1) \
+        || { printf '%s\n' "$out"; fail "invalid manifest"; }
+    printf '%s\n' "$out" | sed 's/^/    | /'
+    if grep -qv '^INFO ' <<<"$out"; then fail "not every resource was validated"; fi
+    ok "${#gateway_manifests[@]} manifests valid"
+done
+
+step "Kubernetes gateway cross-references (StatefulSet, claims, Services, PDB, Redis dedup, hardening)"
+"${PYTHON[@]}" - "$gateway" <<'PY'
+import os, re, sys, yaml
+
+gw = sys.argv[1]
+docs = []
+for name in sorted(os.listdir(gw)):
+    if name.endswith(".yaml"):
+        with open(os.path.join(gw, name)) as f:
+            docs += [(name, d) for d in yaml.safe_load_all(f) if d]
+problems = []
+
+def check(cond, msg):
+    if not cond:
+        problems.append(msg)
+    else:
+        print("    ok:", msg)
+
+def subset(small, big):
+    return bool(small) and all(big.get(k) == v for k, v in small.items())
+
+def one(kind, name=None):
+    found = [d for _, d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, "expected one %s %s, found %d" % (kind, name or "", len(found))
+    return found[0]
+
+kust = one("Kustomization")
+files = {n for n in os.listdir(gw) if n.endswith(".yaml") and n != "kustomization.yaml"}
+check(set(kust["resources"]) == files, "kustomization lists every manifest: %s" % sorted(files))
+sts = one("StatefulSet")
+pod = sts["spec"]["template"]
+labels = pod["metadata"]["labels"]
+check(subset(sts["spec"]["selector"]["matchLabels"], labels), "StatefulSet selector matches its pod labels")
+check(sts["spec"]["replicas"] >= 2, "more than one replica (%d)" % sts["spec"]["replicas"])
+headless = one("Service", sts["spec"]["serviceName"])
+check(headless["spec"].get("clusterIP") == "None" and subset(headless["spec"]["selector"], labels),
+      "serviceName %s is a headless Service selecting the pods" % sts["spec"]["serviceName"])
+router = {c["name"]: c for c in pod["spec"]["containers"]}["webio-router"]
+router_image = router["image"]
+check(any(i["name"] == router_image.split(":")[0] for i in kust.get("images", [])),
+      "kustomization's images entry names the router image %s" % router_image)
+router_ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+services = [d for _, d in docs if d["kind"] == "Service" and subset(d["spec"]["selector"], labels)]
+front = [s for s in services if s["spec"].get("clusterIP") != "None"]
+check(len(front) == 1 and any(p["targetPort"] == "webhook" for p in front[0]["spec"]["ports"]),
+      "one load-balancing Service sends webhooks to the replicas")
+for s in services:
+    for p in s["spec"]["ports"]:
+        check(p["targetPort"] in router_ports, "Service %s port %s targets router port %s"
+              % (s["metadata"]["name"], p["name"], p["targetPort"]))
+pdb = one("PodDisruptionBudget")
+check(subset(pdb["spec"]["selector"]["matchLabels"], labels), "PodDisruptionBudget selects the replicas")
+check(pdb["spec"].get("maxUnavailable") == 1 or
+      (isinstance(pdb["spec"].get("minAvailable"), int) and pdb["spec"]["minAvailable"] < sts["spec"]["replicas"]),
+      "the PodDisruptionBudget lets one replica go at a time")
+
+claims = {c["metadata"]["name"]: c for c in sts["spec"].get("volumeClaimTemplates", [])}
+mounts = {m["name"]: m["mountPath"] for m in router["volumeMounts"]}
+volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+check("state" in claims and "state" not in volumes and "ReadWriteOnce" in claims["state"]["spec"]["accessModes"],
+      "the state volume is a PersistentVolumeClaim per replica (volumeClaimTemplates)")
+check(set(mounts) <= set(volumes) | set(claims), "every router volumeMount has a volume or a claim")
+retention = sts["spec"].get("persistentVolumeClaimRetentionPolicy", {})
+check(retention.get("whenScaled") == "Retain" and retention.get("whenDeleted") == "Retain",
+      "spool claims are kept on scale-down and deletion")
+cm = one("ConfigMap", volumes["config"]["configMap"]["name"])
+secret = one("Secret", volumes["jwt-secret"]["secret"]["secretName"])
+check({"webio-router.toml", "routes.toml"} <= set(cm["data"]), "config volume is the ConfigMap with both files")
+env = {e["name"]: e.get("value") for e in router.get("env", [])}
+secret_files = yaml.safe_load(env["WEBIO_ROUTER_AUTH__SECRET_FILES"])
+keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+check(all(os.path.dirname(f) == mounts["jwt-secret"] and os.path.basename(f) in keys for f in secret_files),
+      "WEBIO_ROUTER_AUTH__SECRET_FILES names files of the mounted Secret: %s" % secret_files)
+config = cm["data"]["webio-router.toml"]
+check(re.search(r'^mode = "spool"$', config, re.M) and mounts["state"] + "/spool" in config
+      and mounts["state"] + "/dead-letter.jsonl" in config, "spool mode, spool and dead letters on the claim")
+store = re.search(r'^dedup_store = "(redis://[^"/:]+)(:(\d+))?(/\d+)?"$', config, re.M)
+check(store is not None, "delivery.dedup_store is a Redis URL")
+if store:
+    host, port = store.group(1)[len("redis://"):], int(store.group(3) or 6379)
+    redis_svc = [d for _, d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host]
+    if redis_svc:
+        redis_dep = one("Deployment", host)
+        rpod = redis_dep["spec"]["template"]
+        check(any(p["port"] == port for p in redis_svc[0]["spec"]["ports"])
+              and subset(redis_svc[0]["spec"]["selector"], rpod["metadata"]["labels"]),
+              "dedup_store's host %s:%d is the Redis Service of redis.yaml" % (host, port))
+        policy = one("NetworkPolicy")
+        check(subset(policy["spec"]["podSelector"]["matchLabels"], rpod["metadata"]["labels"])
+              and any(subset(f["podSelector"]["matchLabels"], labels) for r in policy["spec"]["ingress"] for f in r["from"]),
+              "only the gateway replicas may reach Redis")
+        rsc = rpod["spec"]["containers"][0]["securityContext"]
+        check(rsc.get("readOnlyRootFilesystem") and rsc.get("allowPrivilegeEscalation") is False
+              and rsc.get("capabilities", {}).get("drop") == ["ALL"] and rpod["spec"]["securityContext"].get("runAsNonRoot"),
+              "Redis runs non-root, read-only, without capabilities")
+    else:
+        print("    note: dedup_store points outside this kustomization (%s)" % host)
+for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    get = router.get(probe, {}).get("httpGet", {})
+    check(get.get("port") in ("admin", router_ports["admin"]), "%s on the admin port (%s)" % (probe, get.get("path")))
+check(router["livenessProbe"]["httpGet"]["path"] == "/healthz" and router["readinessProbe"]["httpGet"]["path"] == "/readyz",
+      "liveness on /healthz, readiness on /readyz")
+ann = pod["metadata"].get("annotations", {})
+check(ann.get("prometheus.io/scrape") == "true" and int(ann["prometheus.io/port"]) == router_ports["admin"],
+      "prometheus.io annotations point at the admin port")
+args = router.get("args", [])
+check(args[:2] == ["--config", mounts["config"] + "/webio-router.toml"], "router reads the mounted config")
+check(pod["spec"].get("enableServiceLinks") is False, "no service-link WEBIO_ROUTER_* variables injected")
+timeout = re.search(r'^shutdown_timeout = "(\d+)s"$', config, re.M)
+check(timeout and pod["spec"]["terminationGracePeriodSeconds"] > int(timeout.group(1)),
+      "terminationGracePeriodSeconds > shutdown_timeout")
+sc = router["securityContext"]
+check(sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False
+      and sc.get("capabilities", {}).get("drop") == ["ALL"]
+      and (sc.get("runAsNonRoot") or pod["spec"].get("securityContext", {}).get("runAsNonRoot")),
+      "router runs non-root, read-only, without capabilities")
+if problems:
+    for p in problems:
+        print("    FAILED:", p, file=sys.stderr)
+    sys.exit(1)
+PY
+
+if command -v kubectl >/dev/null; then
+    step "kubectl kustomize $gateway"
+    gateway_out=$(kubectl kustomize "$gateway")
+    for kind in StatefulSet Service PodDisruptionBudget ConfigMap Secret Deployment NetworkPolicy; do
+        grep -q "^kind: $kind\$" <<<"$gateway_out" || fail "the gateway renders no $kind"
+    done
+    ok "renders $(grep -c '^kind: ' <<<"$gateway_out") resources"
+fi
 
 # kubectl's built-in kustomize, where present, renders both variants: each must scrape once.
 if command -v kubectl >/dev/null; then

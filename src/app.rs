@@ -54,6 +54,8 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error("ingest.dir: cannot create {dir} and its done/ and rejected/ folders: {source}")]
     Ingest { dir: std::path::PathBuf, source: std::io::Error },
+    #[error("delivery.dedup_store: {0}")]
+    DedupStore(#[source] crate::dedup::store::StoreUrlError),
 }
 
 /// A built daemon: both listeners bound (the admin one already serving), routes, sinks and
@@ -115,6 +117,17 @@ impl App {
             DeliveryMode::Direct => Arc::new(Direct::new(&cfg.delivery)),
             DeliveryMode::Spool => {
                 crate::delivery::spool::open(&cfg.delivery, &table.sinks).await.map_err(|e| stop_admin(e.into()))?
+            }
+        };
+        let delivery = match cfg.delivery.dedup_store().filter(|_| !cfg.delivery.dedup_window.is_zero()) {
+            None => delivery,
+            Some(url) => {
+                // A claimed key blocks other replicas at most this long if this one dies
+                // before the event is taken (a submit lasts at most a request).
+                let pending_ttl = cfg.server.request_timeout + Duration::from_secs(5);
+                let store = crate::dedup::store::DedupStore::start(url, cfg.delivery.dedup_window, pending_ttl)
+                    .map_err(|e| stop_admin(ServeError::DedupStore(e)))?;
+                Arc::new(crate::delivery::shared::SharedWindow::new(delivery, store))
             }
         };
         let state = Arc::new(State {

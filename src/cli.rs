@@ -241,6 +241,9 @@ fn check(loaded: &Loaded) -> ExitCode {
         println!("auth: header {}, {} secret(s), {}, {}", c.auth.header, loaded.secrets.len(), algs.join("/"), org);
     }
     println!("delivery: {}, dead letters {}", c.delivery.mode, c.delivery.dead_letter_file.display());
+    if let Some(store) = c.delivery.dedup_store.as_ref().filter(|_| c.delivery.dedup_store().is_some()) {
+        println!("dedup window: {:?}, shared through {}", c.delivery.dedup_window, store.redacted());
+    }
     if c.custom_values.enabled() {
         let cv = &c.custom_values;
         println!(

@@ -2,6 +2,7 @@
 //! unknown keys refused, validated once by [`Config::load`] (which `check` runs too).
 
 pub mod custom_values;
+pub mod dedup_store;
 pub mod ingest;
 pub mod suggest;
 
@@ -430,6 +431,31 @@ impl fmt::Display for DeliveryMode {
     }
 }
 
+/// A store's URL; `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl StoreUrl {
+    /// The URL with its password replaced by `hidden`, for messages.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(self.0.trim()) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("hidden"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "(not a URL; not shown)".into(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
@@ -446,6 +472,10 @@ pub struct DeliveryConfig {
     pub max_rejected_bytes: u64,
     #[serde(with = "duration")]
     pub dedup_window: Duration,
+    /// A Redis URL (`redis://[:password@]host:port[/db]`, or `redis+unix:///path`) whose
+    /// keys share the dedup window between replicas; unset or empty: each replica's own
+    /// window only. Never logged (it may hold a password).
+    pub dedup_store: Option<StoreUrl>,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
     /// SIGTERM waits, within `shutdown_timeout`, until the spool is empty (for a spool that
@@ -465,6 +495,7 @@ impl Default for DeliveryConfig {
             dead_letter_file: PathBuf::from("var/dead-letter.jsonl"),
             max_rejected_bytes: 64 << 20,
             dedup_window: Duration::from_secs(600),
+            dedup_store: None,
             shutdown_timeout: Duration::from_secs(20),
             drain_on_shutdown: false,
         }
@@ -472,6 +503,11 @@ impl Default for DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// The shared dedup store's URL, unless unset or empty.
+    pub fn dedup_store(&self) -> Option<&str> {
+        self.dedup_store.as_ref().map(|u| u.0.trim()).filter(|u| !u.is_empty())
+    }
+
     /// Refused bodies go next to the dead-letter file.
     pub fn rejected_file(&self) -> PathBuf {
         self.dead_letter_file
@@ -779,6 +815,9 @@ impl Config {
         }
         if d.max_rejected_bytes == 0 {
             err("delivery.max_rejected_bytes: must be greater than 0".into());
+        }
+        if let Some(e) = d.dedup_store().and_then(|url| dedup_store::check_url(url).err()) {
+            err(format!("delivery.dedup_store: {e}"));
         }
         if self.custom_values.enabled() {
             self.custom_values.validate().into_iter().for_each(&mut err);

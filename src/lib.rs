@@ -17,18 +17,20 @@
 //!     an upstream and cached.
 //! - [`ingest`]: the SFTP-hook folder: JSON files of webhook calls, routed like POSTs.
 //! - [`auth`]: JWT verification of the `x-webio-token` header (rotation, pinned algorithms).
-//! - [`event`]: normalisation of old and new Webio payloads into [`event::Event`].
+//! - [`event`]: normalisation of old and new Webio payloads into [`event::Event`];
+//!   [`event::trace`]: the W3C `traceparent` each event carries to its sinks.
 //! - [`routes`]: `routes.toml` parsing, validation with `file:line:col` diagnostics, matching;
 //!   [`routes::cases`]: routing test cases (`webio-router test`).
 //! - [`template`]: `{field}` templates and `${NAME}` environment expansion.
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
 //!   - [`delivery::spool`]: the crash-safe on-disk spool.
+//!   - [`delivery::shared`]: either mode with the dedup window shared through Redis.
 //! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
 //!   folders: config, connection/confirms or callbacks).
 //! - [`tls`]: the binary's one rustls crypto provider (ring); the webhook listener's TLS is
 //!   [`server::tls`].
-//! - [`dedup`]: the re-delivery window.
+//! - [`dedup`]: the re-delivery window; [`dedup::store`]: its Redis side (`delivery.dedup_store`).
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
 //! - [`shutdown`]: the cancellation tree and the one shutdown deadline.

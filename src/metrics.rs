@@ -32,6 +32,7 @@ pub const CUSTOM_VALUE_REQUESTS: &str = "webio_router_custom_value_requests_tota
 pub const INGESTED_FILES: &str = "webio_router_ingested_files_total";
 pub const CONNECTIONS_OPEN: &str = "webio_router_connections_open";
 pub const CONNECTIONS_SHED: &str = "webio_router_connections_shed_total";
+pub const DEDUP_STORE_ERRORS: &str = "webio_router_dedup_store_errors_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -58,6 +59,7 @@ pub const NAMES: &[&str] = &[
     INGESTED_FILES,
     CONNECTIONS_OPEN,
     CONNECTIONS_SHED,
+    DEDUP_STORE_ERRORS,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -145,6 +147,7 @@ fn preregister() {
     counter!(SPOOL_FLUSHES).absolute(0);
     counter!(SPOOL_APPENDS).absolute(0);
     counter!(SPOOL_WRITE_ERRORS).absolute(0);
+    counter!(DEDUP_STORE_ERRORS).absolute(0);
     gauge!(CONNECTIONS_OPEN).set(0.0);
     for state in ["no_request", "idle", "new"] {
         counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
@@ -171,6 +174,10 @@ fn describe() {
     describe_counter!(SPOOL_FLUSHES, "Durable spool commits (one fsync each).");
     describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
     describe_counter!(SPOOL_WRITE_ERRORS, "Spool commits that failed (full disk, I/O error).");
+    describe_counter!(
+        DEDUP_STORE_ERRORS,
+        "Shared dedup store (Redis) calls that failed, timed out or were skipped while it was down; the local window was used."
+    );
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (secrets and routes.toml, on SIGHUP), by outcome.");
@@ -278,6 +285,18 @@ pub fn duplicate() {
     let make = || counter!(DUPLICATES);
     if installed() {
         DUPLICATE_COUNTER.get_or_init(make).increment(1);
+    } else {
+        make().increment(1);
+    }
+}
+
+static DEDUP_STORE_ERROR_COUNTER: OnceLock<Counter> = OnceLock::new();
+
+/// One shared dedup store call that could not be made or answered.
+pub fn dedup_store_error() {
+    let make = || counter!(DEDUP_STORE_ERRORS);
+    if installed() {
+        DEDUP_STORE_ERROR_COUNTER.get_or_init(make).increment(1);
     } else {
         make().increment(1);
     }

@@ -738,3 +738,19 @@ fn did_you_mean_prefers_the_same_name_in_another_case() {
     assert_eq!(did_you_mean("lisen", ["listen", "path"]), Some("listen"));
     assert_eq!(did_you_mean("zzz", ["listen", "path"]), None);
 }
+
+#[test]
+fn the_dedup_store_url_is_checked_and_its_password_never_shown() {
+    let url = StoreUrl("redis://:hunter2@redis.example:6379/1".into());
+    let shown = format!("{url:?}");
+    assert!(!shown.contains("hunter2") && shown.contains("redis.example"), "{shown}");
+    let d = DeliveryConfig { dedup_store: Some(StoreUrl("  ".into())), ..Default::default() };
+    assert_eq!(d.dedup_store(), None, "empty means unset");
+    jail(|j| {
+        file(j, &with_secret("[delivery]\ndedup_store = \"http://:hunter2@h/\"\n"));
+        let e = load_err().to_string();
+        assert!(e.contains("delivery.dedup_store") && !e.contains("hunter2"), "{e}");
+        file(j, &with_secret("[delivery]\ndedup_store = \"redis://:hunter2@h:6379/2\"\n"));
+        assert_eq!(load().unwrap().config.delivery.dedup_store(), Some("redis://:hunter2@h:6379/2"));
+    });
+}

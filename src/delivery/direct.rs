@@ -40,7 +40,9 @@ impl Delivery for Direct {
                 let env = &env;
                 async move {
                     let started = Instant::now();
-                    (sink.name(), sink.deliver(env).await, started)
+                    let span = tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace);
+                    let r = tracing::Instrument::instrument(sink.deliver(env), span).await;
+                    (sink.name(), r, started)
                 }
             }))
             .await;
@@ -58,7 +60,7 @@ impl Delivery for Direct {
                 // again then (and dead-lettered once the event can be taken).
                 for (name, e, started) in refused.iter().chain(&failed) {
                     observe(name, "retry", *started);
-                    tracing::warn!(sink = name, event_id = %env.event.id, error = %e, permanent = e.is_permanent(), "direct delivery failed; answering 503");
+                    tracing::warn!(sink = name, event_id = %env.event.id, traceparent = %env.trace, error = %e, permanent = e.is_permanent(), "direct delivery failed; answering 503");
                 }
                 let retry_after = failed
                     .iter()
@@ -70,7 +72,7 @@ impl Delivery for Direct {
                 return Err(Refused { reason: format!("sink delivery failed: {}", names.join(", ")), retry_after });
             }
             for (name, e, started) in &refused {
-                tracing::warn!(sink = name, event_id = %env.event.id, error = %e, "sink refused the event for good; writing a dead letter");
+                tracing::warn!(sink = name, event_id = %env.event.id, traceparent = %env.trace, error = %e, "sink refused the event for good; writing a dead letter");
                 // The 202 comes only once the dead letter is on disk: otherwise the pair could
                 // be lost with nobody told.
                 if let Err(err) = self.dead.append(&DeadLetter::new(name, &e.message, 1, &env)).await {

@@ -2,12 +2,14 @@
 //! must reach, and answers when the 202 may be sent:
 //!
 //! - [`direct::Direct`]: after every sink confirmed;
-//! - [`spool::Spool`]: after the event is durably on disk; sinks are fed from there.
+//! - [`spool::Spool`]: after the event is durably on disk; sinks are fed from there;
+//! - [`shared::SharedWindow`]: either of them, with the dedup window shared through Redis.
 //!
 //! Dedup lives here too, because "seen" must mean "safely taken", which only the delivery
 //! layer knows.
 
 pub mod direct;
+pub mod shared;
 pub mod spool;
 
 use crate::event::Envelope;

@@ -9,6 +9,7 @@ mod extra;
 mod json;
 mod normalise;
 mod time;
+pub mod trace;
 
 pub use extra::Extra;
 pub use normalise::{event_id, normalise, normalise_envelope, BodyError, NormaliseOptions};
@@ -163,19 +164,27 @@ impl Event {
 pub struct Envelope {
     pub event: Event,
     pub raw: Bytes,
+    /// The W3C trace context the sinks receive (not part of the event nor of its id).
+    pub trace: trace::TraceParent,
     /// The event as JSON, made once and shared by the spool record and every sink.
     json: std::sync::OnceLock<Bytes>,
 }
 
 impl Envelope {
     pub fn new(event: Event, raw: Bytes) -> Self {
-        Envelope { event, raw, json: std::sync::OnceLock::new() }
+        Envelope { event, raw, trace: trace::TraceParent::generate(), json: std::sync::OnceLock::new() }
     }
 
     /// With the event's JSON already at hand (read back from the spool): `json` must be
     /// `event` serialised.
     pub(crate) fn with_json(event: Event, raw: Bytes, json: Bytes) -> Self {
-        Envelope { event, raw, json: json.into() }
+        Envelope { event, raw, trace: trace::TraceParent::generate(), json: json.into() }
+    }
+
+    /// With `trace` as its trace context (the request's, or the stored one).
+    pub fn with_trace(mut self, trace: trace::TraceParent) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The event as one line of JSON (no newline), serialised on first use. `event` must

@@ -7,6 +7,7 @@ pub mod custom_values;
 use super::error::RequestError;
 use super::Body;
 use crate::event::normalise_envelope;
+use crate::event::trace::{TraceParent, HEADER as TRACEPARENT};
 use crate::metrics;
 use crate::state::{State, Taken};
 use bytes::Bytes;
@@ -50,15 +51,21 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     // Log lines inside the request carry its request id and, once known, the event id. The
     // span is at debug level: at info and above it is never made (a span costs as much as a
     // third of the request path); the warn lines below name both ids themselves.
-    let span = tracing::debug_span!("request", request_id = %request_id, event_id = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "request",
+        request_id = %request_id,
+        event_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty
+    );
     let mut event_id = None;
-    let resp = match accept(&state, req, &span, &mut event_id).instrument(span.clone()).await {
+    let mut trace = None;
+    let resp = match accept(&state, req, &span, &mut event_id, &mut trace).instrument(span.clone()).await {
         Ok(resp) => resp,
         Err(e) => {
             match &e {
                 RequestError::Auth(a) => metrics::auth_failure(a.reason()),
                 RequestError::Unavailable { reason, .. } => {
-                    tracing::warn!(request_id = %request_id, event_id = event_id.as_deref().unwrap_or(""), %reason, "webhook refused with 503")
+                    tracing::warn!(request_id = %request_id, event_id = event_id.as_deref().unwrap_or(""), traceparent = trace.map(|t| t.to_string()).unwrap_or_default(), %reason, "webhook refused with 503")
                 }
                 _ => {}
             }
@@ -75,6 +82,7 @@ async fn accept(
     req: Request<Incoming>,
     span: &tracing::Span,
     event_id: &mut Option<String>,
+    trace: &mut Option<TraceParent>,
 ) -> Result<Response<Body>, RequestError> {
     if req.uri().path() != state.path {
         return Err(RequestError::NotFound);
@@ -95,10 +103,12 @@ async fn accept(
         return cv.answer(verified.organisation_id, req.uri().query()).await;
     }
 
+    // The request's W3C trace context, or a new one: it travels with the event to every sink.
+    let context = TraceParent::from_header(req.headers().get(TRACEPARENT).map(|v| v.as_bytes()));
     let body = read_body(state, req).await?;
     let received_at = chrono::Utc::now();
     let env = match normalise_envelope(body.clone(), verified.organisation_id, &state.normalise, received_at) {
-        Ok(env) => env,
+        Ok(env) => env.with_trace(context),
         Err(e) => {
             state.reject(&body, &e, received_at).await?;
             return Err(RequestError::BadBody(e));
@@ -107,6 +117,7 @@ async fn accept(
     drop(body);
     if !span.is_disabled() {
         span.record("event_id", tracing::field::display(&env.event.id));
+        span.record("traceparent", tracing::field::display(&env.trace));
     }
     // The answer is written before the event moves on: no copy of the id is kept for it.
     let accepted = Answer::new(&env.event.id);
@@ -116,6 +127,7 @@ async fn accept(
         Ok(Taken::Duplicate) => Ok(accepted.duplicate()),
         Err(refused) => {
             *event_id = Some(accepted.id().to_owned());
+            *trace = Some(context);
             Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after })
         }
     }

@@ -137,6 +137,7 @@ impl HttpSink {
             .header(http::header::CONTENT_TYPE, self.format.content_type())
             .header("idempotency-key", ev.id.as_str())
             .header("x-webio-event-id", ev.id.as_str())
+            .header(crate::event::trace::HEADER, env.trace.to_string())
             .body(Full::new(self.format.encode(env)))
             .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "request", e))?;
         let h = req.headers_mut();

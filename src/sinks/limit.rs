@@ -191,6 +191,12 @@ impl Sink for Limited {
     fn concurrency(&self) -> Option<usize> {
         self.slots.as_ref().map(|(n, _)| *n)
     }
+
+    // Every other method of `Sink` is the inner sink's: a default here would silently drop
+    // the sink's own setting (its `ordering`, say) whenever a limit is set.
+    fn ordering(&self) -> crate::sinks::SinkOrdering {
+        self.inner.ordering()
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +244,26 @@ mod tests {
                 Ok(())
             })
         }
+    }
+
+    #[test]
+    fn a_limited_sink_keeps_the_inner_sinks_ordering() {
+        struct Ordered;
+        impl Sink for Ordered {
+            fn name(&self) -> &str {
+                "o"
+            }
+            fn deliver<'a>(&'a self, _env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+                Box::pin(async { Ok(()) })
+            }
+            fn ordering(&self) -> crate::sinks::SinkOrdering {
+                crate::sinks::SinkOrdering::Conversation
+            }
+        }
+        let limits = Limits { rate_limit: Some("20/s".parse().unwrap()), concurrency: Some(2) };
+        let sink = limits.wrap(Arc::new(Ordered));
+        assert_eq!(sink.ordering(), crate::sinks::SinkOrdering::Conversation);
+        assert_eq!(sink.concurrency(), Some(2));
     }
 
     fn envelope() -> Envelope {

@@ -105,6 +105,12 @@ async fn published_events_carry_the_amqp_properties_and_the_rendered_routing_key
     assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("inboundMessage"));
     assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
     assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    let traceparent = p.headers().as_ref().and_then(|h| h.inner().get("traceparent")).cloned();
+    assert_eq!(
+        traceparent,
+        Some(lapin::types::AMQPValue::LongString(first.trace.to_string().into())),
+        "the event's W3C trace context"
+    );
     let ts = p.timestamp().expect("timestamp set");
     let now = chrono::Utc::now().timestamp() as u64;
     assert!(before.saturating_sub(1) <= ts && ts <= now + 1, "timestamp {ts} is the publish time (unix seconds)");

@@ -18,6 +18,8 @@ const UNIT: &str = "deploy/systemd/webio-router.service";
 const SYSTEMD_CONFIG: &str = "deploy/systemd/webio-router.toml";
 const CONFIGMAP: &str = "deploy/kubernetes/configmap.yaml";
 const DEPLOYMENT: &str = "deploy/kubernetes/deployment.yaml";
+const GATEWAY_CONFIGMAP: &str = "deploy/kubernetes/gateway/configmap.yaml";
+const GATEWAY_STATEFULSET: &str = "deploy/kubernetes/gateway/statefulset.yaml";
 
 fn repo_file(relative: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative);
@@ -175,6 +177,7 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_ingested_files_total", &["outcome"]),
     ("webio_router_connections_open", &[]),
     ("webio_router_connections_shed_total", &["state"]),
+    ("webio_router_dedup_store_errors_total", &[]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 
@@ -351,6 +354,13 @@ fn systemd_and_kubernetes_wait_longer_than_the_shutdown_timeout() {
     let grace = seconds(value_of(&repo_file(DEPLOYMENT), "terminationGracePeriodSeconds"));
     let shutdown = seconds(value_of(&repo_file(CONFIGMAP), "shutdown_timeout"));
     assert!(grace > shutdown, "terminationGracePeriodSeconds={grace} must exceed shutdown_timeout={shutdown}s");
+
+    let grace = seconds(value_of(&repo_file(GATEWAY_STATEFULSET), "terminationGracePeriodSeconds"));
+    let shutdown = seconds(value_of(&repo_file(GATEWAY_CONFIGMAP), "shutdown_timeout"));
+    assert!(
+        grace > shutdown,
+        "gateway: terminationGracePeriodSeconds={grace} must exceed shutdown_timeout={shutdown}s"
+    );
 }
 
 /// README "Configuration": every key the configuration file accepts, by table ("" = top level).
@@ -383,6 +393,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "max_attempts",
             "dead_letter_file",
             "dedup_window",
+            "dedup_store",
             "shutdown_timeout",
         ],
     ),
@@ -410,7 +421,11 @@ fn assert_known_keys(origin: &str, toml: &str) {
 
 /// The `webio-router.toml: |` block of the `ConfigMap`, without its indentation.
 fn configmap_config() -> String {
-    let configmap = repo_file(CONFIGMAP);
+    configmap_config_of(CONFIGMAP)
+}
+
+fn configmap_config_of(path: &str) -> String {
+    let configmap = repo_file(path);
     let lines = configmap.lines().skip_while(|l| l.trim() != "webio-router.toml: |").skip(1);
     let mut block = String::new();
     for line in lines {
@@ -420,7 +435,7 @@ fn configmap_config() -> String {
         block.push_str(line.strip_prefix("    ").unwrap_or(""));
         block.push('\n');
     }
-    assert!(block.contains("[delivery]"), "{CONFIGMAP} has no webio-router.toml block");
+    assert!(block.contains("[delivery]"), "{path} has no webio-router.toml block");
     block
 }
 
@@ -428,6 +443,7 @@ fn configmap_config() -> String {
 fn the_example_configurations_use_only_known_keys() {
     assert_known_keys(SYSTEMD_CONFIG, &repo_file(SYSTEMD_CONFIG));
     assert_known_keys(CONFIGMAP, &configmap_config());
+    assert_known_keys(GATEWAY_CONFIGMAP, &configmap_config_of(GATEWAY_CONFIGMAP));
 }
 
 /// A router in spool mode with one sink and the optional features on (their families exist

@@ -99,6 +99,8 @@ async fn events_consumed_back_carry_the_key_the_headers_and_the_encoded_value() 
         assert_eq!(rec.headers.get("webio-event-id").map(String::as_str), Some(env.event.id.as_str()));
         assert_eq!(rec.headers.get("webio-event-type").map(String::as_str), Some("inboundMessage"));
         assert_eq!(rec.headers.get("webio-shape").map(String::as_str), Some("current"));
+        let traceparent = env.trace.to_string();
+        assert_eq!(rec.headers.get("traceparent"), Some(&traceparent), "the event's W3C trace context");
         assert_eq!(rec.value, env.event.to_json(), "format = event: the normalised JSON");
     }
     let rec = &got[2];

@@ -2,6 +2,7 @@
 //! gave up on which event, why, after how many attempts, with the event and the body exactly
 //! as Webio sent it — enough for `webio-router replay` to re-inject it.
 
+use crate::event::trace::TraceParent;
 use crate::event::{Envelope, Event};
 use crate::jsonl::body_fields;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,9 @@ pub struct DeadLetter {
     /// A spool record that could not be decoded, as stored (hex), so that nothing is lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_hex: Option<String>,
+    /// The event's W3C trace context, kept by `replay` (absent in older lines: a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 fn now() -> String {
@@ -44,6 +48,7 @@ impl DeadLetter {
             raw,
             raw_hex,
             record_hex: None,
+            traceparent: Some(env.trace.to_string()),
         }
     }
 
@@ -60,6 +65,7 @@ impl DeadLetter {
             raw: None,
             raw_hex: None,
             record_hex: Some(hex::encode(record)),
+            traceparent: None,
         }
     }
 
@@ -71,7 +77,11 @@ impl DeadLetter {
             (None, Some(h)) => hex::decode(h).map_err(LetterError::RawHex)?,
             (None, None) => Vec::new(),
         };
-        Ok(Envelope::new(event, raw.into()))
+        let env = Envelope::new(event, raw.into());
+        match self.traceparent.as_deref().and_then(|t| TraceParent::parse(t.as_bytes())) {
+            Some(t) => Ok(env.with_trace(t)),
+            None => Ok(env),
+        }
     }
 }
 

@@ -494,7 +494,10 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 async move {
                     let env = it.env.as_ref().expect("filled above");
                     let started = Instant::now();
-                    let r = sink.deliver(env).await;
+                    // The sink's own log lines carry the event's trace context (at debug:
+                    // a span per delivery is not made at info).
+                    let span = tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace);
+                    let r = tracing::Instrument::instrument(sink.deliver(env), span).await;
                     (r, started)
                 }
             }));
@@ -547,7 +550,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                     observe(&q.name, "dead", started);
                     batch_error = Some(reason.clone());
                     let env = it.env.as_ref().expect("filled above");
-                    tracing::warn!(sink = %q.name, event_id = %env.event.id, attempts, %reason, "delivery abandoned; writing a dead letter");
+                    tracing::warn!(sink = %q.name, event_id = %env.event.id, traceparent = %env.trace, attempts, %reason, "delivery abandoned; writing a dead letter");
                     let letter = DeadLetter::new(&q.name, &reason, attempts, env);
                     match shared.dead.append(&letter).await {
                         Ok(()) => {

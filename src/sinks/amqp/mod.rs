@@ -113,7 +113,13 @@ impl AmqpSink {
         let kind = ShortString::try_new(ev.event_type.as_str())
             .map_err(|e| SinkError::permanent(format!("event type does not fit the AMQP `type` property: {e}")))?;
         let timestamp = chrono::Utc::now().timestamp().max(0) as u64;
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            crate::event::trace::HEADER.into(),
+            lapin::types::AMQPValue::LongString(env.trace.to_string().into()),
+        );
         let properties = BasicProperties::default()
+            .with_headers(headers)
             .with_message_id(message_id)
             .with_type(kind)
             .with_content_type(self.format.content_type().into())

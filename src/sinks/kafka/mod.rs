@@ -146,10 +146,12 @@ impl KafkaSink {
         check_topic(&topic).map_err(|e| SinkError::permanent(e.to_string()))?;
         let key = self.key.render(ev);
         let payload = self.format.encode(env);
-        let headers = OwnedHeaders::new_with_capacity(3)
+        let traceparent = env.trace.to_string();
+        let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header { key: "webio-event-id", value: Some(ev.id.as_str()) })
             .insert(Header { key: "webio-event-type", value: Some(ev.event_type.as_str()) })
-            .insert(Header { key: "webio-shape", value: Some(ev.shape.as_str()) });
+            .insert(Header { key: "webio-shape", value: Some(ev.shape.as_str()) })
+            .insert(Header { key: crate::event::trace::HEADER, value: Some(traceparent.as_str()) });
         let mut record = FutureRecord::to(&topic).payload(&payload[..]).headers(headers);
         if !key.is_empty() {
             record = record.key(key.as_str());
