@@ -132,9 +132,10 @@ fn a_flood_of_idle_connections_neither_keeps_a_webhook_waiting_nor_cuts_a_reques
     in_progress.write_all(head.as_bytes()).unwrap();
     in_progress.write_all(&body[..body.len() / 2]).unwrap();
 
-    // The flood.
+    // The flood. Each connect may take a few seconds when other tests load the machine (the
+    // listener accepts on a busy core): patience, not failure.
     let started = Instant::now();
-    let flood = open_flood(r.addr, FLOOD, b"P", Duration::from_secs(3));
+    let flood = open_flood(r.addr, FLOOD, b"P", Duration::from_secs(8));
     let opened = flood.len();
     let flood_took = started.elapsed();
     // Well inside the header timeout: the flood is still there when the webhook comes.
