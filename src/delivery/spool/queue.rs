@@ -171,7 +171,7 @@ impl SinkQueue {
 
     /// For a sink with ordering: at most `n` items the conversation gate lets go now, in
     /// their order (see [`super::order`]).
-    fn take_ordered(&self, n: usize, gate: &mut Gate) -> Vec<Item> {
+    fn take_ordered(&self, n: usize, gate: &mut Gate<Item>) -> Vec<Item> {
         let mut s = self.lock();
         let picked = gate.pick(&s.mem, n, Item::key);
         let mut items: Vec<Item> = picked.iter().rev().filter_map(|&i| s.mem.remove(i)).collect();
@@ -309,7 +309,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     let mut parked_warned = false;
     // With `ordering = "conversation"`: which conversations have an event in flight or
     // waiting for its retry.
-    let mut gate = Gate::new();
+    let mut gate: Gate<Item> = Gate::new();
     loop {
         if *stop.borrow() {
             break;
@@ -334,13 +334,17 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
 
         let ordered = sink.ordering() == SinkOrdering::Conversation;
         let mut batch = if ordered {
+            let due = gate.take_due(Instant::now());
+            if !due.is_empty() {
+                q.put_back(due);
+            }
             // The gate must see the conversations of the events read back from disk.
             read_ahead(&shared, &q).await;
             q.take_ordered(CONCURRENCY, &mut gate)
         } else {
-            if gate.held() > 0 {
+            if gate.held() > 0 || gate.deferred() > 0 {
                 // Ordering was switched off by a reload.
-                gate.clear();
+                q.put_back(gate.clear());
             }
             q.take(CONCURRENCY)
         };
@@ -359,6 +363,17 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                         read_failed(&shared, &q, &mut read_failures, &e);
                         sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     }
+                }
+                continue;
+            }
+            if let Some(due) = gate.next_due() {
+                // Only events waiting for their retry in the conversation gate (and those of
+                // their conversations) are left.
+                q.status.store(FAILING, Ordering::Release);
+                tokio::select! {
+                    _ = q.wake.notified() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep_until(due.into()) => {}
                 }
                 continue;
             }
@@ -473,6 +488,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut retry_after: Option<Duration> = None;
         let mut last_error = String::new();
         let mut attempts_update = Vec::new();
+        let mut confirmed = 0usize;
         for (mut it, (r, started)) in batch.into_iter().zip(outcomes) {
             let attempts = it.attempts.saturating_add(1);
             let outcome = match r {
@@ -486,6 +502,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             match outcome {
                 Outcome::Ok => {
                     observe(&q.name, "ok", started);
+                    confirmed += 1;
                     gate.release(it.conversation(), it.seq);
                     done.push(it.seq);
                 }
@@ -521,6 +538,15 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             q.finished(done.len() as u64);
             shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
         }
+        if ordered && confirmed > 0 && retry_after.is_none() && !retry.is_empty() {
+            // The sink is up and only these events fail: each waits for its own retry in the
+            // conversation gate, and the sink's other conversations go on meanwhile.
+            shared.send(Op::Book(Bookkeeping::Attempts {
+                sink: q.name.clone(),
+                items: std::mem::take(&mut attempts_update),
+            }));
+            defer(&q, &mut gate, std::mem::take(&mut retry), &last_error, cfg);
+        }
         if retry.is_empty() {
             if failures > 0 {
                 tracing::info!(sink = %q.name, "sink accepts deliveries again");
@@ -544,6 +570,21 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         sleep_or_stop(delay, &mut stop).await;
     }
     tracing::debug!(sink = %q.name, "drain stopped");
+}
+
+/// For a sink with ordering whose other deliveries of the round went through: each failed
+/// event waits in the conversation gate for its own backoff (its conversation stays held).
+fn defer(q: &SinkQueue, gate: &mut Gate<Item>, retry: Vec<Item>, error: &str, cfg: &crate::config::DeliveryConfig) {
+    let now = Instant::now();
+    for it in retry {
+        let delay = backoff(cfg.retry_initial, cfg.retry_max, it.attempts);
+        let conversation = it.conversation().map(str::to_owned);
+        if it.attempts == 1 || it.attempts.is_power_of_two() {
+            let event_id = it.env.as_ref().map_or("", |e| e.event.id.as_str());
+            tracing::warn!(sink = %q.name, event_id, conversation = conversation.as_deref().unwrap_or(""), attempts = it.attempts, retry_in = ?delay, %error, "delivery failed; its conversation waits for the retry, the others go on");
+        }
+        gate.defer(conversation.as_deref(), it.seq, it, now + delay);
+    }
 }
 
 /// For a sink with ordering: reads back the events of the next items that are only on disk
