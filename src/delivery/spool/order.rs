@@ -8,9 +8,11 @@
 //! - At most one event per conversation is in flight or waiting for its retry: the
 //!   conversation's *head*. The gate holds the conversation for the head's seq until the
 //!   head is released; later events of that conversation are not picked meanwhile.
-//! - The head is the conversation's lowest pending seq for this sink, because the candidates
-//!   come in seq (acceptance) order: new work is appended in seq order, retried work is put
-//!   back in front, and after a restart the pending rows are read back in seq order. So the
+//! - The head is the conversation's lowest pending seq for this sink, because each
+//!   conversation's candidates come in seq (acceptance) order: new work is appended in seq
+//!   order, retried heads are put back in front (the heads of several conversations together,
+//!   so the whole list need not be in seq order), and after a restart the pending rows are
+//!   read back in seq order. So the
 //!   order survives retries and restarts without any state of its own on disk; the gate is
 //!   rebuilt from the pending rows as they are picked.
 //! - A head whose attempt failed while the sink delivered others (the sink is up; this event
@@ -21,7 +23,9 @@
 //!   attempted next.
 //! - Events without a conversation id are never held and hold nothing back.
 //! - A candidate whose conversation is not known yet (its event not read back from the spool)
-//!   is picked only alone, first, with nothing skipped before it: it can then break no order.
+//!   is picked only alone, first, with nothing skipped before it and no head deferred: no
+//!   conversation is held then, so it can break no order. (The drain reads the first
+//!   candidate's event before picking, so this is for a read that failed or a damaged record.)
 //! - A hold never outlives its head: if a pick finds nothing to attempt among candidates,
 //!   the holds whose head is neither among them nor deferred are stale (the head left some
 //!   other way) and are dropped, so a conversation can never be blocked for good. A pick from
@@ -47,7 +51,7 @@ pub(crate) enum Key<'a> {
 #[derive(Debug)]
 pub(crate) struct Gate<T> {
     held: HashMap<String, u64>,
-    /// (due, seq, item), in no particular order (a handful at most: one per conversation).
+    /// (due, seq, item), in no particular order (at most one per conversation).
     deferred: Vec<(Instant, u64, T)>,
 }
 
@@ -167,8 +171,8 @@ impl<T> Gate<T> {
                     }
                 }
                 Key::Unknown => {
-                    // It may belong to a conversation picked or held back above.
-                    if picked.is_empty() && !skipped {
+                    // It may belong to a conversation picked or held back above, or deferred.
+                    if picked.is_empty() && !skipped && self.deferred.is_empty() {
                         picked.push(i);
                     }
                     break;
@@ -303,6 +307,9 @@ mod tests {
         // Read back, it was A's; it failed and waits.
         gate.defer(Some("A"), 1, known(1, Some("A")), Instant::now() + std::time::Duration::from_secs(60));
         assert_eq!(pick(&mut gate, &mut items, 16), Vec::<u64>::new(), "2 waits for 1");
+        // Nor does an event not read back yet go while a head is deferred: it may be A's.
+        let mut unread: VecDeque<Cand> = [unknown(5)].into();
+        assert_eq!(pick(&mut gate, &mut unread, 16), Vec::<u64>::new());
         // Switching ordering off gives the deferred events back, in seq order.
         gate.defer(None, 0, known(0, None), Instant::now());
         let back: Vec<u64> = gate.clear().iter().map(|c| c.0).collect();

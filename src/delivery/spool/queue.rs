@@ -588,16 +588,22 @@ fn defer(q: &SinkQueue, gate: &mut Gate<Item>, retry: Vec<Item>, error: &str, cf
 }
 
 /// For a sink with ordering: reads back the events of the next items that are only on disk
-/// (as far as the read-ahead budget goes), so that the gate knows their conversations and
-/// one stuck conversation does not hold back the events behind it. Best effort: what is
-/// not read here is read when its item comes up.
+/// (the first one whatever its size, the others as far as the read-ahead budget goes), so
+/// that the gate knows their conversations and one stuck conversation does not hold back the
+/// events behind it. Best effort: what is not read here is read when its item comes up.
 async fn read_ahead(shared: &Arc<Shared>, q: &SinkQueue) {
-    let (ahead, budget) = q.missing_ahead(READ_AHEAD);
-    if ahead.is_empty() || budget == 0 {
+    let (mut ahead, budget) = q.missing_ahead(READ_AHEAD);
+    if ahead.is_empty() {
+        return;
+    }
+    let front = q.lock().mem.front().filter(|it| it.env.is_none()).map(|it| it.seq);
+    let must: Vec<u64> = front.into_iter().collect();
+    ahead.retain(|seq| !must.contains(seq));
+    if must.is_empty() && budget == 0 {
         return;
     }
     let sh = shared.clone();
-    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &[], &ahead, budget)).await {
+    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await {
         let envs = recs
             .into_iter()
             .filter_map(|(seq, rec)| {
