@@ -557,9 +557,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if !attempts_update.is_empty() {
             shared.send(Op::Book(Bookkeeping::Attempts { sink: q.name.clone(), items: attempts_update }));
         }
+        // With ordering, an event back from the gate's own backoff is not retried sooner than
+        // its attempts call for (a success of others in between reset `failures`).
+        let own = if ordered { retry.iter().map(|it| it.attempts).max().unwrap_or(0) } else { 0 };
         q.put_back(retry);
         failures = failures.saturating_add(1);
-        let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures);
+        let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures.max(own));
         if let Some(ra) = retry_after {
             delay = delay.max(ra.min(MAX_RETRY_AFTER));
         }
