@@ -107,3 +107,17 @@ fn check_shows_the_ordering_and_direct_mode_refuses_it_at_the_option() {
     let started = direct.try_start();
     assert!(started.is_err(), "serve refuses it too");
 }
+
+#[test]
+fn a_reload_that_adds_ordering_in_direct_mode_is_refused_and_the_old_routes_stay() {
+    use crate::helpers::{post, router};
+    const ROUTES: &str = "[sinks.a]\ntype = \"file\"\npath = \"{dir}/a.jsonl\"\n[[routes]]\nto = [\"a\"]\n";
+    // The helpers' base configuration is direct mode.
+    let r = router("", ROUTES).spawn();
+    let ordered = ROUTES.replace("a.jsonl\"\n", "a.jsonl\"\nordering = \"conversation\"\n");
+    std::fs::write(r.path("routes.toml"), ordered.replace("{dir}", &r.dir.path().display().to_string())).unwrap();
+    r.signal("HUP");
+    r.wait_log("reload refused", Duration::from_secs(10));
+    assert!(r.log_text().contains("sinks.a.ordering: "), "{}", r.log_text());
+    assert_eq!(post(r.addr, message("A1").as_bytes()).status, 202, "the old routes stay in force");
+}

@@ -555,6 +555,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_an_event_waits_for_its_retry_the_other_conversations_do_not_wait_for_its_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        // A backoff far longer than the test may take.
+        cfg.retry_initial = Duration::from_secs(60);
+        cfg.retry_max = Duration::from_secs(60);
+        let sink = Ordered::new(&[("A1", u32::MAX)], &[], true);
+        // Everything is accepted before the sink is known, so that the first round holds A1
+        // and B1 together.
+        let spool = Spool::open(&cfg, &HashMap::new()).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        assert_eq!(spool.submit(message(Some("A"), "A1"), t.clone()).await, Ok(Accepted::New));
+        assert_eq!(spool.submit(message(Some("A"), "A2"), t.clone()).await, Ok(Accepted::New));
+        for k in 1..=20 {
+            assert_eq!(spool.submit(message(Some("B"), &format!("B{k}")), t.clone()).await, Ok(Accepted::New));
+        }
+        spool.sinks_changed(&[("ordered".to_string(), sink.clone() as Arc<dyn Sink>)].into());
+        // One event of B at a time, each after the previous one: without A1 waiting in the
+        // gate, the sink would back off a minute after each round.
+        wait("B", || sink.bodies("B").len() == 20).await;
+        assert_eq!(sink.bodies("B"), expected("B", 20));
+        assert_eq!(sink.offered.lock().unwrap().iter().filter(|b| b.starts_with('A')).count(), 1, "A1 once, A2 never");
+        assert_eq!(*sink.violations.lock().unwrap(), Vec::<String>::new());
+        assert_eq!(spool.pending()["ordered"], 2);
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_lettered_event_releases_the_next_event_of_its_conversation() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());

@@ -8,23 +8,34 @@
 //! - At most one event per conversation is in flight or waiting for its retry: the
 //!   conversation's *head*. The gate holds the conversation for the head's seq until the
 //!   head is released; later events of that conversation are not picked meanwhile.
-//! - The head is the conversation's lowest pending seq for this sink, because the candidates
-//!   come in seq (acceptance) order: new work is appended in seq order, retried work is put
-//!   back in front, and after a restart the pending rows are read back in seq order. So the
+//! - The head is the conversation's lowest pending seq for this sink, because each
+//!   conversation's candidates come in seq (acceptance) order: new work is appended in seq
+//!   order, retried heads are put back in front (the heads of several conversations together,
+//!   so the whole list need not be in seq order), and after a restart the pending rows are
+//!   read back in seq order. So the
 //!   order survives retries and restarts without any state of its own on disk; the gate is
 //!   rebuilt from the pending rows as they are picked.
+//! - A head whose attempt failed while the sink delivered others (the sink is up; this event
+//!   is what fails) may wait for its retry *in the gate* ([`Gate::defer`]), so that the
+//!   sink's other conversations go on meanwhile instead of the whole sink backing off. It
+//!   keeps holding its conversation and goes back in front of the candidates when it is due
+//!   ([`Gate::take_due`]); a deferred event is the only one of its conversation that can be
+//!   attempted next.
 //! - Events without a conversation id are never held and hold nothing back.
 //! - A candidate whose conversation is not known yet (its event not read back from the spool)
-//!   is picked only alone, first, with nothing skipped before it: it can then break no order.
+//!   is picked only alone, first, with nothing skipped before it and no head deferred: no
+//!   conversation is held then, so it can break no order. (The drain reads the first
+//!   candidate's event before picking, so this is for a read that failed or a damaged record.)
 //! - A hold never outlives its head: if a pick finds nothing to attempt among candidates,
-//!   the holds whose head is not among them are stale (the head left some other way) and
-//!   are dropped, so a conversation can never be blocked for good. A pick from candidates
-//!   that are not empty never comes back empty.
+//!   the holds whose head is neither among them nor deferred are stale (the head left some
+//!   other way) and are dropped, so a conversation can never be blocked for good. A pick from
+//!   candidates of which none waits behind a deferred head never comes back empty.
 //!
 //! The gate does not import the queue: it sees candidates through [`Key`], so that the
 //! queue (which owns the items) and the gate stay one-way.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
 
 /// What the gate needs to know of one candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,15 +46,50 @@ pub(crate) enum Key<'a> {
     Unknown,
 }
 
-/// The held conversations of one sink: conversation id → seq of its head.
-#[derive(Debug, Default)]
-pub(crate) struct Gate {
+/// The held conversations of one sink (conversation id → seq of its head), and the heads
+/// that wait in the gate for their retry (`T`: the queue's item).
+#[derive(Debug)]
+pub(crate) struct Gate<T> {
     held: HashMap<String, u64>,
+    /// (due, seq, item), in no particular order (at most one per conversation).
+    deferred: Vec<(Instant, u64, T)>,
 }
 
-impl Gate {
-    pub fn new() -> Gate {
-        Gate::default()
+impl<T> Gate<T> {
+    pub fn new() -> Gate<T> {
+        Gate { held: HashMap::new(), deferred: Vec::new() }
+    }
+
+    /// Heads waiting in the gate for their retry.
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// `item` (event `seq`, the head of `conversation`, which stays held) waits in the gate
+    /// until `due`.
+    pub fn defer(&mut self, conversation: Option<&str>, seq: u64, item: T, due: Instant) {
+        if let Some(c) = conversation {
+            // Held already, unless it was attempted before its conversation was known.
+            self.held.entry(c.to_owned()).or_insert(seq);
+        }
+        self.deferred.push((due, seq, item));
+    }
+
+    /// When the next deferred head is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.deferred.iter().map(|(due, _, _)| *due).min()
+    }
+
+    /// The deferred heads due at `now`, in seq order, to go back in front of the candidates.
+    pub fn take_due(&mut self, now: Instant) -> Vec<T> {
+        if !self.deferred.iter().any(|(due, _, _)| *due <= now) {
+            return Vec::new();
+        }
+        let (mut due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|d| d.0 <= now);
+        self.deferred = rest;
+        due.sort_by_key(|d| d.1);
+        due.into_iter().map(|(_, _, item)| item).collect()
     }
 
     /// Conversations held right now (each by its head).
@@ -74,43 +120,42 @@ impl Gate {
         }
     }
 
-    /// Forgets every hold (the sink's ordering was switched off).
-    pub fn clear(&mut self) {
+    /// Forgets every hold (the sink's ordering was switched off); the deferred heads come
+    /// back, in seq order, to go in front of the candidates.
+    pub fn clear(&mut self) -> Vec<T> {
         self.held.clear();
+        let mut deferred = std::mem::take(&mut self.deferred);
+        deferred.sort_by_key(|d| d.1);
+        deferred.into_iter().map(|(_, _, item)| item).collect()
     }
 
     /// Indices (ascending) of at most `n` of `items` (in seq order) that may be attempted now:
     /// the head of each conversation, every event without a conversation, and at most one
     /// event whose conversation is not known yet (see the module's invariants).
-    pub fn pick<T>(&mut self, items: &VecDeque<T>, n: usize, key: impl Fn(&T) -> Key<'_>) -> Vec<usize> {
+    pub fn pick(&mut self, items: &VecDeque<T>, n: usize, key: impl Fn(&T) -> Key<'_>) -> Vec<usize> {
         let picked = self.scan(items, n, &key);
         if !picked.is_empty() || items.is_empty() || n == 0 {
             return picked;
         }
-        // Nothing to attempt although work waits: every candidate is held back by a head
-        // that is not among them. With one batch at a time that cannot be; never let it
-        // block a conversation for good.
-        let seqs: std::collections::HashSet<u64> = items
-            .iter()
-            .filter_map(|it| match key(it) {
-                Key::Known { seq, .. } => Some(seq),
-                Key::Unknown => None,
-            })
-            .collect();
+        // Nothing to attempt although work waits: every candidate is held back by a head.
+        // That is right for heads deferred in the gate; any other head should be among the
+        // candidates (one batch at a time). Never let a hold block a conversation for good.
+        let mut seqs: HashSet<u64> = self.deferred.iter().map(|d| d.1).collect();
+        seqs.extend(items.iter().filter_map(|it| match key(it) {
+            Key::Known { seq, .. } => Some(seq),
+            Key::Unknown => None,
+        }));
         let before = self.held.len();
         self.held.retain(|_, head| seqs.contains(head));
-        tracing::warn!(dropped = before - self.held.len(), "ordering: dropped holds whose event is gone");
-        let picked = self.scan(items, n, &key);
-        if !picked.is_empty() {
+        if self.held.len() == before {
+            // Everything waits behind deferred heads.
             return picked;
         }
-        // Only if a conversation's candidates came out of order, which the queue never does.
-        tracing::error!(held = self.held.len(), "ordering: candidates out of order; starting the gate afresh");
-        self.held.clear();
+        tracing::warn!(dropped = before - self.held.len(), "ordering: dropped holds whose event is gone");
         self.scan(items, n, &key)
     }
 
-    fn scan<T>(&mut self, items: &VecDeque<T>, n: usize, key: &impl Fn(&T) -> Key<'_>) -> Vec<usize> {
+    fn scan(&mut self, items: &VecDeque<T>, n: usize, key: &impl Fn(&T) -> Key<'_>) -> Vec<usize> {
         let mut picked = Vec::new();
         let mut skipped = false;
         for (i, it) in items.iter().enumerate() {
@@ -126,8 +171,8 @@ impl Gate {
                     }
                 }
                 Key::Unknown => {
-                    // It may belong to a conversation picked or held back above.
-                    if picked.is_empty() && !skipped {
+                    // It may belong to a conversation picked or held back above, or deferred.
+                    if picked.is_empty() && !skipped && self.deferred.is_empty() {
                         picked.push(i);
                     }
                     break;
@@ -162,7 +207,7 @@ mod tests {
     }
 
     /// Picks from `items` and returns the seqs picked, removing them (as the queue does).
-    fn pick(gate: &mut Gate, items: &mut VecDeque<Cand>, n: usize) -> Vec<u64> {
+    fn pick(gate: &mut Gate<Cand>, items: &mut VecDeque<Cand>, n: usize) -> Vec<u64> {
         let idx = gate.pick(items, n, key);
         let seqs = idx.iter().map(|&i| items[i].0).collect();
         for &i in idx.iter().rev() {
@@ -225,6 +270,51 @@ mod tests {
         assert!(gate.admit(Some("A"), 1));
         let mut items: VecDeque<Cand> = [known(1, Some("A")), known(2, Some("A")), unknown(3)].into();
         assert_eq!(pick(&mut gate, &mut items, 16), vec![1]);
+    }
+
+    #[test]
+    fn a_deferred_head_keeps_its_conversation_and_comes_back_in_front_when_due() {
+        let mut gate = Gate::new();
+        let (a, b) = (Some("A"), Some("B"));
+        let mut items: VecDeque<Cand> = [known(1, a), known(2, b), known(3, a), known(4, b)].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1, 2]);
+        // 1 failed while 2 went through: 1 waits in the gate; B goes on, A waits.
+        gate.release(b, 2);
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(60);
+        gate.defer(a, 1, known(1, a), later);
+        assert_eq!((gate.deferred(), gate.next_due()), (1, Some(later)));
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![4]);
+        gate.release(b, 4);
+        // Only A's 3 is left, behind its deferred head: nothing to attempt, and the hold stays.
+        assert_eq!(pick(&mut gate, &mut items, 16), Vec::<u64>::new());
+        assert_eq!(gate.held(), 1);
+        assert!(gate.take_due(now).is_empty(), "not due yet");
+        for it in gate.take_due(later).into_iter().rev() {
+            items.push_front(it);
+        }
+        assert_eq!(gate.deferred(), 0);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1]);
+        gate.release(a, 1);
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![3]);
+    }
+
+    #[test]
+    fn a_deferred_event_attempted_before_its_conversation_was_known_holds_it_too() {
+        let mut gate = Gate::new();
+        let mut items: VecDeque<Cand> = [unknown(1), known(2, Some("A"))].into();
+        assert_eq!(pick(&mut gate, &mut items, 16), vec![1]);
+        // Read back, it was A's; it failed and waits.
+        gate.defer(Some("A"), 1, known(1, Some("A")), Instant::now() + std::time::Duration::from_secs(60));
+        assert_eq!(pick(&mut gate, &mut items, 16), Vec::<u64>::new(), "2 waits for 1");
+        // Nor does an event not read back yet go while a head is deferred: it may be A's.
+        let mut unread: VecDeque<Cand> = [unknown(5)].into();
+        assert_eq!(pick(&mut gate, &mut unread, 16), Vec::<u64>::new());
+        // Switching ordering off gives the deferred events back, in seq order.
+        gate.defer(None, 0, known(0, None), Instant::now());
+        let back: Vec<u64> = gate.clear().iter().map(|c| c.0).collect();
+        assert_eq!(back, vec![0, 1]);
+        assert_eq!((gate.held(), gate.deferred()), (0, 0));
     }
 
     #[test]

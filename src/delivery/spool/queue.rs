@@ -204,7 +204,7 @@ impl SinkQueue {
 
     /// For a sink with ordering: at most `n` items the conversation gate lets go now, in
     /// their order (see [`super::order`]).
-    fn take_ordered(&self, n: usize, gate: &mut Gate) -> Vec<Item> {
+    fn take_ordered(&self, n: usize, gate: &mut Gate<Item>) -> Vec<Item> {
         let mut s = self.lock();
         let picked = gate.pick(&s.mem, n, Item::key);
         let mut items: Vec<Item> = picked.iter().rev().filter_map(|&i| s.mem.remove(i)).collect();
@@ -348,7 +348,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     let mut parked_warned = false;
     // With `ordering = "conversation"`: which conversations have an event in flight or
     // waiting for its retry.
-    let mut gate = Gate::new();
+    let mut gate: Gate<Item> = Gate::new();
     loop {
         if *stop.borrow() {
             break;
@@ -377,13 +377,17 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let limit = sink.concurrency().unwrap_or(CONCURRENCY);
         let ordered = sink.ordering() == SinkOrdering::Conversation;
         let mut batch = if ordered {
+            let due = gate.take_due(Instant::now());
+            if !due.is_empty() {
+                q.put_back(due);
+            }
             // The gate must see the conversations of the events read back from disk.
             read_ahead(&shared, &q).await;
             q.take_ordered(limit, &mut gate)
         } else {
-            if gate.held() > 0 {
+            if gate.held() > 0 || gate.deferred() > 0 {
                 // Ordering was switched off by a reload.
-                gate.clear();
+                q.put_back(gate.clear());
             }
             q.take(limit)
         };
@@ -402,6 +406,17 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                         read_failed(&shared, &q, &mut read_failures, &e);
                         sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     }
+                }
+                continue;
+            }
+            if let Some(due) = gate.next_due() {
+                // Only events waiting for their retry in the conversation gate (and those of
+                // their conversations) are left.
+                q.status.store(FAILING, Ordering::Release);
+                tokio::select! {
+                    _ = q.wake.notified() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep_until(due.into()) => {}
                 }
                 continue;
             }
@@ -518,8 +533,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut retry = Vec::new();
         let mut retry_after: Option<Duration> = None;
         let mut last_error = String::new();
-        let (mut batch_error, mut confirmed) = (None, false);
+        let mut batch_error = None;
         let mut attempts_update = Vec::new();
+        let mut confirmed = 0usize;
         for (mut it, (r, started)) in batch.into_iter().zip(outcomes) {
             let attempts = it.attempts.saturating_add(1);
             let outcome = match r {
@@ -533,7 +549,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             match outcome {
                 Outcome::Ok => {
                     observe(&q.name, "ok", started);
-                    confirmed = true;
+                    confirmed += 1;
                     gate.release(it.conversation(), it.seq);
                     done.push(it.seq);
                 }
@@ -567,10 +583,19 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
         }
-        q.note_outcome(batch_error, confirmed);
+        q.note_outcome(batch_error, confirmed > 0);
         if !done.is_empty() {
             q.finished(done.len() as u64);
             shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
+        }
+        if ordered && confirmed > 0 && retry_after.is_none() && !retry.is_empty() {
+            // The sink is up and only these events fail: each waits for its own retry in the
+            // conversation gate, and the sink's other conversations go on meanwhile.
+            shared.send(Op::Book(Bookkeeping::Attempts {
+                sink: q.name.clone(),
+                items: std::mem::take(&mut attempts_update),
+            }));
+            defer(&q, &mut gate, std::mem::take(&mut retry), &last_error, cfg);
         }
         if retry.is_empty() {
             if failures > 0 {
@@ -582,9 +607,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if !attempts_update.is_empty() {
             shared.send(Op::Book(Bookkeeping::Attempts { sink: q.name.clone(), items: attempts_update }));
         }
+        // With ordering, an event back from the gate's own backoff is not retried sooner than
+        // its attempts call for (a success of others in between reset `failures`).
+        let own = if ordered { retry.iter().map(|it| it.attempts).max().unwrap_or(0) } else { 0 };
         q.put_back(retry);
         failures = failures.saturating_add(1);
-        let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures);
+        let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures.max(own));
         if let Some(ra) = retry_after {
             delay = delay.max(ra.min(MAX_RETRY_AFTER));
         }
@@ -611,17 +639,38 @@ async fn held_paused(q: &SinkQueue, stop: &mut tokio::sync::watch::Receiver<bool
     true
 }
 
+/// For a sink with ordering whose other deliveries of the round went through: each failed
+/// event waits in the conversation gate for its own backoff (its conversation stays held).
+fn defer(q: &SinkQueue, gate: &mut Gate<Item>, retry: Vec<Item>, error: &str, cfg: &crate::config::DeliveryConfig) {
+    let now = Instant::now();
+    for it in retry {
+        let delay = backoff(cfg.retry_initial, cfg.retry_max, it.attempts);
+        let conversation = it.conversation().map(str::to_owned);
+        if it.attempts == 1 || it.attempts.is_power_of_two() {
+            let event_id = it.env.as_ref().map_or("", |e| e.event.id.as_str());
+            tracing::warn!(sink = %q.name, event_id, conversation = conversation.as_deref().unwrap_or(""), attempts = it.attempts, retry_in = ?delay, %error, "delivery failed; its conversation waits for the retry, the others go on");
+        }
+        gate.defer(conversation.as_deref(), it.seq, it, now + delay);
+    }
+}
+
 /// For a sink with ordering: reads back the events of the next items that are only on disk
-/// (as far as the read-ahead budget goes), so that the gate knows their conversations and
-/// one stuck conversation does not hold back the events behind it. Best effort: what is
-/// not read here is read when its item comes up.
+/// (the first one whatever its size, the others as far as the read-ahead budget goes), so
+/// that the gate knows their conversations and one stuck conversation does not hold back the
+/// events behind it. Best effort: what is not read here is read when its item comes up.
 async fn read_ahead(shared: &Arc<Shared>, q: &SinkQueue) {
-    let (ahead, budget) = q.missing_ahead(READ_AHEAD);
-    if ahead.is_empty() || budget == 0 {
+    let (mut ahead, budget) = q.missing_ahead(READ_AHEAD);
+    if ahead.is_empty() {
+        return;
+    }
+    let front = q.lock().mem.front().filter(|it| it.env.is_none()).map(|it| it.seq);
+    let must: Vec<u64> = front.into_iter().collect();
+    ahead.retain(|seq| !must.contains(seq));
+    if must.is_empty() && budget == 0 {
         return;
     }
     let sh = shared.clone();
-    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &[], &ahead, budget)).await {
+    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await {
         let envs = recs
             .into_iter()
             .filter_map(|(seq, rec)| {
