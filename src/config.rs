@@ -503,9 +503,10 @@ impl Default for DeliveryConfig {
 }
 
 impl DeliveryConfig {
-    /// The shared dedup store's URL, unless unset or empty.
+    /// The shared dedup store's URL, unless unset, empty or `"local"` (each replica's own
+    /// window, kept in the spool: the default).
     pub fn dedup_store(&self) -> Option<&str> {
-        self.dedup_store.as_ref().map(|u| u.0.trim()).filter(|u| !u.is_empty())
+        self.dedup_store.as_ref().map(|u| u.0.trim()).filter(|u| !u.is_empty() && *u != "local")
     }
 
     /// Refused bodies go next to the dead-letter file.

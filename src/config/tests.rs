@@ -747,6 +747,8 @@ fn the_dedup_store_url_is_checked_and_its_password_never_shown() {
     let d = DeliveryConfig { dedup_store: Some(StoreUrl("  ".into())), ..Default::default() };
     assert_eq!(d.dedup_store(), None, "empty means unset");
     jail(|j| {
+        file(j, &with_secret("[delivery]\ndedup_store = \"local\"\n"));
+        assert_eq!(load().unwrap().config.delivery.dedup_store(), None, "\"local\" is the default: no Redis");
         file(j, &with_secret("[delivery]\ndedup_store = \"http://:hunter2@h/\"\n"));
         let e = load_err().to_string();
         assert!(e.contains("delivery.dedup_store") && !e.contains("hunter2"), "{e}");
