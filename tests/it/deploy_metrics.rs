@@ -395,6 +395,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "dedup_window",
             "dedup_store",
             "shutdown_timeout",
+            "drain_on_shutdown",
         ],
     ),
     ("log", &["format", "level"]),
@@ -437,6 +438,18 @@ fn configmap_config_of(path: &str) -> String {
     }
     assert!(block.contains("[delivery]"), "{path} has no webio-router.toml block");
     block
+}
+
+#[test]
+fn the_sidecar_whose_spool_is_an_empty_dir_drains_it_on_shutdown() {
+    let deployment = repo_file("deploy/kubernetes/deployment.yaml");
+    assert!(deployment.contains("emptyDir:"), "the sidecar's spool volume is an emptyDir");
+    let config: toml::Table = toml::from_str(&configmap_config()).unwrap();
+    assert_eq!(
+        config["delivery"].get("drain_on_shutdown").and_then(|v| v.as_bool()),
+        Some(true),
+        "a spool on an emptyDir vanishes with the pod: the sidecar must set drain_on_shutdown"
+    );
 }
 
 #[test]
