@@ -582,6 +582,43 @@ mod tests {
         spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(300)).await;
     }
 
+    /// The same sink without ordering.
+    struct Unordered(Arc<Ordered>);
+
+    impl Sink for Unordered {
+        fn name(&self) -> &str {
+            "unordered"
+        }
+        fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            self.0.deliver(env)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_without_ordering_does_not_back_off_whole_for_one_failing_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        // A backoff far longer than the test may take.
+        cfg.retry_initial = Duration::from_secs(600);
+        cfg.retry_max = Duration::from_secs(600);
+        let inner = Ordered::new(&[("A1", u32::MAX)], &[], true);
+        let sink: Arc<dyn Sink> = Arc::new(Unordered(inner.clone()));
+        // Accepted before the sink is known, so that the first round holds A1 and 15 others.
+        let spool = Spool::open(&cfg, &HashMap::new()).await.unwrap();
+        let t = vec![sink.clone()];
+        assert_eq!(spool.submit(message(Some("A"), "A1"), t.clone()).await, Ok(Accepted::New));
+        for k in 1..=40 {
+            assert_eq!(spool.submit(message(None, &format!("N{k}")), t.clone()).await, Ok(Accepted::New));
+        }
+        spool.sinks_changed(&[("unordered".to_string(), sink.clone())].into());
+        // Without A1 waiting for its own retry, the sink would back off ten minutes after the
+        // first round and the rest would wait that long.
+        wait("every other event", || inner.bodies("").len() == 40).await;
+        assert_eq!(inner.offered.lock().unwrap().iter().filter(|b| *b == "A1").count(), 1, "A1 waits for its backoff");
+        assert_eq!(spool.pending()["unordered"], 1);
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(300)).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_lettered_event_releases_the_next_event_of_its_conversation() {
         let dir = tempfile::tempdir().unwrap();

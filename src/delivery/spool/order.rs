@@ -22,6 +22,9 @@
 //!   ([`Gate::take_due`]); a deferred event is the only one of its conversation that can be
 //!   attempted next.
 //! - Events without a conversation id are never held and hold nothing back.
+//! - A sink *without* ordering uses only the gate's deferral: its failed events wait there
+//!   for their own retry (deferred with no conversation, so nothing is held) while the rest
+//!   of its events go on; [`Gate::pick`] is not used for it.
 //! - A candidate whose conversation is not known yet (its event not read back from the spool)
 //!   is picked only alone, first, with nothing skipped before it and no head deferred: no
 //!   conversation is held then, so it can break no order. (The drain reads the first
@@ -61,6 +64,7 @@ impl<T> Gate<T> {
     }
 
     /// Heads waiting in the gate for their retry.
+    #[cfg(test)]
     pub fn deferred(&self) -> usize {
         self.deferred.len()
     }

@@ -385,9 +385,13 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             read_ahead(&shared, &q).await;
             q.take_ordered(limit, &mut gate)
         } else {
-            if gate.held() > 0 || gate.deferred() > 0 {
+            if gate.held() > 0 {
                 // Ordering was switched off by a reload.
                 q.put_back(gate.clear());
+            }
+            let due = gate.take_due(Instant::now());
+            if !due.is_empty() {
+                q.put_back(due);
             }
             q.take(limit)
         };
@@ -588,14 +592,15 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             q.finished(done.len() as u64);
             shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
         }
-        if ordered && confirmed > 0 && retry_after.is_none() && !retry.is_empty() {
+        if confirmed > 0 && retry_after.is_none() && !retry.is_empty() {
             // The sink is up and only these events fail: each waits for its own retry in the
-            // conversation gate, and the sink's other conversations go on meanwhile.
+            // gate (with ordering, its conversation stays held), and the sink's other events
+            // go on meanwhile, rather than the whole sink backing off for a few failures.
             shared.send(Op::Book(Bookkeeping::Attempts {
                 sink: q.name.clone(),
                 items: std::mem::take(&mut attempts_update),
             }));
-            defer(&q, &mut gate, std::mem::take(&mut retry), &last_error, cfg);
+            defer(&q, &mut gate, std::mem::take(&mut retry), &last_error, cfg, ordered);
         }
         if retry.is_empty() {
             if failures > 0 {
@@ -607,9 +612,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if !attempts_update.is_empty() {
             shared.send(Op::Book(Bookkeeping::Attempts { sink: q.name.clone(), items: attempts_update }));
         }
-        // With ordering, an event back from the gate's own backoff is not retried sooner than
-        // its attempts call for (a success of others in between reset `failures`).
-        let own = if ordered { retry.iter().map(|it| it.attempts).max().unwrap_or(0) } else { 0 };
+        // An event back from the gate's own backoff is not retried sooner than its attempts
+        // call for (a success of others in between reset `failures`).
+        let own = retry.iter().map(|it| it.attempts).max().unwrap_or(0);
         q.put_back(retry);
         failures = failures.saturating_add(1);
         let mut delay = backoff(cfg.retry_initial, cfg.retry_max, failures.max(own));
@@ -639,16 +644,25 @@ async fn held_paused(q: &SinkQueue, stop: &mut tokio::sync::watch::Receiver<bool
     true
 }
 
-/// For a sink with ordering whose other deliveries of the round went through: each failed
-/// event waits in the conversation gate for its own backoff (its conversation stays held).
-fn defer(q: &SinkQueue, gate: &mut Gate<Item>, retry: Vec<Item>, error: &str, cfg: &crate::config::DeliveryConfig) {
+/// When the sink's other deliveries of the round went through: each failed event waits in the
+/// gate for its own backoff (with ordering, its conversation stays held), so a few failures do
+/// not put the whole sink into backoff.
+fn defer(
+    q: &SinkQueue,
+    gate: &mut Gate<Item>,
+    retry: Vec<Item>,
+    error: &str,
+    cfg: &crate::config::DeliveryConfig,
+    ordered: bool,
+) {
     let now = Instant::now();
     for it in retry {
         let delay = backoff(cfg.retry_initial, cfg.retry_max, it.attempts);
-        let conversation = it.conversation().map(str::to_owned);
+        // Without ordering nothing is held: the event only waits for its own retry.
+        let conversation = if ordered { it.conversation().map(str::to_owned) } else { None };
         if it.attempts == 1 || it.attempts.is_power_of_two() {
             let event_id = it.env.as_ref().map_or("", |e| e.event.id.as_str());
-            tracing::warn!(sink = %q.name, event_id, conversation = conversation.as_deref().unwrap_or(""), attempts = it.attempts, retry_in = ?delay, %error, "delivery failed; its conversation waits for the retry, the others go on");
+            tracing::warn!(sink = %q.name, event_id, conversation = conversation.as_deref().unwrap_or(""), attempts = it.attempts, retry_in = ?delay, %error, "delivery failed; it waits for its retry, the sink's other events go on");
         }
         gate.defer(conversation.as_deref(), it.seq, it, now + delay);
     }
