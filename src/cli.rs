@@ -121,7 +121,31 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    if matches!(
+        cli.command,
+        Some(
+            Command::Check
+                | Command::Token { .. }
+                | Command::Explain { .. }
+                | Command::Test { .. }
+                | Command::Spool { .. }
+        )
+    ) {
+        end_quietly_on_a_closed_pipe();
+    }
     run(cli)
+}
+
+/// A command whose output is piped into `head` (`explain … | head`) ends quietly when the
+/// reader goes away, as Unix tools do, instead of panicking on "Broken pipe": SIGPIPE gets its
+/// default action back (Rust's runtime ignores it). Only for commands that print and exit: the
+/// daemon keeps it ignored, so that a client hanging up never kills it, and the commands that
+/// talk to the control socket keep it ignored, so that they report a daemon that went away.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: called before any other thread exists; it only resets one signal's disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

@@ -188,6 +188,28 @@ fn a_bad_token_ttl_says_what_to_write() {
 }
 
 #[test]
+fn a_reader_that_goes_away_ends_a_command_quietly_not_with_a_panic() {
+    let (dir, cfg, _) = router("", ROUTES).write();
+    // `completions bash | head -1` and `explain … | head -1`: the reader closes its end early.
+    let fixture = fixtures().join("webio/legacy-message-send.json");
+    for args in
+        [vec!["--config", cfg.to_str().unwrap(), "explain", fixture.to_str().unwrap()], vec!["completions", "bash"]]
+    {
+        let mut child = Command::new(bin())
+            .args(&args)
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn explain_prints_the_normalised_event_and_its_routes_and_sends_nothing() {
     let (dir, cfg, _) = router("", ROUTES).write();
     let fixture = fixtures().join("webio/legacy-message-send.json");
