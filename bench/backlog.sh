@@ -5,7 +5,9 @@
 #
 # - restart → ready: from the exec of the daemon to the first `GET /readyz` answered 200
 #   (polled with curl every ~10 ms; median of the three restarts);
-# - spool bytes per pending event: the size of spool.redb / pending (event, sink) pairs;
+# - spool bytes per pending event: the size of spool.redb / pending (event, sink) pairs (and
+#   the blocks the file really takes: redb grows it in steps, sparse until written);
+# - record bytes per event: the event records alone (`spool check`: event JSON + raw body);
 # - body bytes per event: the mean size of the bodies the fill posted (bench/backlog.lua);
 # - amplification: spool bytes per event / body bytes per event;
 # - RSS after ready (VmRSS of the daemon once /readyz is 200; median of the three).
@@ -150,6 +152,9 @@ for n in "${sizes[@]}"; do
   echo "fill of $n: $fill ($fill_s s wall)" >&2
   stop
   size=$(stat -c %s "$dir/spool/spool.redb")
+  # The event records alone (event JSON + raw body + header and checksum), from `spool check`.
+  records=$("$bin" --config "$dir/webio-router.toml" spool check 2>/dev/null | sed -nE 's/.*events, ([0-9]+) bytes of event data.*/\1/p' || true)
+  alloc=$(( $(stat -c %b "$dir/spool/spool.redb") * $(stat -c %B "$dir/spool/spool.redb") ))
 
   readies=(); rsses=(); held=0
   for _ in 1 2 3; do
@@ -163,16 +168,17 @@ for n in "${sizes[@]}"; do
   ready=$(printf '%s\n' "${readies[@]}" | median)
   rss=$(printf '%s\n' "${rsses[@]}" | median)
   spans="$(printf '%s ' "${readies[@]}")"
-  rows+=("$(awk -v n="$n" -v p="$held" -v sz="$size" -v sz2="$size_after" -v body="$body" -v r="$ready" -v rs="$spans" -v rss="$rss" -v fs="$fill_s" 'BEGIN {
+  rows+=("$(awk -v n="$n" -v p="$held" -v sz="$size" -v al="$alloc" -v rec="${records:-0}" -v body="$body" -v r="$ready" -v rs="$spans" -v rss="$rss" -v fs="$fill_s" 'BEGIN {
     per = (p > 0 ? sz / p : 0)
-    printf "| %d | %d | %.2f s (%s) | %.0f MB | %.0f | %.0f | %.2f× | %.1f MiB | %.0f s |",
-      n, p, r, rs, sz / 1e6, per, body, (body > 0 ? per / body : 0), rss / 1024, fs }')")
+    printf "| %d | %d | %.2f s (%s) | %.0f MB (%.0f MB allocated) | %.0f (%.0f) | %.0f | %.0f | %.2f× (%.2f×) | %.1f MiB | %.0f s |",
+      n, p, r, rs, sz / 1e6, al / 1e6, per, (p > 0 ? al / p : 0), (p > 0 ? rec / p : 0), body, (body > 0 ? per / body : 0),
+      (body > 0 && p > 0 ? al / p / body : 0), rss / 1024, fs }')")
   [ "$size_after" = "$size" ] || echo "note: spool.redb grew from $size to $size_after bytes across the restarts" >&2
   [ "${BACKLOG_KEEP:-0}" = 1 ] || rm -rf "$dir/spool"
 done
 
-echo "| events posted | pending at restart | restart → ready (median of 3; each) | spool.redb | spool bytes / event | body bytes / event | amplification | RSS after ready | fill time |"
-echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| events posted | pending at restart | restart → ready (median of 3; each) | spool.redb size | spool bytes / event (allocated) | record bytes / event | body bytes / event | amplification (allocated) | RSS after ready | fill time |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${rows[@]}"
 echo
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
