@@ -17,6 +17,11 @@
 //! A webhook's 202 is sent once its event and one pending row per matched sink are committed
 //! (with its id in the dedup table, in the same transaction). Each sink's drain task delivers
 //! its rows; a delivered or dead-lettered row is removed, and the event row with the last one.
+//!
+//! A start reads counts, not records ([`store::recover_for_start`]): the daemon is ready
+//! without decoding the backlog. The records found at the start are then checked by the
+//! `spool-audit` thread, in short snapshots, for the log only; the drain checks every record
+//! it reads whatever the audit found, so correctness never waits for it.
 
 pub mod dead;
 mod guard;
@@ -190,12 +195,7 @@ impl Spool {
             closing: None,
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
-        let (audited, sh) = (rec.next_seq, shared.clone());
-        if let Err(e) =
-            std::thread::Builder::new().name("spool-audit".into()).spawn(move || audit(&sh, &audit_sinks, audited))
-        {
-            tracing::warn!(error = %e, "spool: cannot start the check of the event records; damaged records are still found when their sink reaches them");
-        }
+        let audited = rec.next_seq;
         let (done_tx, done_rx) = oneshot::channel();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -216,6 +216,12 @@ impl Spool {
                 what: "cannot start the writer thread",
                 source,
             })?;
+        let sh = shared.clone();
+        if let Err(e) =
+            std::thread::Builder::new().name("spool-audit".into()).spawn(move || audit(&sh, &audit_sinks, audited))
+        {
+            tracing::warn!(error = %e, "spool: cannot start the check of the event records; damaged records are still found when their sink reaches them");
+        }
         Ok(Arc::new(Spool {
             shared,
             registry,
@@ -246,7 +252,7 @@ const AUDIT_CHUNK: usize = 8192;
 /// records no sink refers to. Gives up quietly when the spool closes.
 fn audit(shared: &Shared, sinks: &[String], end: u64) {
     let started = Instant::now();
-    let (mut from, mut unreadable, mut orphans) = (0u64, Vec::new(), 0usize);
+    let (mut from, mut first, mut unreadable, mut orphans) = (0u64, None, 0usize, 0usize);
     loop {
         if *shared.stop.borrow() {
             return;
@@ -258,7 +264,10 @@ fn audit(shared: &Shared, sinks: &[String], end: u64) {
         };
         match store::audit(&db, from..end, AUDIT_CHUNK, sinks) {
             Ok(a) => {
-                unreadable.extend(a.unreadable);
+                unreadable += a.unreadable.len();
+                if first.is_none() {
+                    first = a.unreadable.into_iter().next();
+                }
                 orphans += a.orphans.len();
                 match a.next {
                     Some(next) => from = next,
@@ -272,8 +281,8 @@ fn audit(shared: &Shared, sinks: &[String], end: u64) {
         }
     }
     let path = shared.path.display();
-    if let Some((seq, why)) = unreadable.first() {
-        tracing::error!(file = %path, records = unreadable.len(), first_seq = seq, first_error = %why, "spool: some event records are damaged; they are kept, never delivered, and go to the dead-letter file as stored when their sink reaches them");
+    if let Some((seq, why)) = first {
+        tracing::error!(file = %path, records = unreadable, first_seq = seq, first_error = %why, "spool: some event records are damaged; they are kept, never delivered, and go to the dead-letter file as stored when their sink reaches them");
     }
     if orphans > 0 {
         tracing::warn!(file = %path, records = orphans, "spool: some event records are not pending for any sink; they are kept");
