@@ -1,5 +1,5 @@
 -- wrk script for bench/backlog.sh: posts exactly WEBIO_COUNT distinct Webio webhooks (the
--- shapes of bench/webio.lua, ~200-330 bytes each), then stops.
+-- shapes of bench/webio.lua, ~230 bytes on average), then stops.
 --
 -- Environment:
 --   WEBIO_TOKEN   the JWT for the x-webio-token header (`webio-router token --ttl 0`)
