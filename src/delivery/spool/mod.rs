@@ -17,6 +17,11 @@
 //! A webhook's 202 is sent once its event and one pending row per matched sink are committed
 //! (with its id in the dedup table, in the same transaction). Each sink's drain task delivers
 //! its rows; a delivered or dead-lettered row is removed, and the event row with the last one.
+//!
+//! A start reads counts, not records ([`store::recover_for_start`]): the daemon is ready
+//! without decoding the backlog. The records found at the start are then checked by the
+//! `spool-audit` thread, in short snapshots, for the log only; the drain checks every record
+//! it reads whatever the audit found, so correctness never waits for it.
 
 pub mod dead;
 mod guard;
@@ -123,7 +128,10 @@ impl Spool {
         let opened = tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
             let (db, path) = store::open_db(&dir)?;
             let since = crate::dedup::now_millis().saturating_sub(window.as_millis() as u64);
-            let recovered = store::recover(&db, since).map_err(|e| SpoolError::from_store(&path, e))?;
+            // The newest ids only: the in-memory window holds no more than this (loading more
+            // would only evict them again).
+            let cap = crate::dedup::MAX_ENTRIES - 1;
+            let recovered = store::recover_for_start(&db, since, cap).map_err(|e| SpoolError::from_store(&path, e))?;
             Ok((db, path, recovered))
         })
         .await
@@ -137,13 +145,6 @@ impl Spool {
         let dedup = Dedup::new(cfg.dedup_window);
         for (at, key) in &rec.dedup {
             dedup.record_key_at(*key, *at);
-        }
-        if !rec.unreadable.is_empty() {
-            let (seq, why) = &rec.unreadable[0];
-            tracing::error!(file = %path.display(), records = rec.unreadable.len(), first_seq = seq, first_error = %why, "spool: some event records are damaged; they are kept, never delivered, and go to the dead-letter file as stored when their sink reaches them");
-        }
-        if !rec.orphans.is_empty() {
-            tracing::warn!(file = %path.display(), records = rec.orphans.len(), "spool: some event records are not pending for any sink; they are kept");
         }
         let total: u64 = rec.pending.values().sum();
         tracing::info!(file = %path.display(), pending = total, events = rec.events, bytes = rec.bytes, dedup_ids = rec.dedup.len(), "spool opened");
@@ -193,6 +194,8 @@ impl Spool {
             unsynced_ops: Vec::new(),
             closing: None,
         };
+        let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
+        let audited = rec.next_seq;
         let (done_tx, done_rx) = oneshot::channel();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -213,6 +216,12 @@ impl Spool {
                 what: "cannot start the writer thread",
                 source,
             })?;
+        let sh = shared.clone();
+        if let Err(e) =
+            std::thread::Builder::new().name("spool-audit".into()).spawn(move || audit(&sh, &audit_sinks, audited))
+        {
+            tracing::warn!(error = %e, "spool: cannot start the check of the event records; damaged records are still found when their sink reaches them");
+        }
         Ok(Arc::new(Spool {
             shared,
             registry,
@@ -232,6 +241,53 @@ impl Spool {
         let sinks = self.shared.sinks.read().expect("sinks lock");
         self.registry.all().iter().filter(|q| sinks.contains_key(&*q.name) && !q.is_paused()).map(|q| q.pending()).sum()
     }
+}
+
+/// Event records checked per snapshot by [`audit`] (a few tens of milliseconds each).
+const AUDIT_CHUNK: usize = 8192;
+
+/// Checks every event record found at the start (seqs below `end`), in short snapshots beside
+/// the running daemon, and logs what a start used to report before it was ready: damaged
+/// records (kept, never delivered, dead-lettered as stored when their sink reaches them) and
+/// records no sink refers to. Gives up quietly when the spool closes.
+fn audit(shared: &Shared, sinks: &[String], end: u64) {
+    let started = Instant::now();
+    let (mut from, mut first, mut unreadable, mut orphans) = (0u64, None, 0usize, 0usize);
+    loop {
+        if *shared.stop.borrow() {
+            return;
+        }
+        let Ok(db) = shared.db() else {
+            // The writer is reopening the file after a failed commit.
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        match store::audit(&db, from..end, AUDIT_CHUNK, sinks) {
+            Ok(a) => {
+                unreadable += a.unreadable.len();
+                if first.is_none() {
+                    first = a.unreadable.into_iter().next();
+                }
+                orphans += a.orphans.len();
+                match a.next {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(file = %shared.path.display(), error = %e, "spool: the check of the event records stopped; damaged records are still found when their sink reaches them");
+                return;
+            }
+        }
+    }
+    let path = shared.path.display();
+    if let Some((seq, why)) = first {
+        tracing::error!(file = %path, records = unreadable, first_seq = seq, first_error = %why, "spool: some event records are damaged; they are kept, never delivered, and go to the dead-letter file as stored when their sink reaches them");
+    }
+    if orphans > 0 {
+        tracing::warn!(file = %path, records = orphans, "spool: some event records are not pending for any sink; they are kept");
+    }
+    tracing::debug!(file = %path, took_ms = started.elapsed().as_millis() as u64, "spool: event records checked");
 }
 
 impl Delivery for Spool {

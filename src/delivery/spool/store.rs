@@ -302,12 +302,21 @@ pub struct Recovered {
     pub paused: BTreeMap<String, u64>,
 }
 
-/// Reads everything a start needs from one snapshot, checking every event record.
+/// Reads everything `spool check` reports from one snapshot, checking every event record.
 pub fn recover(db: &Database, dedup_since: u64) -> Result<Recovered, StoreError> {
-    guard::catch(|| recover_inner(db, dedup_since))?
+    guard::catch(|| recover_inner(db, dedup_since, usize::MAX, true))?
 }
 
-fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreError> {
+/// Reads what a start needs from one snapshot, without decoding the event records (their
+/// lengths only): `unreadable` and `orphans` are left empty, for [`audit`] to fill in after
+/// the start. Of the dedup ids inside the window, only the newest `dedup_max` are read (the
+/// in-memory window keeps no more). This keeps a restart with a large backlog fast: the
+/// check of a record (checksum, JSON, id hash) was most of the time it took.
+pub fn recover_for_start(db: &Database, dedup_since: u64, dedup_max: usize) -> Result<Recovered, StoreError> {
+    guard::catch(|| recover_inner(db, dedup_since, dedup_max, false))?
+}
+
+fn recover_inner(db: &Database, dedup_since: u64, dedup_max: usize, check: bool) -> Result<Recovered, StoreError> {
     let tx = db.begin_read().op("begin read")?;
     let mut r = Recovered::default();
     let pending = tx.open_table(PENDING).op("open pending")?;
@@ -315,8 +324,15 @@ fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreErro
     for row in pending.iter().op("read pending")? {
         let (k, _) = row.op("read pending")?;
         let (sink, seq) = k.value();
-        *r.pending.entry(sink.to_owned()).or_default() += 1;
-        referenced.insert(seq);
+        match r.pending.get_mut(sink) {
+            Some(n) => *n += 1,
+            None => {
+                r.pending.insert(sink.to_owned(), 1);
+            }
+        }
+        if check {
+            referenced.insert(seq);
+        }
         if r.oldest.as_ref().map_or(true, |(s, _)| seq < *s) {
             r.oldest = Some((seq, sink.to_owned()));
         }
@@ -329,6 +345,9 @@ fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreErro
         r.events += 1;
         r.bytes += rec.len() as u64;
         r.next_seq = r.next_seq.max(seq + 1);
+        if !check {
+            continue;
+        }
         if let Err(e) = decode(rec) {
             r.unreadable.push((seq, e.to_string()));
         } else if !referenced.contains(&seq) {
@@ -336,12 +355,65 @@ fn recover_inner(db: &Database, dedup_since: u64) -> Result<Recovered, StoreErro
         }
     }
     let dedup = tx.open_table(DEDUP).op("open dedup")?;
-    for row in dedup.range((dedup_since, 0u128)..).op("read dedup")? {
+    // Newest first, then back to oldest first (the order the in-memory window is filled in).
+    for row in dedup.range((dedup_since, 0u128)..).op("read dedup")?.rev().take(dedup_max) {
         let (k, _) = row.op("read dedup")?;
         r.dedup.push(k.value());
     }
+    r.dedup.reverse();
     r.paused = paused_sinks(&tx)?;
     Ok(r)
+}
+
+/// What [`audit`] found in one stretch of the event table.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// Damaged records: (seq, why).
+    pub unreadable: Vec<(u64, String)>,
+    /// Records no pending row of `sinks` refers to.
+    pub orphans: Vec<u64>,
+    /// Where the next stretch begins; `None` when `seqs` is done.
+    pub next: Option<u64>,
+}
+
+/// Checks at most `max` event records with a seq in `seqs` (each decoded: checksum, JSON, id
+/// hash), and whether a pending row of one of `sinks` still refers to each. One short
+/// snapshot per call, so that a check of a large backlog, run beside the daemon after its
+/// start, neither holds old pages from reuse nor the file from the writer for long.
+pub fn audit(db: &Database, seqs: std::ops::Range<u64>, max: usize, sinks: &[String]) -> Result<Audit, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        let events = tx.open_table(EVENTS).op("open events")?;
+        let pending = tx.open_table(PENDING).op("open pending")?;
+        let mut a = Audit::default();
+        let end = seqs.end;
+        for (i, row) in events.range(seqs).op("read events")?.enumerate() {
+            let (k, v) = row.op("read events")?;
+            let seq = k.value();
+            if i == max {
+                a.next = Some(seq);
+                break;
+            }
+            if let Err(e) = decode(v.value()) {
+                a.unreadable.push((seq, e.to_string()));
+                continue;
+            }
+            let mut referenced = false;
+            for sink in sinks {
+                if pending.get((sink.as_str(), seq)).op("read pending")?.is_some() {
+                    referenced = true;
+                    break;
+                }
+            }
+            if !referenced {
+                a.orphans.push(seq);
+            }
+        }
+        if a.next.is_some_and(|n| n >= end) {
+            a.next = None;
+        }
+        Ok(a)
+    })?
 }
 
 /// The `paused` table (a spool created before it existed has none: nothing paused).
@@ -630,5 +702,54 @@ mod tests {
         assert_eq!((r.events, r.pending["s"]), (3, 3));
         assert_eq!(r.unreadable.len(), 1, "{:?}", r.unreadable);
         assert_eq!(r.oldest.map(|(seq, _)| seq), Some(0));
+    }
+
+    #[test]
+    fn a_start_reads_the_same_counts_without_checking_and_the_audit_finds_what_the_check_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 20);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(12).position(|w| w == b"\"amount\":13}").unwrap();
+        bytes[at + 9] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+        let (db, _) = open_db(dir.path()).unwrap();
+        // Event 4 is no longer pending for any sink: an orphan.
+        let tx = db.begin_write().unwrap();
+        tx.open_table(PENDING).unwrap().remove(("s", 4u64)).unwrap();
+        {
+            let mut dedup = tx.open_table(DEDUP).unwrap();
+            for i in 0..20u64 {
+                dedup.insert((1000 + i, u128::from(i)), ()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+
+        let full = recover(&db, 0).unwrap();
+        let start = recover_for_start(&db, 0, 5).unwrap();
+        assert_eq!(
+            (start.events, start.bytes, start.next_seq, &start.pending, &start.oldest),
+            (full.events, full.bytes, full.next_seq, &full.pending, &full.oldest)
+        );
+        assert!(start.unreadable.is_empty() && start.orphans.is_empty(), "left to the audit");
+        assert_eq!(full.dedup.len(), 20);
+        assert_eq!(start.dedup, full.dedup[15..], "the newest five, oldest first");
+
+        let sinks = vec!["s".to_owned()];
+        let (mut from, mut unreadable, mut orphans, mut calls) = (0, Vec::new(), Vec::new(), 0);
+        loop {
+            let a = audit(&db, from..start.next_seq, 3, &sinks).unwrap();
+            calls += 1;
+            unreadable.extend(a.unreadable.into_iter().map(|(seq, _)| seq));
+            orphans.extend(a.orphans);
+            match a.next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        assert_eq!(calls, 7, "20 records, 3 per snapshot");
+        assert_eq!(unreadable, full.unreadable.iter().map(|(seq, _)| *seq).collect::<Vec<_>>());
+        assert_eq!(unreadable, vec![13]);
+        assert_eq!(orphans, full.orphans);
+        assert_eq!(orphans, vec![4]);
     }
 }
