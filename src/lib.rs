@@ -5,7 +5,9 @@
 //!
 //! - [`cli`]: the command line (`serve`, `check`, `token`, `explain`, `test`, `completions`,
 //!   `sinks`, `pause`, `resume`, `replay`).
-//! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once.
+//! - [`config`]: figment configuration (defaults < TOML < `WEBIO_ROUTER_` env), validated once;
+//!   the `[custom_values]`, `[ingest]` and `delivery.dedup_store` settings in its own files, so
+//!   that loading a configuration needs nothing of the server, the poller or Redis.
 //! - [`app`]: the daemon as a value: [`app::App::build`] binds and opens everything,
 //!   [`app::App::run`] serves until its [`shutdown::Shutdown`] fires; `serve` adds signals.
 //! - [`state`]: what the handlers share (route table, verifier, delivery, readiness).
@@ -24,15 +26,20 @@
 //! - [`template`]: `{field}` templates and `${NAME}` environment expansion.
 //! - [`format`]: how a sink encodes an event (`event`, `cloudevents`, `raw`).
 //! - [`delivery`]: between the router and the sinks: direct delivery or the durable spool.
-//!   - [`delivery::spool`]: the crash-safe on-disk spool.
+//!   - [`delivery::spool`]: the crash-safe on-disk spool: store, writer, per-sink queues and
+//!     their gate (retries, `ordering = "conversation"`), pause and online replay, dead
+//!     letters, check and salvage.
 //!   - [`delivery::shared`]: either mode with the dedup window shared through Redis.
 //! - [`sinks`]: one [`sinks::Sink`] trait, one module per sink type (`amqp/` and `kafka/` are
-//!   folders: config, connection/confirms or callbacks).
+//!   folders: config, connection/confirms or callbacks); [`sinks::limit`]: `rate_limit` and
+//!   `concurrency`, for every type.
 //! - [`tls`]: the binary's one rustls crypto provider (ring); the webhook listener's TLS is
 //!   [`server::tls`].
 //! - [`dedup`]: the re-delivery window; [`dedup::store`]: its Redis side (`delivery.dedup_store`).
 //! - [`jsonl`]: append-only JSON Lines files (rejected bodies, dead letters).
 //! - [`metrics`]: every metric name and the helpers that emit them.
+//! - [`logging`]: the tracing subscriber (text or JSON lines on stderr).
+//! - [`notify`]: systemd readiness, reload and watchdog notifications.
 //! - [`shutdown`]: the cancellation tree and the one shutdown deadline.
 
 pub mod app;
