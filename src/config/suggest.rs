@@ -9,7 +9,7 @@ pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str
     for c in candidates {
         let c_lower = c.to_lowercase();
         let score = if c_lower == lower { 2.0 } else { strsim::jaro_winkler(&lower, &c_lower) };
-        if score >= 0.8 && best.map_or(true, |(b, _)| score > b) {
+        if score >= 0.8 && best.is_none_or(|(b, _)| score > b) {
             best = Some((score, c));
         }
     }

@@ -333,7 +333,7 @@ fn recover_inner(db: &Database, dedup_since: u64, dedup_max: usize, check: bool)
         if check {
             referenced.insert(seq);
         }
-        if r.oldest.as_ref().map_or(true, |(s, _)| seq < *s) {
+        if r.oldest.as_ref().is_none_or(|(s, _)| seq < *s) {
             r.oldest = Some((seq, sink.to_owned()));
         }
     }
