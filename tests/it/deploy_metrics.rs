@@ -117,6 +117,9 @@ fn every_metric_the_alerts_use_is_exported() {
         "webio_router_deliveries_total",
         "webio_router_spool_pending",
         "webio_router_sink_up",
+        "webio_router_spool_write_errors_total",
+        "webio_router_sink_paused",
+        "webio_router_dedup_store_errors_total",
     ] {
         assert!(used.contains(expected), "{ALERTS} no longer alerts on {expected}");
     }
