@@ -148,19 +148,26 @@ ok "$(find "$k8s" deploy/prometheus -name '*.y*ml' | wc -l) files lint clean"
 
 # ---------------------------------------------------------------------------- Kubernetes
 
+# validate_manifests FILE...: strict schema validation against the latest Kubernetes and the
+# oldest one supported.
+validate_manifests() {
+    local version out args
+    for version in latest "$min_kubernetes"; do
+        args=(--strict)
+        [[ $version == latest ]] || args+=(-k "$version")
+        step "kubernetes-validate ${args[*]} $*"
+        out=$("${KUBERNETES_VALIDATE[@]}" "${args[@]}" "$@" 2>&1) \
+            || { printf '%s\n' "$out"; fail "invalid manifest"; }
+        printf '%s\n' "$out" | sed 's/^/    | /'
+        # A WARN is a schema kubernetes-validate could not find (a typo in apiVersion or kind,
+        # say): then nothing was validated, so it fails here.
+        if grep -qv '^INFO ' <<<"$out"; then fail "not every resource was validated"; fi
+        ok "$# manifests valid"
+    done
+}
+
 core=("$k8s/configmap.yaml" "$k8s/secret.yaml" "$k8s/deployment.yaml" "$k8s/service.yaml")
-for version in latest "$min_kubernetes"; do
-    args=(--strict)
-    [[ $version == latest ]] || args+=(-k "$version")
-    step "kubernetes-validate ${args[*]} ${core[*]}"
-    out=$("${KUBERNETES_VALIDATE[@]}" "${args[@]}" "${core[@]}" 2>&1) \
-        || { printf '%s\n' "$out"; fail "invalid manifest"; }
-    printf '%s\n' "$out" | sed 's/^/    | /'
-    # A WARN is a schema kubernetes-validate could not find (a typo in apiVersion or kind,
-    # say): then nothing was validated, so it fails here.
-    if grep -qv '^INFO ' <<<"$out"; then fail "not every resource was validated"; fi
-    ok "${#core[@]} manifests valid"
-done
+validate_manifests "${core[@]}"
 
 # ServiceMonitor (monitoring.coreos.com/v1) is a CRD, Kustomization and Component kustomize
 # files: kubernetes-validate has no schema for them and only warns ("Couldn't find schema"),
@@ -276,16 +283,7 @@ PY
 gateway=$k8s/gateway
 gateway_manifests=("$gateway/configmap.yaml" "$gateway/secret.yaml" "$gateway/statefulset.yaml"
     "$gateway/service.yaml" "$gateway/poddisruptionbudget.yaml" "$gateway/redis.yaml")
-for version in latest "$min_kubernetes"; do
-    args=(--strict)
-    [[ $version == latest ]] || args+=(-k "$version")
-    step "kubernetes-validate ${args[*]} $gateway/*.yaml (the gateway variant)"
-    out=$("${KUBERNETES_VALIDATE[@]}" "${args[@]}" "${gateway_manifests[@]}" 2>&1) \
-        || { printf '%s\n' "$out"; fail "invalid manifest"; }
-    printf '%s\n' "$out" | sed 's/^/    | /'
-    if grep -qv '^INFO ' <<<"$out"; then fail "not every resource was validated"; fi
-    ok "${#gateway_manifests[@]} manifests valid"
-done
+validate_manifests "${gateway_manifests[@]}"
 
 step "Kubernetes gateway cross-references (StatefulSet, claims, Services, PDB, Redis dedup, hardening)"
 "${PYTHON[@]}" - "$gateway" <<'PY'

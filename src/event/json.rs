@@ -26,18 +26,17 @@ pub(crate) fn write_event(out: &mut Vec<u8>, ev: &Event, id: &str, received_at: 
         Shape::Current => b",\"shape\":\"current\",\"organisationId\":",
     });
     write_opt(out, &ev.organisation_id);
-    out.extend_from_slice(b",\"conversationId\":");
-    write_opt(out, &ev.conversation_id);
-    out.extend_from_slice(b",\"communicationActionId\":");
-    write_opt(out, &ev.communication_action_id);
-    out.extend_from_slice(b",\"outboundChannelAddress\":");
-    write_opt(out, &ev.outbound_channel_address);
-    out.extend_from_slice(b",\"inboundChannelAddress\":");
-    write_opt(out, &ev.inbound_channel_address);
-    out.extend_from_slice(b",\"customerUid\":");
-    write_opt(out, &ev.customer_uid);
-    out.extend_from_slice(b",\"body\":");
-    write_opt(out, &ev.body);
+    for (member, value) in [
+        (&b",\"conversationId\":"[..], &ev.conversation_id),
+        (b",\"communicationActionId\":", &ev.communication_action_id),
+        (b",\"outboundChannelAddress\":", &ev.outbound_channel_address),
+        (b",\"inboundChannelAddress\":", &ev.inbound_channel_address),
+        (b",\"customerUid\":", &ev.customer_uid),
+        (b",\"body\":", &ev.body),
+    ] {
+        out.extend_from_slice(member);
+        write_opt(out, value);
+    }
     out.extend_from_slice(b",\"statusCode\":");
     match ev.status_code {
         Some(code) => serde_json::to_writer(&mut *out, &code).expect("an integer serialises"),

@@ -344,50 +344,55 @@ enum IdText {
     Unmapped,
 }
 
+/// Where a byte of JSON text stands: inside a string (its quotes and escapes included) or not.
+#[derive(Default)]
+struct Strings {
+    inside: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Takes the next byte; true when it belongs to a string.
+    fn step(&mut self, c: u8) -> bool {
+        if self.inside {
+            if self.escaped {
+                self.escaped = false;
+            } else if c == b'\\' {
+                self.escaped = true;
+            } else if c == b'"' {
+                self.inside = false;
+            }
+            true
+        } else {
+            self.inside = c == b'"';
+            self.inside
+        }
+    }
+}
+
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// `text` without whitespace outside strings, and the deepest nesting of arrays and objects.
 fn compact_depth(text: &str) -> (Cow<'_, str>, usize) {
     let b = text.as_bytes();
     let has_space = {
-        let (mut in_str, mut esc) = (false, false);
-        let mut found = false;
-        for &c in b {
-            if in_str {
-                if esc {
-                    esc = false;
-                } else if c == b'\\' {
-                    esc = true;
-                } else if c == b'"' {
-                    in_str = false;
-                }
-            } else if c == b'"' {
-                in_str = true;
-            } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
-                found = true;
-                break;
-            }
-        }
-        found
+        let mut strings = Strings::default();
+        b.iter().any(|&c| !strings.step(c) && is_space(c))
     };
-    let (mut in_str, mut esc, mut depth, mut max) = (false, false, 0usize, 0usize);
+    let mut strings = Strings::default();
+    let (mut depth, mut max) = (0usize, 0usize);
     let mut out = if has_space { Some(Vec::with_capacity(b.len())) } else { None };
     for &c in b {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == b'\\' {
-                esc = true;
-            } else if c == b'"' {
-                in_str = false;
-            }
-        } else {
+        if !strings.step(c) {
             match c {
-                b'"' => in_str = true,
                 b'[' | b'{' => {
                     depth += 1;
                     max = max.max(depth);
                 }
                 b']' | b'}' => depth = depth.saturating_sub(1),
-                b' ' | b'\t' | b'\n' | b'\r' => continue,
+                c if is_space(c) => continue,
                 _ => {}
             }
         }

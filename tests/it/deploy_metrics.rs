@@ -511,24 +511,5 @@ fn a_fresh_router_exports_every_metric_family_before_any_traffic() {
     ] {
         assert!(text.lines().any(|l| l == series), "{series} missing:\n{text}");
     }
-    promtool_check_metrics(&text);
-}
-
-fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is required (Debian package `prometheus`; .ci/run installs it)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::helpers::promtool_check_metrics(&text);
 }

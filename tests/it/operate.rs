@@ -6,23 +6,12 @@
 //! Waits are generous; the only timing asserted is a lower bound the rate limit guarantees.
 
 use crate::helpers::spool::*;
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Long enough for an unpaused drain to have delivered (it starts at once): a paused sink
 /// that got nothing in this time was held back, not slow.
 const QUIET: Duration = Duration::from_millis(700);
-
-fn post_all(router: &Router, tag: &str, n: usize) -> BTreeSet<String> {
-    (0..n)
-        .map(|i| {
-            let a = router.post(&payload(tag, i));
-            assert_eq!(a.status, 202, "{}", a.body);
-            a.id()
-        })
-        .collect()
-}
 
 /// `webio-router ARGS` that must succeed; its stdout.
 fn ok(setup: &Setup, args: &[&str]) -> String {

@@ -13,16 +13,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 const SHUTDOWN: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(1);
 
-fn post_all(router: &Router, tag: &str, n: usize) -> BTreeSet<String> {
-    (0..n)
-        .map(|i| {
-            let a = router.post(&payload(tag, i));
-            assert_eq!(a.status, 202, "{}", a.body);
-            a.id()
-        })
-        .collect()
-}
-
 /// Posts until the spool refuses; returns the ids accepted on the way and the refusal.
 fn post_until_refused(router: &Router, tag: &str, accepted: &mut BTreeSet<String>) -> Answer {
     for i in 0..5000 {

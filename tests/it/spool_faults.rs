@@ -7,16 +7,6 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn post_all(router: &Router, tag: &str, n: usize) -> BTreeSet<String> {
-    (0..n)
-        .map(|i| {
-            let a = router.post(&payload(tag, i));
-            assert_eq!(a.status, 202, "{}", a.body);
-            a.id()
-        })
-        .collect()
-}
-
 #[test]
 fn events_accepted_while_a_sink_answers_503_all_arrive_once_it_answers_200() {
     let sink = SinkServer::start(503);

@@ -221,6 +221,20 @@ impl SinkQueue {
         (seqs, READ_AHEAD_BYTES.saturating_sub(s.mem_bytes))
     }
 
+    /// Read-ahead records: whatever decodes is kept with its item; the rest is handled (and
+    /// checked again) when its item comes up.
+    fn fill_records(&self, recs: impl IntoIterator<Item = (u64, Option<Vec<u8>>)>) {
+        let envs = recs
+            .into_iter()
+            .filter_map(|(seq, rec)| {
+                let rec = rec?;
+                let env = record::decode(&rec).ok()?;
+                Some((seq, (Arc::new(env), record::weight(rec.len()))))
+            })
+            .collect();
+        self.fill(envs);
+    }
+
     fn fill(&self, mut envs: HashMap<u64, (Arc<Envelope>, u64)>) {
         if envs.is_empty() {
             return;
@@ -473,17 +487,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
             batch = kept;
-            // The read-ahead: whatever decodes is kept with its item; the rest is handled
-            // (and checked again) when its item comes up.
-            let envs = recs
-                .into_iter()
-                .filter_map(|(seq, rec)| {
-                    let rec = rec?;
-                    let env = record::decode(&rec).ok()?;
-                    Some((seq, (Arc::new(env), record::weight(rec.len()))))
-                })
-                .collect();
-            q.fill(envs);
+            q.fill_records(recs);
         }
         let mut unwritten = Vec::new();
         for (it, rec, e) in unreadable {
@@ -685,15 +689,7 @@ async fn read_ahead(shared: &Arc<Shared>, q: &SinkQueue) {
     }
     let sh = shared.clone();
     if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await {
-        let envs = recs
-            .into_iter()
-            .filter_map(|(seq, rec)| {
-                let rec = rec?;
-                let env = record::decode(&rec).ok()?;
-                Some((seq, (Arc::new(env), record::weight(rec.len()))))
-            })
-            .collect();
-        q.fill(envs);
+        q.fill_records(recs);
     }
 }
 

@@ -4,7 +4,7 @@
 //! conversation was not confirmed yet (an order violation, whatever the timing).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ impl ConversationSink {
 
 fn answer(mut conn: TcpStream, script: &Mutex<Script>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let Some(body) = read_body(&mut conn) else { return };
+    let Some((_, body)) = super::spool::read_request(&mut conn) else { return };
     let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let text = event["body"].as_str().unwrap_or_default().to_owned();
     let code = {
@@ -131,35 +131,4 @@ fn answer(mut conn: TcpStream, script: &Mutex<Script>) {
         }
     };
     let _ = conn.write_all(format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
-}
-
-/// The body of one request (`Content-Length` framed).
-fn read_body(conn: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Some(body)
 }

@@ -250,7 +250,8 @@ fn serve_conn(
     let _ = conn.write_all(resp.as_bytes());
 }
 
-fn read_request(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+/// One request (`Content-Length` framed): its head, lowercased, and its body.
+pub fn read_request(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -456,6 +457,17 @@ fn with_defaults(delivery: &str) -> String {
 
 fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
     crate::helpers::ready_addr(line, key)
+}
+
+/// Posts `n` distinct events tagged `tag`; each must be answered 202. Their ids.
+pub fn post_all(router: &Router, tag: &str, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|i| {
+            let a = router.post(&payload(tag, i));
+            assert_eq!(a.status, 202, "{}", a.body);
+            a.id()
+        })
+        .collect()
 }
 
 pub struct Router {
