@@ -30,22 +30,29 @@ impl Direct {
 
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// One sink's delivery of `env`: the sink's name, its answer, and when it started.
+async fn deliver<'a>(sink: &'a dyn Sink, env: &Envelope) -> (&'a str, Result<(), SinkError>, Instant) {
+    let started = Instant::now();
+    let span = tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace);
+    let r = if span.is_disabled() {
+        sink.deliver(env).await
+    } else {
+        tracing::Instrument::instrument(sink.deliver(env), span).await
+    };
+    (sink.name(), r, started)
+}
+
 impl Delivery for Direct {
     fn submit(&self, env: Envelope, sinks: Vec<Arc<dyn Sink>>) -> BoxFuture<'_, Result<Accepted, Refused>> {
         Box::pin(async move {
             if self.dedup.contains(&env.event.id) {
                 return Ok(Accepted::Duplicate);
             }
-            let results = futures_util::future::join_all(sinks.iter().map(|sink| {
-                let env = &env;
-                async move {
-                    let started = Instant::now();
-                    let span = tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace);
-                    let r = tracing::Instrument::instrument(sink.deliver(env), span).await;
-                    (sink.name(), r, started)
-                }
-            }))
-            .await;
+            let results = match &sinks[..] {
+                // One sink (the usual case): no join.
+                [sink] => vec![deliver(&**sink, &env).await],
+                _ => futures_util::future::join_all(sinks.iter().map(|sink| deliver(&**sink, &env))).await,
+            };
             let mut refused: Vec<(&str, SinkError, Instant)> = Vec::new();
             let mut failed: Vec<(&str, SinkError, Instant)> = Vec::new();
             for (name, r, started) in results {
@@ -93,5 +100,48 @@ impl Delivery for Direct {
 
     fn shutdown(&self, _deadline: tokio::time::Instant) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::file::{FileConfig, FileSink};
+
+    fn envelope(n: usize) -> Envelope {
+        let body = format!(r#"{{"type":"inboundMessage","conversationId":"c-{n}","n":{n}}}"#);
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(event, body.into())
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_answers_503_to_every_event_of_the_group_and_takes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let cfg = DeliveryConfig { dead_letter_file: dir.path().join("dead-letter.jsonl"), ..Default::default() };
+        let direct = Direct::new(&cfg);
+        let file = FileConfig {
+            path: path.display().to_string(),
+            format: Default::default(),
+            fsync: true,
+            ordering: Default::default(),
+        };
+        let sink = Arc::new(FileSink::new("out", &file).unwrap());
+        let sinks: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+
+        sink.fail_syncs(true);
+        let answers = futures_util::future::join_all((0..24).map(|n| direct.submit(envelope(n), sinks.clone()))).await;
+        for a in &answers {
+            let refused = a.as_ref().expect_err("503: the line is not known to be on disk");
+            assert!(refused.reason.contains("out"), "{}", refused.reason);
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "nothing half-acknowledged is left in the file");
+        assert!(!dir.path().join("dead-letter.jsonl").exists(), "a retryable failure is no dead letter");
+
+        // Webio's retries go out again (nothing entered the dedup window), and now land.
+        sink.fail_syncs(false);
+        let answers = futures_util::future::join_all((0..24).map(|n| direct.submit(envelope(n), sinks.clone()))).await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(Accepted::New))), "{answers:?}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 24);
     }
 }

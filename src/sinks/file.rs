@@ -9,16 +9,15 @@
 use super::{check_template, BoxFuture, ErrorKind, OptionError, Sink, SinkError};
 use crate::event::Envelope;
 use crate::format::Format;
-use crate::jsonl::{append_whole, open_append};
+use crate::jsonl::{open_append, SyncFn, Tail};
 use crate::template::{Escape, Template};
-use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use tokio::sync::oneshot;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::task::{Poll, Waker};
 
 fn yes() -> bool {
     true
@@ -52,63 +51,197 @@ impl FileConfig {
 }
 
 const MAX_OPEN_FILES: usize = 64;
-/// Lines written (and synced) together at most.
-const MAX_BATCH: usize = 512;
-
-/// One line to append (the writer adds its newline); `done` hears whether it is durable (or,
-/// with `fsync = false`, with the OS).
-struct Job {
-    path: Arc<Path>,
-    line: Bytes,
-    done: oneshot::Sender<Result<(), SinkError>>,
-}
+/// A group's buffer at most this large is kept for a later group (cleared), not freed.
+const KEEP_BUFFER: usize = 1 << 20;
 
 /// Writes go to one thread per sink that owns the files: no async worker ever blocks on the
-/// disk, and no delivery waits on another's lock. Lines that arrive while a write or a sync
-/// is in progress go out together: one `write` and one `fdatasync` per file for the whole
-/// batch (group commit); each delivery is confirmed only once its own line is durable.
+/// disk (a stalled disk stalls this sink, not `/healthz`), and no delivery waits on another's
+/// lock. Deliveries append their line to the *open group* (one buffer per file, lines in
+/// arrival order); the writer takes the whole group at once, writes each file's buffer with
+/// one `write` and one `fdatasync` (group commit), and only then confirms every delivery of
+/// the group with that file's result: all of them, or none. Lines that arrive meanwhile form
+/// the next group.
 pub struct FileSink {
     name: String,
     path: Template,
     /// The rendered path, once, when the template has no field.
     constant: Option<OnceLock<Arc<Path>>>,
     format: Format,
-    jobs: std::sync::mpsc::Sender<Job>,
+    queue: Arc<Queue>,
     ordering: crate::sinks::SinkOrdering,
+}
+
+/// What the deliveries and the writer thread share. The lock is held only to add a line or to
+/// take the open group, never across I/O.
+struct Queue {
+    pending: Mutex<Pending>,
+    /// The writer waits here while there is nothing to write.
+    work: Condvar,
+    /// Tests: make every `fdatasync` fail (EIO).
+    #[cfg(test)]
+    fail_sync: std::sync::atomic::AtomicBool,
+}
+
+struct Pending {
+    open: Group,
+    /// The writer is waiting on `work` (and no delivery has woken it since).
+    writer_idle: bool,
+    /// The sink was dropped: the writer ends once the open group is written.
+    closed: bool,
+    /// The writer has stopped (it panicked): deliveries fail at once.
+    stopped: bool,
+    /// Cleared buffers of written groups, for the next groups.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Pending {
+    fn lock(queue: &Queue) -> MutexGuard<'_, Pending> {
+        // Nothing here can be left half-updated by a panic: take the state as it is.
+        queue.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The lines a write will take together: one buffer per file.
+#[derive(Default)]
+struct Group {
+    files: Vec<(Arc<Path>, Vec<u8>)>,
+    done: Arc<Done>,
+}
+
+/// A group's outcome, one result per file of the group, and the deliveries waiting for it.
+#[derive(Default)]
+struct Done(Mutex<Outcome>);
+
+#[derive(Default)]
+struct Outcome {
+    results: Option<Vec<Result<(), SinkError>>>,
+    waiting: Vec<Waker>,
+}
+
+impl Done {
+    fn lock(&self) -> MutexGuard<'_, Outcome> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn finish(&self, results: Vec<Result<(), SinkError>>) {
+        let waiting = {
+            let mut o = self.lock();
+            o.results = Some(results);
+            std::mem::take(&mut o.waiting)
+        };
+        for w in waiting {
+            w.wake();
+        }
+    }
+
+    /// Resolves with the result of file `file` of the group once the writer is done with it.
+    async fn wait(&self, file: usize) -> Result<(), SinkError> {
+        let mut slot: Option<usize> = None;
+        std::future::poll_fn(|cx| {
+            let mut o = self.lock();
+            if let Some(results) = &o.results {
+                return Poll::Ready(results.get(file).cloned().unwrap_or_else(|| Err(stopped())));
+            }
+            match slot {
+                Some(i) if o.waiting[i].will_wake(cx.waker()) => {}
+                Some(i) => o.waiting[i] = cx.waker().clone(),
+                None => {
+                    slot = Some(o.waiting.len());
+                    o.waiting.push(cx.waker().clone());
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+fn stopped() -> SinkError {
+    SinkError::retryable("the file writer has stopped")
 }
 
 impl FileSink {
     pub fn new(name: &str, c: &FileConfig) -> Result<Self, SinkError> {
         let path = Template::parse(&c.path, Escape::PathSegment).map_err(|e| SinkError::permanent(e.to_string()))?;
         let constant = path.is_constant().then(OnceLock::new);
-        let (jobs, rx) = std::sync::mpsc::channel();
-        let fsync = c.fsync;
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending {
+                open: Group::default(),
+                writer_idle: false,
+                closed: false,
+                stopped: false,
+                spare: Vec::new(),
+            }),
+            work: Condvar::new(),
+            #[cfg(test)]
+            fail_sync: Default::default(),
+        });
+        let (writer, fsync) = (queue.clone(), c.fsync);
         std::thread::Builder::new()
             .name(format!("file-sink-{name}"))
-            .spawn(move || write_loop(&rx, fsync))
+            .spawn(move || write_loop(&writer, fsync))
             .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e))?;
-        Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, jobs, ordering: c.ordering })
+        Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, queue, ordering: c.ordering })
     }
 
-    /// The line for `env`, without its newline: the event's JSON (or the configured format).
-    fn line(&self, env: &Envelope) -> Bytes {
-        match self.format {
-            Format::Event => env.json().clone(),
-            Format::Raw => {
+    /// Makes every `fdatasync` of this sink fail (or succeed again).
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, fail: bool) {
+        self.queue.fail_sync.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Appends the line for `env` and its newline to `buf`: the event's JSON as the envelope
+    /// holds it (or the configured format; `encoded` is that encoding when made already).
+    fn put_line(&self, env: &Envelope, encoded: Option<&[u8]>, buf: &mut Vec<u8>) {
+        match (self.format, encoded) {
+            (_, Some(bytes)) => buf.extend_from_slice(bytes),
+            (Format::Raw, None) => {
                 // The body as Webio sent it, byte for byte, unless it is pretty-printed: JSON
                 // Lines needs one line. A JSON text can hold a raw line break only as
                 // whitespace between tokens (inside strings it must be escaped), so turning
                 // each into a space changes nothing else: same keys, same order, same numbers.
-                if env.raw.iter().any(|b| matches!(b, b'\n' | b'\r')) {
-                    Bytes::from(
-                        env.raw.iter().map(|&b| if matches!(b, b'\n' | b'\r') { b' ' } else { b }).collect::<Vec<_>>(),
-                    )
+                let raw = &env.raw[..];
+                if raw.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+                    buf.extend(raw.iter().map(|&b| if matches!(b, b'\n' | b'\r') { b' ' } else { b }));
                 } else {
-                    env.raw.clone()
+                    buf.extend_from_slice(raw);
                 }
             }
-            Format::Cloudevents => self.format.encode(env),
+            (_, None) => buf.extend_from_slice(env.json()),
         }
+        buf.push(b'\n');
+    }
+
+    /// Adds the line to the open group; returns the group's outcome and the line's file in it.
+    fn enqueue(&self, path: Arc<Path>, env: &Envelope) -> Result<(Arc<Done>, usize), SinkError> {
+        // CloudEvents is serialised before the lock is taken; the other formats are copies.
+        let encoded = (self.format == Format::Cloudevents).then(|| self.format.encode(env));
+        let mut p = Pending::lock(&self.queue);
+        if p.stopped {
+            return Err(stopped());
+        }
+        let file = match p.open.files.iter().position(|(f, _)| Arc::ptr_eq(f, &path) || *f == path) {
+            Some(i) => i,
+            None => {
+                let buf = p.spare.pop().unwrap_or_default();
+                p.open.files.push((path, buf));
+                p.open.files.len() - 1
+            }
+        };
+        self.put_line(env, encoded.as_deref(), &mut p.open.files[file].1);
+        let done = p.open.done.clone();
+        if p.writer_idle {
+            p.writer_idle = false;
+            self.queue.work.notify_one();
+        }
+        Ok((done, file))
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        Pending::lock(&self.queue).closed = true;
+        self.queue.work.notify_one();
     }
 }
 
@@ -128,45 +261,64 @@ impl Sink for FileSink {
                 Some(once) => once.get_or_init(render).clone(),
                 None => render(),
             };
-            let (done, result) = oneshot::channel();
-            self.jobs
-                .send(Job { path, line: self.line(env), done })
-                .map_err(|_| SinkError::retryable("the file writer has stopped"))?;
-            result.await.unwrap_or_else(|_| Err(SinkError::retryable("the file writer has stopped")))
+            let (done, file) = self.enqueue(path, env)?;
+            done.wait(file).await
         })
     }
 }
 
-/// The writer thread: runs until the sink is dropped (every sender gone).
-fn write_loop(rx: &std::sync::mpsc::Receiver<Job>, fsync: bool) {
+/// The writer thread: runs until the sink is dropped and its last group is written.
+fn write_loop(queue: &Queue, fsync: bool) {
+    // Should this thread ever panic, no delivery waits for ever: the group being written and
+    // every later one fail (retryable), as when the writer had stopped.
+    struct Stop<'a>(&'a Queue, Option<Arc<Done>>);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                return;
+            }
+            let open = {
+                let mut p = Pending::lock(self.0);
+                p.stopped = true;
+                std::mem::take(&mut p.open)
+            };
+            for done in self.1.take().into_iter().chain([open.done]) {
+                done.finish(Vec::new());
+            }
+        }
+    }
+    let mut stop = Stop(queue, None);
     let mut files: HashMap<Arc<Path>, Open> = HashMap::new();
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut buf: Vec<u8> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    let mut written: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let group = {
+            let mut p = Pending::lock(queue);
+            // The buffers of the last group go back for the next ones.
+            p.spare.append(&mut written);
+            while p.open.files.is_empty() {
+                if p.closed {
+                    return;
+                }
+                p.writer_idle = true;
+                p = queue.work.wait(p).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-        }
-        // One write and one sync per file, lines in arrival order.
-        while !batch.is_empty() {
-            let path = batch[0].path.clone();
-            let (same, rest): (Vec<Job>, Vec<Job>) = batch.drain(..).partition(|j| j.path == path);
-            batch = rest;
-            buf.clear();
-            for j in &same {
-                buf.extend_from_slice(&j.line);
-                buf.push(b'\n');
+            p.writer_idle = false;
+            std::mem::take(&mut p.open)
+        };
+        stop.1 = Some(group.done.clone());
+        #[cfg(test)]
+        let fail_sync = queue.fail_sync.load(std::sync::atomic::Ordering::SeqCst);
+        #[cfg(not(test))]
+        let fail_sync = false;
+        let results =
+            group.files.iter().map(|(path, bytes)| write(&mut files, path, bytes, fsync, fail_sync)).collect();
+        group.done.finish(results);
+        stop.1 = None;
+        for (_, mut buf) in group.files {
+            if buf.capacity() <= KEEP_BUFFER && written.len() < 4 {
+                buf.clear();
+                written.push(buf);
             }
-            let result = write(&mut files, &path, &buf, fsync);
-            for j in same {
-                let _ = j.done.send(result.clone());
-            }
-        }
-        if buf.capacity() > 1 << 20 {
-            buf = Vec::new();
         }
     }
 }
@@ -180,10 +332,18 @@ const WRITEBACK_EVERY: u64 = 4 << 20;
 
 struct Open {
     file: File,
+    /// Blocks reserved ahead of the file's end (see [`Tail`]).
+    tail: Tail,
     unflushed: u64,
 }
 
-fn write(files: &mut HashMap<Arc<Path>, Open>, path: &Arc<Path>, bytes: &[u8], fsync: bool) -> Result<(), SinkError> {
+fn write(
+    files: &mut HashMap<Arc<Path>, Open>,
+    path: &Arc<Path>,
+    bytes: &[u8],
+    fsync: bool,
+    fail_sync: bool,
+) -> Result<(), SinkError> {
     if !files.contains_key(path) {
         if files.len() >= MAX_OPEN_FILES {
             // A templated path can name many files; keep the descriptor count bounded.
@@ -191,10 +351,14 @@ fn write(files: &mut HashMap<Arc<Path>, Open>, path: &Arc<Path>, bytes: &[u8], f
         }
         let file = open_append(path, fsync)
             .map_err(|e| SinkError::caused_by(open_error_kind(&e), format_args!("open {}", path.display()), e))?;
-        files.insert(path.clone(), Open { file, unflushed: 0 });
+        files.insert(path.clone(), Open { file, tail: Tail::default(), unflushed: 0 });
     }
-    let f = files.get_mut(path).expect("inserted above");
-    if let Err(e) = append_whole(&f.file, bytes, fsync) {
+    let Some(f) = files.get_mut(path) else {
+        return Err(stopped());
+    };
+    let sync =
+        move |file: &File| if fail_sync { Err(io::Error::from_raw_os_error(libc::EIO)) } else { file.sync_data() };
+    if let Err(e) = f.tail.append(&f.file, bytes, fsync.then_some(&sync as &SyncFn)) {
         // Open afresh next time (the file may have been rotated or the disk remounted).
         files.remove(path);
         // A full disk or an I/O error may pass; the batch was rolled back, so the retry
@@ -366,5 +530,73 @@ mod tests {
         for l in lines {
             serde_json::from_str::<serde_json::Value>(l).unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_fails_every_line_of_its_group_and_leaves_none_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let sink = FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap();
+        let first: Vec<_> = (0..3).map(|i| envelope(i, 10)).collect();
+        for e in &first {
+            sink.deliver(e).await.unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+
+        sink.fail_syncs(true);
+        let envs: Vec<_> = (3..35).map(|i| envelope(i, 100)).collect();
+        let results = futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await;
+        for r in &results {
+            let err = r.as_ref().expect_err("no line is confirmed when its sync failed");
+            assert!(!err.is_permanent(), "{err}");
+            assert!(err.message.contains("write"), "{err}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the file is cut back: nothing half-written stays");
+
+        sink.fail_syncs(false);
+        let results = futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 35);
+        assert!(text.as_bytes().starts_with(&before));
+        for l in text.lines() {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_for_several_files_in_one_group_go_each_to_its_own_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("{conversationId}.jsonl").display().to_string();
+        let sink = FileSink::new("out", &config(&format!("path = {template:?}"))).unwrap();
+        let envs: Vec<_> = (0..60)
+            .map(|n| {
+                let body = format!(r#"{{"type":"payment","conversationId":"c{}","n":{n}}}"#, n % 3);
+                let event =
+                    crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+                Envelope::new(event, body.into())
+            })
+            .collect();
+        let results = futures_util::future::join_all(envs.iter().map(|e| sink.deliver(e))).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        for c in 0..3 {
+            let text = std::fs::read_to_string(dir.path().join(format!("c{c}.jsonl"))).unwrap();
+            let ns: Vec<i64> = text
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["extra"]["n"].as_i64().unwrap())
+                .collect();
+            assert_eq!(ns, (0..60).filter(|n| n % 3 == c).collect::<Vec<_>>(), "c{c}: arrival order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_after_the_writer_stopped_fails_instead_of_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink =
+            FileSink::new("out", &config(&format!("path = {:?}", dir.path().join("o.jsonl").display().to_string())))
+                .unwrap();
+        Pending::lock(&sink.queue).stopped = true;
+        let err = sink.deliver(&envelope(1, 1)).await.unwrap_err();
+        assert!(!err.is_permanent() && err.message.contains("stopped"), "{err}");
     }
 }
