@@ -120,8 +120,13 @@ impl Dedup {
     }
 
     pub fn contains_at(&self, id: &str, now: u64) -> bool {
+        self.contains_key_at(key(id), now)
+    }
+
+    /// [`Dedup::contains_at`] by the id's [`key`] (for a caller that has it already).
+    pub fn contains_key_at(&self, k: u128, now: u64) -> bool {
         let seen = self.seen.lock().expect("dedup lock");
-        seen.find(&slot(key(id))).is_some_and(|(_, t)| now.saturating_sub(t) < self.window_ms)
+        seen.find(&slot(k)).is_some_and(|(_, t)| now.saturating_sub(t) < self.window_ms)
     }
 
     /// Records `id` as seen at `at` (unix millis).
