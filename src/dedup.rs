@@ -103,9 +103,7 @@ impl Dedup {
         let gens = if window.is_zero() {
             Vec::new()
         } else {
-            (0..GENERATIONS)
-                .map(|_| Generation { map: HashMap::with_capacity(PER_GENERATION), newest: 0 })
-                .collect()
+            (0..GENERATIONS).map(|_| Generation { map: HashMap::with_capacity(PER_GENERATION), newest: 0 }).collect()
         };
         Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { gens, cur: 0, last_prune: 0 }) }
     }
