@@ -18,24 +18,71 @@ pub struct Dedup {
     seen: Mutex<Seen>,
 }
 
-/// Ids remembered at most: 7/8 of 2^17, the most a table of 2^17 slots holds (4 MiB; 191 new
-/// events a second for the default 10-minute window). Beyond it the oldest tenth is forgotten
-/// early: a re-delivery of one of those is then delivered again, which at-least-once allows;
-/// memory stays bounded whatever the request rate × `dedup_window`.
+/// Ids remembered at most: 7/8 of 2^17, what four tables of 2^15 slots hold (3 MiB at 24
+/// bytes a slot; 191 new events a second for the default 10-minute window). Beyond it the
+/// oldest quarter is forgotten early: a re-delivery of one of those is then delivered again,
+/// which at-least-once allows; memory stays bounded whatever the request rate × `dedup_window`.
 pub const MAX_ENTRIES: usize = 114_688;
 
+/// The ids are kept in this many generations of `MAX_ENTRIES / GENERATIONS` each: new ids go
+/// to the current one; when it is full, the oldest is emptied and becomes the current one.
+///
+/// Why not one table with the oldest tenth evicted when full (as before): a hash table's
+/// removals leave tombstones that still count against its capacity, so after a few evictions
+/// an insert found it "full" and doubled it (8.25 MiB, next to the old 4 MiB while it moved:
+/// a 12 MiB step in the spool's peak RSS under load, docs/performance.md "Memory"). A
+/// generation is only ever emptied whole (`clear` keeps the allocation and leaves no
+/// tombstone) and is rotated before it could grow, so the tables are allocated once, at
+/// start, and never again.
+const GENERATIONS: usize = 4;
+const PER_GENERATION: usize = MAX_ENTRIES / GENERATIONS;
+
+/// An id's [`key`] as two words: 24-byte slots instead of 32 (a `u128` is 16-aligned).
+type Slot = (u64, u64);
+
+fn slot(k: u128) -> Slot {
+    ((k >> 64) as u64, k as u64)
+}
+
+#[derive(Default)]
+struct Generation {
+    /// Key → when it was last recorded (unix millis).
+    map: HashMap<Slot, u64>,
+    /// The newest time recorded in `map` (the whole generation expires after it).
+    newest: u64,
+}
+
+impl Generation {
+    fn empty(&mut self) {
+        self.map.clear();
+        self.newest = 0;
+    }
+
+    /// No new key fits without the table growing.
+    fn full(&self) -> bool {
+        self.map.len() >= self.map.capacity()
+    }
+}
+
 struct Seen {
-    map: HashMap<u128, u64>,
+    /// `gens[cur]` takes new ids; `gens[cur + 1]` (mod the length) is the oldest.
+    gens: Vec<Generation>,
+    cur: usize,
     last_prune: u64,
 }
 
 impl Seen {
-    fn evict_oldest(&mut self) {
-        let mut times: Vec<u64> = self.map.values().copied().collect();
-        let cut = times.len() / 10;
-        let (_, threshold, _) = times.select_nth_unstable(cut);
-        let threshold = *threshold;
-        self.map.retain(|_, t| *t > threshold);
+    /// The newest time `k` was recorded, and in which generation.
+    fn find(&self, k: &Slot) -> Option<(usize, u64)> {
+        (0..self.gens.len())
+            .map(|back| (self.cur + self.gens.len() - back) % self.gens.len())
+            .find_map(|g| self.gens[g].map.get(k).map(|t| (g, *t)))
+    }
+
+    /// Empties the oldest generation and makes it the current one.
+    fn rotate(&mut self) {
+        self.cur = (self.cur + 1) % self.gens.len();
+        self.gens[self.cur].empty();
     }
 }
 
@@ -51,11 +98,14 @@ pub fn key(id: &str) -> u128 {
 
 impl Dedup {
     pub fn new(window: Duration) -> Self {
-        // Sized for the cap at once when dedup is on: growing by doubling would hold the old and
-        // the new table together (1.5× the memory) at each step. Only the table's control bytes
-        // (~256 KiB) are touched up front; slots become resident as ids arrive.
-        let map = if window.is_zero() { HashMap::new() } else { HashMap::with_capacity(MAX_ENTRIES) };
-        Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { map, last_prune: 0 }) }
+        // Sized for the cap at once when dedup is on; only the tables' control bytes (~128 KiB)
+        // are touched up front, slots become resident as ids arrive.
+        let gens = if window.is_zero() {
+            Vec::new()
+        } else {
+            (0..GENERATIONS).map(|_| Generation { map: HashMap::with_capacity(PER_GENERATION), newest: 0 }).collect()
+        };
+        Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { gens, cur: 0, last_prune: 0 }) }
     }
 
     pub fn window(&self) -> Duration {
@@ -68,8 +118,13 @@ impl Dedup {
     }
 
     pub fn contains_at(&self, id: &str, now: u64) -> bool {
+        self.contains_key_at(key(id), now)
+    }
+
+    /// [`Dedup::contains_at`] by the id's [`key`] (for a caller that has it already).
+    pub fn contains_key_at(&self, k: u128, now: u64) -> bool {
         let seen = self.seen.lock().expect("dedup lock");
-        seen.map.get(&key(id)).is_some_and(|t| now.saturating_sub(*t) < self.window_ms)
+        seen.find(&slot(k)).is_some_and(|(_, t)| now.saturating_sub(t) < self.window_ms)
     }
 
     /// Records `id` as seen at `at` (unix millis).
@@ -79,26 +134,54 @@ impl Dedup {
 
     /// Records an id by its [`key`] (entries loaded back from the spool).
     pub fn record_key_at(&self, k: u128, at: u64) {
+        let window = self.window_ms;
         let mut seen = self.seen.lock().expect("dedup lock");
-        let at = seen.map.get(&k).map_or(at, |t| (*t).max(at));
-        seen.map.insert(k, at);
-        // Prune at most once per tenth of a window, so the map holds about one window of ids.
-        if at.saturating_sub(seen.last_prune) > self.window_ms / 10 {
-            let window = self.window_ms;
-            seen.map.retain(|_, t| at.saturating_sub(*t) < window);
+        if seen.gens.is_empty() {
+            // No window: nothing is ever a duplicate, nothing to remember.
+            return;
+        }
+        // At most once per tenth of a window, empty the generations whose newest id is out of
+        // it, so that the tables hold about one window of ids.
+        if at.saturating_sub(seen.last_prune) > window / 10 {
+            for g in &mut seen.gens {
+                if at.saturating_sub(g.newest) >= window {
+                    g.empty();
+                }
+            }
             seen.last_prune = at;
         }
-        if seen.map.len() >= MAX_ENTRIES {
-            seen.evict_oldest();
+        let k = slot(k);
+        let mut at = at;
+        if let Some((g, t)) = seen.find(&k) {
+            at = at.max(t);
+            if g == seen.cur {
+                // In place: `insert` of a key already there may still grow a full table.
+                let gen = &mut seen.gens[g];
+                if let Some(t) = gen.map.get_mut(&k) {
+                    *t = at;
+                }
+                gen.newest = gen.newest.max(at);
+                return;
+            }
+            // Moves to the current generation, so that it lives as long as its newest time.
+            seen.gens[g].map.remove(&k);
         }
+        if seen.gens[seen.cur].full() {
+            seen.rotate();
+        }
+        let cur = seen.cur;
+        let g = &mut seen.gens[cur];
+        g.map.insert(k, at);
+        g.newest = g.newest.max(at);
     }
 
     pub fn record(&self, id: &str) {
         self.record_at(id, now_millis())
     }
 
+    /// Ids remembered (each once).
     pub fn len(&self) -> usize {
-        self.seen.lock().expect("dedup lock").map.len()
+        self.seen.lock().expect("dedup lock").gens.iter().map(|g| g.map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -133,6 +216,54 @@ mod tests {
         let now = 1_000 + MAX_ENTRIES as u64 + 10;
         assert!(d.contains_at(&id(MAX_ENTRIES + 9), now), "the newest id is still a duplicate");
         assert!(!d.contains_at(&id(0), now), "the oldest was forgotten first");
+    }
+
+    #[test]
+    fn the_tables_never_grow_whatever_the_ids() {
+        let d = Dedup::new(Duration::from_secs(3600));
+        let capacity = |d: &Dedup| d.seen.lock().unwrap().gens.iter().map(|g| g.map.capacity()).sum::<usize>();
+        let before = capacity(&d);
+        assert_eq!(before, MAX_ENTRIES);
+        // New ids, ids seen again (moved out of an older generation), ids loaded back.
+        for i in 0..(4 * MAX_ENTRIES) as u64 {
+            d.record_key_at(u128::from(i), 1_000 + i);
+            if i % 3 == 0 {
+                d.record_key_at(u128::from(i / 2), 1_000 + i);
+            }
+            assert!(d.len() <= MAX_ENTRIES, "{i}: {}", d.len());
+        }
+        assert_eq!(capacity(&d), before, "a table was reallocated");
+        assert!(d.len() >= MAX_ENTRIES - MAX_ENTRIES / GENERATIONS, "{}", d.len());
+    }
+
+    #[test]
+    fn an_id_seen_again_is_kept_as_long_as_its_newest_time() {
+        let d = Dedup::new(Duration::from_secs(3600));
+        let id = |i: usize| format!("{i:032x}");
+        d.record_at(&id(0), 1_000);
+        // Fill every generation and start over in the first one, seeing id 0 again in the second.
+        for i in 1..3 * PER_GENERATION {
+            if i == PER_GENERATION + 5 {
+                d.record_at(&id(0), 2_000);
+            }
+            d.record_at(&id(i), 1_000 + i as u64);
+        }
+        for i in 3 * PER_GENERATION..4 * PER_GENERATION + 100 {
+            d.record_at(&id(i), 1_000 + i as u64);
+        }
+        let now = 1_000 + 4 * PER_GENERATION as u64 + 100;
+        assert!(d.contains_at(&id(0), now), "moved to the generation of its second sighting");
+        assert!(!d.contains_at(&id(1), now), "its first generation is gone");
+        assert!(!d.contains_at(&id(0), 2_000 + 3_600_000), "the window still ends");
+        assert!(d.len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn without_a_window_nothing_is_remembered() {
+        let d = Dedup::new(Duration::ZERO);
+        d.record("00000000000000000000000000000001");
+        assert!(!d.contains("00000000000000000000000000000001"));
+        assert!(d.is_empty());
     }
 
     #[test]

@@ -32,9 +32,12 @@ pub const WINDOW: usize = 4096;
 #[cfg(test)]
 pub const WINDOW: usize = 32;
 /// Memory the envelopes of one sink's window may take (see [`record::weight`]); one item is
-/// always allowed, however large.
+/// always allowed, however large. 4 MiB: ~2000 Webio events (a window of ~2 KiB each). The
+/// window is full only at the start of a backlog (afterwards new work waits on disk until the
+/// sink catches up), so this bounds a burst's memory, not the drain's speed
+/// (docs/performance.md "Memory").
 #[cfg(not(test))]
-pub const WINDOW_BYTES: u64 = 8 << 20;
+pub const WINDOW_BYTES: u64 = 4 << 20;
 #[cfg(test)]
 pub const WINDOW_BYTES: u64 = 32 << 10;
 /// Events read from disk at once for a sink whose backlog is only on disk, and the memory

@@ -42,8 +42,10 @@ pub const PAUSED: TableDefinition<&str, u64> = TableDefinition::new("paused");
 
 /// Size of the [`probe`] value: enough to need pages of its own.
 const PROBE_BYTES: usize = 16 << 10;
-/// redb page cache size.
-const CACHE_BYTES: usize = 8 << 20;
+/// redb page cache size (read cache and write buffer together; the write buffer takes at most
+/// half). The writer touches only the ends of its tables; 4 MiB holds those with room to
+/// spare (docs/performance.md "Memory").
+const CACHE_BYTES: usize = 4 << 20;
 
 /// A failure of the redb file underneath, typed so that a log line shows the whole chain
 /// (what failed → redb → I/O → e.g. ENOSPC).

@@ -336,7 +336,7 @@ impl Writer {
             let mut next = self.next_seq;
             for a in appends {
                 let key = crate::dedup::key(&a.id);
-                if a.dedup && window > 0 && (self.shared.dedup.contains_at(&a.id, now) || !in_batch.insert(key)) {
+                if a.dedup && window > 0 && (self.shared.dedup.contains_key_at(key, now) || !in_batch.insert(key)) {
                     seqs.push(None);
                     continue;
                 }
