@@ -362,14 +362,14 @@ fn recover_inner(db: &Database, dedup_since: u64, dedup_max: usize, check: bool)
             r.orphans.push(seq);
         }
     }
-    r.dedup = dedup_since(&tx, dedup_since, dedup_max)?;
+    r.dedup = dedup_ids(&tx, dedup_since, dedup_max)?;
     r.paused = paused_sinks(&tx)?;
     Ok(r)
 }
 
 /// The newest `max` dedup ids accepted at `since` or later, oldest first (the order the
 /// in-memory window is filled in), from both dedup tables.
-fn dedup_since(tx: &redb::ReadTransaction, since: u64, max: usize) -> Result<Vec<(u64, u128)>, StoreError> {
+fn dedup_ids(tx: &redb::ReadTransaction, since: u64, max: usize) -> Result<Vec<(u64, u128)>, StoreError> {
     // Newest first from each table, then merged.
     let mut rows = Vec::new();
     let dedup = tx.open_table(DEDUP).op("open dedup")?;
@@ -765,6 +765,34 @@ mod tests {
         assert_eq!((r.events, r.pending["s"]), (3, 3));
         assert_eq!(r.unreadable.len(), 1, "{:?}", r.unreadable);
         assert_eq!(r.oldest.map(|(seq, _)| seq), Some(0));
+    }
+
+    #[test]
+    fn dedup_ids_of_both_tables_are_read_back_in_time_order_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = open_db(dir.path()).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            // A row per event (older builds) and a row per commit (this one).
+            let mut old = tx.open_table(DEDUP).unwrap();
+            for i in 0..5u64 {
+                old.insert((1000 + 10 * i, u128::from(i)), ()).unwrap();
+            }
+            let mut batches = tx.open_table(DEDUP_BATCHES).unwrap();
+            batches.insert((1005, 0u64), dedup_batch(&[u128::MAX, 101]).as_slice()).unwrap();
+            batches.insert((1045, 2u64), dedup_batch(&[104, 102, 103]).as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        let all = recover(&db, 0).unwrap().dedup;
+        let want = [(1000, 0), (1005, u128::MAX), (1005, 101), (1010, 1), (1020, 2), (1030, 3), (1040, 4)];
+        let want: Vec<(u64, u128)> = want.into_iter().chain([(1045, 104), (1045, 102), (1045, 103)]).collect();
+        assert_eq!(all, want);
+        assert_eq!(recover_for_start(&db, 0, 4).unwrap().dedup, want[6..], "the newest four, oldest first");
+        assert_eq!(recover_for_start(&db, 1010, 100).unwrap().dedup, want[3..], "inside the window only");
+        let tx = db.begin_write().unwrap();
+        prune_dedup(&tx, 1030).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(recover(&db, 0).unwrap().dedup, want[5..]);
     }
 
     #[test]
