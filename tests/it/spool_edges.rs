@@ -210,7 +210,8 @@ fn zero_pages_holding(path: &std::path::Path, needle: &[u8]) {
 
 /// The trace context of the newest record of the damaged spool below, and its trace id.
 const TRACE: &str = "00-5e11d0a55e11d0a55e11d0a55e11d0a5-00f067aa0ba902b7-01";
-const TRACE_ID: [u8; 16] = [0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5];
+const TRACE_ID: [u8; 16] =
+    [0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5, 0x5e, 0x11, 0xd0, 0xa5];
 
 /// Posts `body` with [`TRACE`] as its trace context: its record stores the trace id as is
 /// (the event and the body are compressed), which is how a test finds the record's bytes.

@@ -548,7 +548,8 @@ mod tests {
             assert_eq!(weight(&rec), weight(&plain), "the decoded size, not the stored one");
         }
         // Bodies that do not compress, large ones, an empty one.
-        let noise: String = (0..20_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2654435761) >> 7) % 26) as u8)).collect();
+        let noise: String =
+            (0..20_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2654435761) >> 7) % 26) as u8)).collect();
         for text in [noise.clone(), "x".repeat(300_000), String::new()] {
             let body = serde_json::json!({"type": "inboundMessage", "body": text}).to_string();
             let ev = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
