@@ -110,7 +110,8 @@ pub fn encode_v3(env: &Envelope) -> Vec<u8> {
 /// record names, not from its stored size.
 pub fn weight(rec: &[u8]) -> u64 {
     match V4Head::parse(rec) {
-        Some(h) => 2 * (h.json_len as u64 + h.raw_len as u64) + (trace::LEN + SUM) as u64,
+        // As much as the same record uncompressed (v3).
+        Some(h) => 2 * (h.json_len as u64 + h.raw_len as u64 + (V2_HEAD + trace::LEN + SUM) as u64),
         None => 2 * rec.len() as u64,
     }
 }
