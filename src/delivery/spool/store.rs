@@ -399,7 +399,7 @@ fn dedup_ids(tx: &redb::ReadTransaction, since: u64, max: usize) -> Result<Vec<(
     rows.extend(batched);
     // Newest first (stable: each table's own order is kept among equal times), then the
     // newest `max`, oldest first.
-    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
     rows.truncate(max);
     rows.reverse();
     Ok(rows)
