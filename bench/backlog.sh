@@ -20,6 +20,8 @@
 #   BACKLOG_EVENTS   the sizes when none are given (default "100000 1000000")
 #   WRK_THREADS / WRK_CONNECTIONS  the fill's load (default 2 / 32)
 #   BACKLOG_KEEP=1   keep the temp dirs (their paths are printed)
+#   BENCH_BIN        a release binary to measure instead of building this checkout's (e.g. the
+#                    previous build, for a side-by-side comparison)
 # Not a test: nothing here asserts a number.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,9 +39,12 @@ if ! command -v wrk >/dev/null; then
   else sudo apt-get install -y wrk >&2; fi
 fi
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-target="${CARGO_TARGET_DIR:-$root/target}"
-bin="$target/release/webio-router"
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin="$BENCH_BIN"
+else
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/webio-router"
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }

@@ -734,6 +734,51 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_of_the_previous_build_opens_keeps_its_dedup_window_and_drains() {
+        // As the build before record v4 and `dedup_batches` left it: v3 records, a dedup row
+        // per event.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let n = 50;
+        {
+            let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut events = tx.open_table(store::EVENTS).unwrap();
+                let mut pending = tx.open_table(store::PENDING).unwrap();
+                let mut dedup = tx.open_table(store::DEDUP).unwrap();
+                let now = crate::dedup::now_millis();
+                for i in 0..n {
+                    let env = envelope(i);
+                    events.insert(i as u64, record::encode_v3(&env).as_slice()).unwrap();
+                    pending.insert(("up", i as u64), 0u32).unwrap();
+                    dedup.insert((now, crate::dedup::key(&env.event.id)), ()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let up = fake("up", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("up".to_string(), up.clone() as Arc<dyn Sink>)].into();
+        let targets: Vec<Arc<dyn Sink>> = sinks.values().cloned().collect();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.pending()["up"], n as u64);
+        assert_eq!(spool.submit(envelope(7), targets.clone()).await, Ok(Accepted::Duplicate), "the old dedup rows");
+        assert_eq!(spool.submit(envelope(n), targets.clone()).await, Ok(Accepted::New));
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+        drop(spool);
+
+        // Again: the ids of both dedup tables are read back; then everything drains.
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.submit(envelope(7), targets.clone()).await, Ok(Accepted::Duplicate));
+        assert_eq!(spool.submit(envelope(n), targets.clone()).await, Ok(Accepted::Duplicate), "the new dedup row");
+        up.ok.store(true, Ordering::Release);
+        wait("the old and the new events", || up.got.lock().unwrap().len() > n).await;
+        let got: std::collections::HashSet<_> = up.got.lock().unwrap().iter().cloned().collect();
+        assert_eq!(got, (0..=n).map(|i| envelope(i).event.id).collect());
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backlog_larger_than_the_memory_window_is_delivered_whole_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());

@@ -389,11 +389,7 @@ mod tests {
         assert_eq!(r.oldest.as_ref().map(|o| o.1.clone()), Some(env(0).event.id));
         assert!(r.size > 0);
 
-        let path = cfg.spool_dir.join(store::FILE_NAME);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.windows(11).position(|w| w == b"\"amount\":3}").unwrap();
-        bytes[at + 9] = b'8';
-        std::fs::write(&path, bytes).unwrap();
+        store::damage_event(&store::open_db(&cfg.spool_dir).unwrap().0, 3);
         let r = check(&cfg).unwrap();
         assert!(!r.healthy());
         assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
@@ -407,12 +403,8 @@ mod tests {
         {
             let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
             store::set_paused(&db, "b", true, 7).unwrap();
+            store::damage_event(&db, 2);
         }
-        let path = cfg.spool_dir.join(store::FILE_NAME);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.windows(11).position(|w| w == b"\"amount\":2}").unwrap();
-        bytes[at + 9] = b'9';
-        std::fs::write(&path, bytes).unwrap();
 
         let r = salvage(&cfg, &|_| panic!("not routed again")).unwrap();
         assert_eq!(r.source, Source::Index);

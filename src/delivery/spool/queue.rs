@@ -232,7 +232,7 @@ impl SinkQueue {
             .filter_map(|(seq, rec)| {
                 let rec = rec?;
                 let env = record::decode(&rec).ok()?;
-                Some((seq, (Arc::new(env), record::weight(rec.len()))))
+                Some((seq, (Arc::new(env), record::weight(&rec))))
             })
             .collect();
         self.fill(envs);

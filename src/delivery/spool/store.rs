@@ -5,7 +5,8 @@
 //! | `meta` | name | u64 (`format` = [`FORMAT`]) |
 //! | `events` | seq (u64, assigned by the writer) | a [`record`](super::record) (event JSON + raw body, checked when read) |
 //! | `pending` | (sink name, seq) | attempts made so far (u32) |
-//! | `dedup` | (accepted at, unix ms; event id key) | () |
+//! | `dedup_batches` | (accepted at, unix ms; seq of the batch's first event) | the id keys of the events of one commit (u128 LE each) |
+//! | `dedup` | (accepted at, unix ms; event id key) | () (written by builds before `dedup_batches`; still read and pruned) |
 //! | `probe` | 0 | a few KiB rewritten to prove that a commit can allocate space again |
 //! | `paused` | sink name | paused since, unix ms (`webio-router pause`; a row per paused sink) |
 //!
@@ -35,7 +36,13 @@ pub const FORMAT: u64 = 1;
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const PENDING: TableDefinition<(&str, u64), u32> = TableDefinition::new("pending");
+/// Dedup ids one row per event: written by builds before [`DEDUP_BATCHES`], still read (and
+/// pruned) so that an upgrade keeps the window.
 pub const DEDUP: TableDefinition<(u64, u128), ()> = TableDefinition::new("dedup");
+/// Added in place to format 1: the dedup ids of one commit in one row (16 bytes an event
+/// instead of ~45 with a row each). An older build ignores it (and does not recognise those
+/// events as duplicates: at least once still holds).
+pub const DEDUP_BATCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup_batches");
 pub const PROBE: TableDefinition<u8, &[u8]> = TableDefinition::new("probe");
 /// Added in place to format 1: an older build ignores it (and does not honour the pause).
 pub const PAUSED: TableDefinition<&str, u64> = TableDefinition::new("paused");
@@ -237,6 +244,7 @@ fn init(path: &Path) -> Result<Database, SpoolError> {
             tx.open_table(EVENTS).op("open events")?;
             tx.open_table(PENDING).op("open pending")?;
             tx.open_table(DEDUP).op("open dedup")?;
+            tx.open_table(DEDUP_BATCHES).op("open dedup")?;
             tx.open_table(PAUSED).op("open paused")?;
         }
         if found.is_some_and(|f| f > FORMAT) {
@@ -356,15 +364,59 @@ fn recover_inner(db: &Database, dedup_since: u64, dedup_max: usize, check: bool)
             r.orphans.push(seq);
         }
     }
-    let dedup = tx.open_table(DEDUP).op("open dedup")?;
-    // Newest first, then back to oldest first (the order the in-memory window is filled in).
-    for row in dedup.range((dedup_since, 0u128)..).op("read dedup")?.rev().take(dedup_max) {
-        let (k, _) = row.op("read dedup")?;
-        r.dedup.push(k.value());
-    }
-    r.dedup.reverse();
+    r.dedup = dedup_ids(&tx, dedup_since, dedup_max)?;
     r.paused = paused_sinks(&tx)?;
     Ok(r)
+}
+
+/// The newest `max` dedup ids accepted at `since` or later, oldest first (the order the
+/// in-memory window is filled in), from both dedup tables.
+fn dedup_ids(tx: &redb::ReadTransaction, since: u64, max: usize) -> Result<Vec<(u64, u128)>, StoreError> {
+    // Newest first from each table, then merged.
+    let mut rows = Vec::new();
+    let dedup = tx.open_table(DEDUP).op("open dedup")?;
+    for row in dedup.range((since, 0u128)..).op("read dedup")?.rev().take(max) {
+        rows.push(row.op("read dedup")?.0.value());
+    }
+    let mut batched = Vec::new();
+    match tx.open_table(DEDUP_BATCHES) {
+        Ok(batches) => {
+            for row in batches.range((since, 0u64)..).op("read dedup")?.rev() {
+                if batched.len() >= max {
+                    break;
+                }
+                let (k, v) = row.op("read dedup")?;
+                let at = k.value().0;
+                // Newest first within the batch too.
+                for key in v.value().chunks_exact(16).rev() {
+                    let key = u128::from_le_bytes(key.try_into().unwrap_or_default());
+                    batched.push((at, key));
+                }
+            }
+        }
+        // A spool created before the table: the ids are all in `dedup`.
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(StoreError::at("open dedup")(e.into())),
+    }
+    rows.extend(batched);
+    // Newest first (stable: each table's own order is kept among equal times), then the
+    // newest `max`, oldest first.
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    rows.truncate(max);
+    rows.reverse();
+    Ok(rows)
+}
+
+/// The dedup row of one commit: the id keys of its new events, in order.
+pub fn dedup_batch(keys: &[u128]) -> Vec<u8> {
+    keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+}
+
+/// Removes the dedup ids accepted before `cutoff` (unix ms), from both tables.
+pub fn prune_dedup(tx: &redb::WriteTransaction, cutoff: u64) -> Result<(), StoreError> {
+    tx.open_table(DEDUP).op("open dedup")?.retain_in(..(cutoff, 0u128), |_, _| false).op("prune dedup")?;
+    tx.open_table(DEDUP_BATCHES).op("open dedup")?.retain_in(..(cutoff, 0u64), |_, _| false).op("prune dedup")?;
+    Ok(())
 }
 
 /// What [`audit`] found in one stretch of the event table.
@@ -542,7 +594,7 @@ pub fn load_events(db: &Database, must: &[u64], ahead: &[u64], budget: u64) -> R
         let mut used = 0u64;
         for seq in ahead {
             let Some(v) = events.get(*seq).op("read events")? else { continue };
-            used += super::record::weight(v.value().len());
+            used += super::record::weight(v.value());
             if used > budget {
                 break;
             }
@@ -599,6 +651,20 @@ pub fn probe(db: &Database) -> Result<(), StoreError> {
         }
         tx.commit().op("commit probe")
     })?
+}
+
+/// Alters one byte in the middle of the record of `seq`, as damage on disk would (tests).
+#[cfg(test)]
+pub(crate) fn damage_event(db: &Database, seq: u64) {
+    let tx = db.begin_write().unwrap();
+    {
+        let mut events = tx.open_table(EVENTS).unwrap();
+        let mut rec = events.get(seq).unwrap().unwrap().value().to_vec();
+        let mid = rec.len() / 2;
+        rec[mid] ^= 0x20;
+        events.insert(seq, rec.as_slice()).unwrap();
+    }
+    tx.commit().unwrap();
 }
 
 /// Free bytes on the filesystem of `dir` (what this process may still write), if known.
@@ -694,12 +760,9 @@ mod tests {
     #[test]
     fn recovery_lists_damaged_records_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let path = spool_with(dir.path(), 3);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.windows(11).position(|w| w == b"\"amount\":1}").unwrap();
-        bytes[at + 9] = b'7';
-        std::fs::write(&path, &bytes).unwrap();
+        spool_with(dir.path(), 3);
         let (db, _) = open_db(dir.path()).unwrap();
+        damage_event(&db, 1);
         let r = recover(&db, 0).unwrap();
         assert_eq!((r.events, r.pending["s"]), (3, 3));
         assert_eq!(r.unreadable.len(), 1, "{:?}", r.unreadable);
@@ -707,14 +770,39 @@ mod tests {
     }
 
     #[test]
+    fn dedup_ids_of_both_tables_are_read_back_in_time_order_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = open_db(dir.path()).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            // A row per event (older builds) and a row per commit (this one).
+            let mut old = tx.open_table(DEDUP).unwrap();
+            for i in 0..5u64 {
+                old.insert((1000 + 10 * i, u128::from(i)), ()).unwrap();
+            }
+            let mut batches = tx.open_table(DEDUP_BATCHES).unwrap();
+            batches.insert((1005, 0u64), dedup_batch(&[u128::MAX, 101]).as_slice()).unwrap();
+            batches.insert((1045, 2u64), dedup_batch(&[104, 102, 103]).as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        let all = recover(&db, 0).unwrap().dedup;
+        let want = [(1000, 0), (1005, u128::MAX), (1005, 101), (1010, 1), (1020, 2), (1030, 3), (1040, 4)];
+        let want: Vec<(u64, u128)> = want.into_iter().chain([(1045, 104), (1045, 102), (1045, 103)]).collect();
+        assert_eq!(all, want);
+        assert_eq!(recover_for_start(&db, 0, 4).unwrap().dedup, want[6..], "the newest four, oldest first");
+        assert_eq!(recover_for_start(&db, 1010, 100).unwrap().dedup, want[3..], "inside the window only");
+        let tx = db.begin_write().unwrap();
+        prune_dedup(&tx, 1030).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(recover(&db, 0).unwrap().dedup, want[5..]);
+    }
+
+    #[test]
     fn a_start_reads_the_same_counts_without_checking_and_the_audit_finds_what_the_check_finds() {
         let dir = tempfile::tempdir().unwrap();
-        let path = spool_with(dir.path(), 20);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.windows(12).position(|w| w == b"\"amount\":13}").unwrap();
-        bytes[at + 9] = b'7';
-        std::fs::write(&path, &bytes).unwrap();
+        spool_with(dir.path(), 20);
         let (db, _) = open_db(dir.path()).unwrap();
+        damage_event(&db, 13);
         // Event 4 is no longer pending for any sink: an orphan.
         let tx = db.begin_write().unwrap();
         tx.open_table(PENDING).unwrap().remove(("s", 4u64)).unwrap();

@@ -14,7 +14,7 @@
 use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
 use super::record;
-use super::store::{self, Op as _, StoreError, DEDUP, EVENTS, PENDING};
+use super::store::{self, Op as _, StoreError, DEDUP_BATCHES, EVENTS, PENDING};
 use super::Shared;
 use crate::dedup::now_millis;
 use crate::delivery::{Accepted, Refused};
@@ -297,7 +297,7 @@ impl Writer {
                         self.shared.dedup.record_at(&a.id, now);
                     }
                     // Queue before answering: once a request has its 202, its work is visible.
-                    let weight = record::weight(a.rec.len());
+                    let weight = record::weight(&a.rec);
                     for sink in &a.sinks {
                         self.registry.queue(sink).enqueue(seq, a.env.clone(), weight);
                     }
@@ -330,10 +330,11 @@ impl Writer {
         {
             let mut events = tx.open_table(EVENTS).op("open events")?;
             let mut pending = tx.open_table(PENDING).op("open pending")?;
-            let mut dedup = tx.open_table(DEDUP).op("open dedup")?;
+            let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
             let window = self.shared.dedup.window().as_millis() as u64;
             let mut in_batch = HashSet::new();
             let mut next = self.next_seq;
+            let mut ids = Vec::new();
             for a in appends {
                 let key = crate::dedup::key(&a.id);
                 if a.dedup && window > 0 && (self.shared.dedup.contains_key_at(key, now) || !in_batch.insert(key)) {
@@ -347,15 +348,18 @@ impl Writer {
                     pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
                 if a.dedup && window > 0 {
-                    dedup.insert((now, key), ()).op("write dedup")?;
+                    ids.push(key);
                 }
                 seqs.push(Some(seq));
             }
-            freed = apply_book(&mut events, &mut pending, &self.names, book)?;
-            if prune {
-                let cutoff = now.saturating_sub(window);
-                dedup.retain_in(..(cutoff, 0u128), |_, _| false).op("prune dedup")?;
+            // One dedup row for the commit's ids, keyed by its first seq.
+            if !ids.is_empty() {
+                dedup.insert((now, self.next_seq), store::dedup_batch(&ids).as_slice()).op("write dedup")?;
             }
+            freed = apply_book(&mut events, &mut pending, &self.names, book)?;
+        }
+        if prune {
+            store::prune_dedup(&tx, now.saturating_sub(self.shared.dedup.window().as_millis() as u64))?;
         }
         tx.commit().op("commit")?;
         Ok((seqs, freed))
