@@ -8,7 +8,8 @@
 #              PROFILE_OUT (perf.data path; default a temp file, kept and printed),
 #              ROUTER_WORKERS (TOKIO_WORKER_THREADS for the router), ROUTER_PRELOAD (LD_PRELOAD for the router only, e.g. an allocator to compare),
 #              PROFILE_CALLGRAPH=1 records call graphs (needs a build with frame pointers:
-#              RUSTFLAGS="-C force-frame-pointers=yes").
+#              RUSTFLAGS="-C force-frame-pointers=yes"),
+#              BENCH_BIN=path: profile that router binary (an older build, to compare) and build nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,8 +21,10 @@ command -v perf >/dev/null || { echo "perf is missing: apt-get install linux-per
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
 
 # The same build as bench/run.sh (same feature set: no rebuild when switching between them).
-cargo build --release --locked --bin webio-router --example bare --example kafka_mock --example amqp_queue >&2
-BIN=$ROOT/target/release/webio-router
+if [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release --locked --bin webio-router --example bare --example kafka_mock --example amqp_queue >&2
+fi
+BIN=${BENCH_BIN:-$ROOT/target/release/webio-router}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/webio-profile.XXXXXX")
 OUT=${PROFILE_OUT:-$DIR/perf.data}
 cat >"$DIR/webio-router.toml" <<TOML
