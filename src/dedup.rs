@@ -1,5 +1,5 @@
 //! The re-delivery window: an event id seen within `dedup_window` is a duplicate.
-//! In memory here; the spool persists its entries (table `dedup`, written in the same
+//! In memory here; the spool persists its entries (table `dedup_batches`, written in the same
 //! transaction as the event) and loads them back at start, so the window survives restarts.
 //! [`store`]: the window shared between replicas through Redis (`delivery.dedup_store`).
 

@@ -747,11 +747,20 @@ mod tests {
         let spool = Spool::open(&cfg, &sinks).await.unwrap();
         let answers = futures_util::future::join_all((0..n).map(|i| spool.submit(envelope(i), targets.clone()))).await;
         assert!(answers.iter().all(|a| *a == Ok(Accepted::New)), "{answers:?}");
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
         drop(spool);
 
         {
-            let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+            // The drain tasks may still hold the file for a moment after the stop.
+            let mut opened = store::open_db(&cfg.spool_dir);
+            for _ in 0..500 {
+                if !matches!(opened, Err(store::SpoolError::InUse { .. })) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                opened = store::open_db(&cfg.spool_dir);
+            }
+            let (db, _) = opened.unwrap();
             let mut ids: Vec<u128> = store::recover(&db, 0).unwrap().dedup.into_iter().map(|(_, k)| k).collect();
             ids.sort_unstable();
             let mut want: Vec<u128> = (0..n).map(|i| crate::dedup::key(&envelope(i).event.id)).collect();
@@ -764,7 +773,7 @@ mod tests {
         }
         assert_eq!(spool.submit(envelope(n), targets.clone()).await, Ok(Accepted::New));
         assert_eq!(spool.pending()["down"], n as u64 + 1);
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
