@@ -1,5 +1,5 @@
 //! The re-delivery window: an event id seen within `dedup_window` is a duplicate.
-//! In memory here; the spool persists its entries (table `dedup`, written in the same
+//! In memory here; the spool persists its entries (table `dedup_batches`, written in the same
 //! transaction as the event) and loads them back at start, so the window survives restarts.
 //! [`store`]: the window shared between replicas through Redis (`delivery.dedup_store`).
 
@@ -79,6 +79,49 @@ impl Seen {
             .find_map(|g| self.gens[g].map.get(k).map(|t| (g, *t)))
     }
 
+    /// Records `k` at `at` (see [`Dedup::record_key_at`]); whether it was new.
+    fn record(&mut self, window: u64, k: u128, at: u64) -> bool {
+        if self.gens.is_empty() {
+            // No window: nothing is ever a duplicate, nothing to remember.
+            return true;
+        }
+        // At most once per tenth of a window, empty the generations whose newest id is out of
+        // it, so that the tables hold about one window of ids.
+        if at.saturating_sub(self.last_prune) > window / 10 {
+            for g in &mut self.gens {
+                if at.saturating_sub(g.newest) >= window {
+                    g.empty();
+                }
+            }
+            self.last_prune = at;
+        }
+        let k = slot(k);
+        let mut at = at;
+        let mut new = true;
+        if let Some((g, t)) = self.find(&k) {
+            new = at.saturating_sub(t) >= window;
+            at = at.max(t);
+            if g == self.cur {
+                // In place: `insert` of a key already there may still grow a full table.
+                let gen = &mut self.gens[g];
+                if let Some(t) = gen.map.get_mut(&k) {
+                    *t = at;
+                }
+                gen.newest = gen.newest.max(at);
+                return new;
+            }
+            // Moves to the current generation, so that it lives as long as its newest time.
+            self.gens[g].map.remove(&k);
+        }
+        if self.gens[self.cur].full() {
+            self.rotate();
+        }
+        let g = &mut self.gens[self.cur];
+        g.map.insert(k, at);
+        g.newest = g.newest.max(at);
+        new
+    }
+
     /// Empties the oldest generation and makes it the current one.
     fn rotate(&mut self) {
         self.cur = (self.cur + 1) % self.gens.len();
@@ -129,50 +172,35 @@ impl Dedup {
 
     /// Records `id` as seen at `at` (unix millis).
     pub fn record_at(&self, id: &str, at: u64) {
-        self.record_key_at(key(id), at)
+        self.record_key_at(key(id), at);
     }
 
-    /// Records an id by its [`key`] (entries loaded back from the spool).
-    pub fn record_key_at(&self, k: u128, at: u64) {
-        let window = self.window_ms;
+    /// Records an id by its [`key`] (entries loaded back from the spool) — a lookup and an
+    /// insert in one: answers whether it is new, i.e. was not recorded less than a window
+    /// before `at` (`false`: a duplicate). Without a window nothing is remembered and every id
+    /// is new.
+    pub fn record_key_at(&self, k: u128, at: u64) -> bool {
         let mut seen = self.seen.lock().expect("dedup lock");
-        if seen.gens.is_empty() {
-            // No window: nothing is ever a duplicate, nothing to remember.
-            return;
+        seen.record(self.window_ms, k, at)
+    }
+
+    /// For each of `keys`, whether it was recorded less than a window before `now`, into `out`
+    /// (cleared first): one lock for a whole batch (the spool writer checks a commit's ids).
+    pub fn contains_keys_at(&self, keys: &[u128], now: u64, out: &mut Vec<bool>) {
+        out.clear();
+        let seen = self.seen.lock().expect("dedup lock");
+        out.extend(
+            keys.iter().map(|k| seen.find(&slot(*k)).is_some_and(|(_, t)| now.saturating_sub(t) < self.window_ms)),
+        );
+    }
+
+    /// Records every one of `keys` as seen at `at`: one lock for a whole batch (the spool
+    /// writer, once a commit is durable).
+    pub fn record_keys_at(&self, keys: &[u128], at: u64) {
+        let mut seen = self.seen.lock().expect("dedup lock");
+        for k in keys {
+            seen.record(self.window_ms, *k, at);
         }
-        // At most once per tenth of a window, empty the generations whose newest id is out of
-        // it, so that the tables hold about one window of ids.
-        if at.saturating_sub(seen.last_prune) > window / 10 {
-            for g in &mut seen.gens {
-                if at.saturating_sub(g.newest) >= window {
-                    g.empty();
-                }
-            }
-            seen.last_prune = at;
-        }
-        let k = slot(k);
-        let mut at = at;
-        if let Some((g, t)) = seen.find(&k) {
-            at = at.max(t);
-            if g == seen.cur {
-                // In place: `insert` of a key already there may still grow a full table.
-                let gen = &mut seen.gens[g];
-                if let Some(t) = gen.map.get_mut(&k) {
-                    *t = at;
-                }
-                gen.newest = gen.newest.max(at);
-                return;
-            }
-            // Moves to the current generation, so that it lives as long as its newest time.
-            seen.gens[g].map.remove(&k);
-        }
-        if seen.gens[seen.cur].full() {
-            seen.rotate();
-        }
-        let cur = seen.cur;
-        let g = &mut seen.gens[cur];
-        g.map.insert(k, at);
-        g.newest = g.newest.max(at);
     }
 
     pub fn record(&self, id: &str) {
@@ -256,6 +284,31 @@ mod tests {
         assert!(!d.contains_at(&id(1), now), "its first generation is gone");
         assert!(!d.contains_at(&id(0), 2_000 + 3_600_000), "the window still ends");
         assert!(d.len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_lookup_and_insert_reports_a_second_insert_of_the_same_id_as_a_duplicate() {
+        let d = Dedup::new(Duration::from_secs(10));
+        assert!(d.record_key_at(7, 1_000), "new");
+        assert!(!d.record_key_at(7, 5_000), "a duplicate inside the window");
+        assert!(!d.record_key_at(7, 14_999), "the window runs from the newest time");
+        assert!(d.record_key_at(7, 30_000), "new again once the window is over");
+        assert!(d.record_key_at(8, 30_000));
+        let none = Dedup::new(Duration::ZERO);
+        assert!(none.record_key_at(7, 1_000) && none.record_key_at(7, 1_000), "no window: always new");
+    }
+
+    #[test]
+    fn a_batch_is_checked_and_recorded_as_one_id_at_a_time_would_be() {
+        let d = Dedup::new(Duration::from_secs(10));
+        d.record_key_at(2, 1_000);
+        let mut out = vec![true; 9];
+        d.contains_keys_at(&[1, 2, 3], 5_000, &mut out);
+        assert_eq!(out, [false, true, false]);
+        d.record_keys_at(&[1, 3], 5_000);
+        d.contains_keys_at(&[1, 2, 3, 4], 11_000, &mut out);
+        assert_eq!(out, [true, false, true, false], "2 was recorded at 1000 only");
+        assert!(d.contains_key_at(3, 14_999) && !d.contains_key_at(3, 15_000));
     }
 
     #[test]

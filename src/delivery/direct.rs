@@ -45,7 +45,9 @@ async fn deliver<'a>(sink: &'a dyn Sink, env: &Envelope) -> (&'a str, Result<(),
 impl Delivery for Direct {
     fn submit(&self, env: Envelope, sinks: Vec<Arc<dyn Sink>>) -> BoxFuture<'_, Result<Accepted, Refused>> {
         Box::pin(async move {
-            if self.dedup.contains(&env.event.id) {
+            // The id's key once, for the check and for the record.
+            let key = crate::dedup::key(&env.event.id);
+            if self.dedup.contains_key_at(key, crate::dedup::now_millis()) {
                 return Ok(Accepted::Duplicate);
             }
             let results = match &sinks[..] {
@@ -93,7 +95,7 @@ impl Delivery for Direct {
                 observe(name, "dead", *started);
             }
             // Only a fully taken event counts as seen: a retry after a 503 must go out again.
-            self.dedup.record(&env.event.id);
+            self.dedup.record_key_at(key, crate::dedup::now_millis());
             Ok(Accepted::New)
         })
     }

@@ -193,6 +193,7 @@ impl Spool {
             unsynced: false,
             unsynced_ops: Vec::new(),
             closing: None,
+            scratch: Default::default(),
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
         let audited = rec.next_seq;
@@ -730,6 +731,48 @@ mod tests {
         }
         assert_eq!(*up.violations.lock().unwrap(), Vec::<String>::new());
         assert_eq!(*down.violations.lock().unwrap(), Vec::<String>::new());
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ids_of_a_batch_checked_and_recorded_at_once_are_on_disk_once_and_stay_duplicates_after_a_restart() {
+        // Concurrent submits share commits: the writer asks the window once per batch and
+        // records the batch's ids once it is durable; a stop right after must keep them all.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let down = fake("down", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("down".to_string(), down.clone() as Arc<dyn Sink>)].into();
+        let targets: Vec<Arc<dyn Sink>> = sinks.values().cloned().collect();
+        let n = 40;
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let answers = futures_util::future::join_all((0..n).map(|i| spool.submit(envelope(i), targets.clone()))).await;
+        assert!(answers.iter().all(|a| *a == Ok(Accepted::New)), "{answers:?}");
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        drop(spool);
+
+        {
+            // The drain tasks may still hold the file for a moment after the stop.
+            let mut opened = store::open_db(&cfg.spool_dir);
+            for _ in 0..500 {
+                if !matches!(opened, Err(store::SpoolError::InUse { .. })) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                opened = store::open_db(&cfg.spool_dir);
+            }
+            let (db, _) = opened.unwrap();
+            let mut ids: Vec<u128> = store::recover(&db, 0).unwrap().dedup.into_iter().map(|(_, k)| k).collect();
+            ids.sort_unstable();
+            let mut want: Vec<u128> = (0..n).map(|i| crate::dedup::key(&envelope(i).event.id)).collect();
+            want.sort_unstable();
+            assert_eq!(ids, want, "every accepted id is on disk, once");
+        }
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        for i in [0, n / 2, n - 1] {
+            assert_eq!(spool.submit(envelope(i), targets.clone()).await, Ok(Accepted::Duplicate), "event {i}");
+        }
+        assert_eq!(spool.submit(envelope(n), targets.clone()).await, Ok(Accepted::New));
+        assert_eq!(spool.pending()["down"], n as u64 + 1);
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 

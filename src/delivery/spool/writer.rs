@@ -72,6 +72,21 @@ impl Deferred {
     }
 }
 
+/// Buffers kept from one batch to the next, so that a commit allocates none of them.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    appends: Vec<Append>,
+    pauses: Vec<Pause>,
+    /// Each append's dedup key (when the window is on), and whether the window holds it.
+    keys: Vec<u128>,
+    seen: Vec<bool>,
+    in_batch: HashSet<u128>,
+    /// Each append's seq (`None`: a duplicate).
+    seqs: Vec<Option<u64>>,
+    /// The keys of the events a commit accepted that enter the dedup window.
+    ids: Vec<u128>,
+}
+
 /// The writer cannot commit: since when, why, and when it tries again.
 struct Broken {
     since: Instant,
@@ -103,6 +118,7 @@ pub(crate) struct Writer {
     pub unsynced_ops: Vec<Bookkeeping>,
     /// A handle being closed whose readers had not finished yet.
     pub closing: Option<Arc<Database>>,
+    pub scratch: Scratch,
 }
 
 impl Writer {
@@ -114,6 +130,8 @@ impl Writer {
         // means repeat deliveries, as for any bookkeeping commit without fsync.
         let mut deferred = Deferred::default();
         let mut broken: Option<Broken> = None;
+        let mut appends = std::mem::take(&mut self.scratch.appends);
+        let mut pauses = std::mem::take(&mut self.scratch.pauses);
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
             // broken, not at all when bookkeeping is waiting.
@@ -133,8 +151,6 @@ impl Writer {
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 },
             };
-            let mut appends = Vec::new();
-            let mut pauses = Vec::new();
             let mut bytes = 0u64;
             let mut next = first;
             while let Some(op) = next {
@@ -173,14 +189,14 @@ impl Writer {
                     }
                 }
                 if broken.is_some() {
-                    self.refuse(appends);
-                    for p in pauses {
+                    self.refuse(&mut appends);
+                    for p in pauses.drain(..) {
                         let _ = p.reply.send(Err(StoreError::Reopening));
                     }
                     continue;
                 }
             }
-            self.pause(pauses);
+            self.pause(&mut pauses);
 
             let mut book = Vec::new();
             if appends.is_empty() || deferred.due() {
@@ -190,7 +206,7 @@ impl Writer {
             if appends.is_empty() && book.is_empty() {
                 continue;
             }
-            if let Err((e, rest)) = self.apply(appends, book, false) {
+            if let Err((e, rest)) = self.apply(&mut appends, book, false) {
                 carry = rest;
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
                 let reason = e.to_string();
@@ -213,15 +229,15 @@ impl Writer {
             }
         }
         if !carry.is_empty() || self.unsynced {
-            if let Err((e, _)) = self.apply(Vec::new(), carry, true) {
+            if let Err((e, _)) = self.apply(&mut Vec::new(), carry, true) {
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: the last deliveries could not be recorded; they will repeat after the restart");
             }
         }
     }
 
     /// Records pauses and resumes, each durably (a rare operator action: no batching).
-    fn pause(&self, pauses: Vec<Pause>) {
-        for p in pauses {
+    fn pause(&self, pauses: &mut Vec<Pause>) {
+        for p in pauses.drain(..) {
             let result = self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis()));
             if result.is_err() {
                 crate::metrics::spool_write_error();
@@ -230,10 +246,10 @@ impl Writer {
         }
     }
 
-    fn refuse(&self, appends: Vec<Append>) {
+    fn refuse(&self, appends: &mut Vec<Append>) {
         let bytes: u64 = appends.iter().map(|a| a.rec.len() as u64).sum();
         self.shared.used.fetch_sub(bytes, Ordering::AcqRel);
-        for a in appends {
+        for a in appends.drain(..) {
             let _ = a
                 .reply
                 .send(Err(Refused { reason: "the spool cannot be written".into(), retry_after: BROKEN_RETRY_AFTER }));
@@ -242,10 +258,11 @@ impl Writer {
 
     /// One transaction for `appends` and `book` (durable when it holds events, or when
     /// `force_durable`). On failure every waiting request is refused (nothing was accepted)
-    /// and the bookkeeping is handed back to be applied once the spool heals.
+    /// and the bookkeeping is handed back to be applied once the spool heals. Either way
+    /// `appends` is left empty (its buffer is kept for the next batch).
     fn apply(
         &mut self,
-        appends: Vec<Append>,
+        appends: &mut Vec<Append>,
         book: Vec<Bookkeeping>,
         force_durable: bool,
     ) -> Result<(), (StoreError, Vec<Bookkeeping>)> {
@@ -258,13 +275,21 @@ impl Writer {
         let window = self.shared.dedup.window().as_millis() as u64;
         let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let durable = force_durable || !appends.is_empty() || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
-        let result = self
-            .shared
-            .db()
-            .and_then(|db| super::guard::catch(|| self.transaction(&db, &appends, &book, now, prune, durable))?);
-        let (seqs, freed) = match result {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // Each id's key once, and the window asked once for the whole batch.
+        scratch.keys.clear();
+        scratch.seen.clear();
+        if window > 0 {
+            scratch.keys.extend(appends.iter().map(|a| crate::dedup::key(&a.id)));
+            self.shared.dedup.contains_keys_at(&scratch.keys, now, &mut scratch.seen);
+        }
+        let result = self.shared.db().and_then(|db| {
+            super::guard::catch(|| self.transaction(&db, appends, &mut scratch, &book, now, prune, durable))?
+        });
+        let freed = match result {
             Ok(r) => r,
             Err(e) => {
+                self.scratch = scratch;
                 crate::metrics::spool_write_error();
                 // Not ready before the first refusal is answered: a probe that follows a 503
                 // sees why.
@@ -273,33 +298,39 @@ impl Writer {
                 return Err((e, book));
             }
         };
+        let seqs = &scratch.seqs;
+        let accepted = seqs.iter().filter(|s| s.is_some()).count() as u64;
         if durable {
             self.last_fsync = Instant::now();
             self.unsynced = false;
             self.unsynced_ops.clear();
-            crate::metrics::spool_flush(seqs.iter().filter(|s| s.is_some()).count() as u64);
+            crate::metrics::spool_flush(accepted);
         } else {
             self.unsynced = true;
             self.unsynced_ops.extend(book);
         }
         self.last_prune = if prune { now } else { self.last_prune };
-        let added: u64 = appends.iter().zip(&seqs).filter(|(_, s)| s.is_some()).map(|(a, _)| a.rec.len() as u64).sum();
-        let duplicate: u64 =
-            appends.iter().zip(&seqs).filter(|(_, s)| s.is_none()).map(|(a, _)| a.rec.len() as u64).sum();
+        let (mut added, mut duplicate) = (0u64, 0u64);
+        for (a, seq) in appends.iter().zip(seqs) {
+            match seq {
+                Some(_) => added += a.rec.len() as u64,
+                None => duplicate += a.rec.len() as u64,
+            }
+        }
         self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
         self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
-        self.next_seq += seqs.iter().filter(|s| s.is_some()).count() as u64;
+        self.next_seq += accepted;
         crate::metrics::spool_bytes(self.committed_bytes);
-        for (a, seq) in appends.into_iter().zip(seqs) {
+        // Into the window before any request is answered: a re-send that follows its 202 is
+        // a duplicate.
+        self.shared.dedup.record_keys_at(&scratch.ids, now);
+        for (a, seq) in appends.drain(..).zip(seqs) {
             match seq {
                 Some(seq) => {
-                    if a.dedup && window > 0 {
-                        self.shared.dedup.record_at(&a.id, now);
-                    }
                     // Queue before answering: once a request has its 202, its work is visible.
                     let weight = record::weight(&a.rec);
                     for sink in &a.sinks {
-                        self.registry.queue(sink).enqueue(seq, a.env.clone(), weight);
+                        self.registry.queue(sink).enqueue(*seq, a.env.clone(), weight);
                     }
                     let _ = a.reply.send(Ok(Accepted::New));
                 }
@@ -308,37 +339,41 @@ impl Writer {
                 }
             }
         }
+        self.scratch = scratch;
         Ok(())
     }
 
-    /// Returns, for each append, its seq (`None`: a duplicate), and the bytes freed.
+    /// Writes `appends` and `book`; fills `scratch.seqs` (for each append its seq, `None`: a
+    /// duplicate) and `scratch.ids` (the keys of the accepted events that enter the dedup
+    /// window); returns the bytes freed.
+    #[allow(clippy::too_many_arguments)]
     fn transaction(
         &self,
         db: &Database,
         appends: &[Append],
+        scratch: &mut Scratch,
         book: &[Bookkeeping],
         now: u64,
         prune: bool,
         durable: bool,
-    ) -> Result<(Vec<Option<u64>>, u64), StoreError> {
+    ) -> Result<u64, StoreError> {
         let mut tx = db.begin_write().op("begin")?;
         if !durable {
             tx.set_durability(redb::Durability::None).op("set durability")?;
         }
-        let mut seqs = Vec::with_capacity(appends.len());
+        scratch.seqs.clear();
+        scratch.ids.clear();
+        scratch.in_batch.clear();
         let freed;
         {
             let mut events = tx.open_table(EVENTS).op("open events")?;
             let mut pending = tx.open_table(PENDING).op("open pending")?;
-            let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
-            let window = self.shared.dedup.window().as_millis() as u64;
-            let mut in_batch = HashSet::new();
+            let window = !scratch.keys.is_empty();
             let mut next = self.next_seq;
-            let mut ids = Vec::new();
-            for a in appends {
-                let key = crate::dedup::key(&a.id);
-                if a.dedup && window > 0 && (self.shared.dedup.contains_key_at(key, now) || !in_batch.insert(key)) {
-                    seqs.push(None);
+            for (i, a) in appends.iter().enumerate() {
+                let checked = a.dedup && window;
+                if checked && (scratch.seen[i] || !scratch.in_batch.insert(scratch.keys[i])) {
+                    scratch.seqs.push(None);
                     continue;
                 }
                 let seq = next;
@@ -347,22 +382,24 @@ impl Writer {
                 for sink in &a.sinks {
                     pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
-                if a.dedup && window > 0 {
-                    ids.push(key);
+                if checked {
+                    scratch.ids.push(scratch.keys[i]);
                 }
-                seqs.push(Some(seq));
+                scratch.seqs.push(Some(seq));
             }
-            // One dedup row for the commit's ids, keyed by its first seq.
-            if !ids.is_empty() {
-                dedup.insert((now, self.next_seq), store::dedup_batch(&ids).as_slice()).op("write dedup")?;
+            // One dedup row for the commit's ids, keyed by its first seq: in the same
+            // transaction as the events, so that a re-send after a crash is still a duplicate.
+            if !scratch.ids.is_empty() {
+                let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
+                dedup.insert((now, self.next_seq), store::dedup_batch(&scratch.ids).as_slice()).op("write dedup")?;
             }
-            freed = apply_book(&mut events, &mut pending, &self.names, book)?;
+            freed = if book.is_empty() { 0 } else { apply_book(&mut events, &mut pending, &self.names, book)? };
         }
         if prune {
             store::prune_dedup(&tx, now.saturating_sub(self.shared.dedup.window().as_millis() as u64))?;
         }
         tx.commit().op("commit")?;
-        Ok((seqs, freed))
+        Ok(freed)
     }
 
     /// Closes the broken handle, reopens the file, reconciles, and proves a commit works;
