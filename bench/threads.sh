@@ -15,7 +15,9 @@
 #              if missing), BENCH_DURATION (10s), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
 #              BENCH_PORT (18280; uses 2 consecutive ports), BENCH_KEEP=1 keeps the work
 #              directory (configs, logs, wrk and perf output), BENCH_SINK_OPTIONS: more lines
-#              for the file sink's table (e.g. "concurrency = 64", the drain's round size).
+#              for the file sink's table (e.g. "concurrency = 64", the drain's round size),
+#              BENCH_BACKLOG=1: the sink is paused while wrk runs, then resumed; the numbers are
+#              those of draining that backlog (full rounds), with its rate in events/s.
 # Loopback only. Needs wrk; perf is optional (for the fdatasync counts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +64,7 @@ listen = "127.0.0.1:$HOOK"
 path = "/webhooks/webio"
 [admin]
 listen = "127.0.0.1:$ADMIN"
+control_socket = "$WORK/control.sock"
 [auth]
 secrets = ["$SECRET"]
 [delivery]
@@ -108,24 +111,36 @@ snapshot() {
   done
 }
 
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-L0=$(lines)
-snapshot >"$WORK/before.txt"
-if command -v perf >/dev/null; then
-  perf stat --per-thread -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
-    -p "$PID" -o "$WORK/perf.txt" >/dev/null 2>&1 &
-  PERF=$!
-fi
+BACKLOG=${BENCH_BACKLOG:-0}
+cli() { "$BIN" --config "$WORK/webio-router.toml" "$@" >>"$WORK/cli.txt" 2>&1; }
+start_counting() {
+  LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+  L0=$(lines)
+  snapshot >"$WORK/before.txt"
+  if command -v perf >/dev/null; then
+    perf stat --per-thread -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
+      -p "$PID" -o "$WORK/perf.txt" >/dev/null 2>&1 &
+    PERF=$!
+    sleep 0.2
+  fi
+  T0=${EPOCHREALTIME/./}
+}
+[ "$BACKLOG" = 1 ] && cli pause out
+[ "$BACKLOG" = 1 ] || start_counting
 say "== wrk -t$THREADS -c$CONNS -d$DURATION ($BIN)"
 WEBIO_TOKEN=$TOKEN wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$ROOT/bench/webio.lua" \
   "http://127.0.0.1:$HOOK/webhooks/webio" >"$WORK/wrk.txt" 2>&1 || true
+if [ "$BACKLOG" = 1 ]; then
+  start_counting
+  cli resume out
+fi
 # Every accepted event reaches the file: wait until its line count stays put.
-prev=-1
-for _ in $(seq 1 120); do
+# T1: when the last new line was seen (polled every 0.05 s; done once 0.5 s pass without one).
+prev=$(lines) T1=${EPOCHREALTIME/./} still=0
+while [ "$still" -lt 10 ]; do
+  sleep 0.05
   cur=$(lines)
-  [ "$cur" != "$prev" ] || break
-  prev=$cur
-  sleep 0.5
+  if [ "$cur" != "$prev" ]; then prev=$cur T1=${EPOCHREALTIME/./} still=0; else still=$((still + 1)); fi
 done
 snapshot >"$WORK/after.txt"
 if [ -n "$PERF" ]; then
@@ -150,6 +165,9 @@ echo
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), load average before $LOAD_BEFORE, after $LOAD_AFTER; $(nproc) cores"
 echo "binary: $BIN${BENCH_SINK_OPTIONS:+ (sink options: $BENCH_SINK_OPTIONS)}"
 echo "wrk -t$THREADS -c$CONNS -d$DURATION: ${rps:-?} req/s; events delivered: $EVENTS"
+if [ "$BACKLOG" = 1 ]; then
+  echo "backlog drained (sink paused during wrk, then resumed): $(awk -v n="$EVENTS" -v us=$((10#$T1 - 10#$T0)) 'BEGIN { printf "%.0f events/s (%.2f s)", n / (us / 1e6), us / 1e6 }')"
+fi
 echo
 echo "| thread | threads | CPU µs/event | voluntary switches/event | fdatasync+fsync/event |"
 echo "| --- | ---: | ---: | ---: | ---: |"

@@ -217,6 +217,10 @@ impl Sink for Limited {
     fn ordering(&self) -> crate::sinks::SinkOrdering {
         self.inner.ordering()
     }
+
+    fn round(&self) -> Option<usize> {
+        self.inner.round()
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,12 @@ pub trait Sink: Send + Sync + 'static {
         None
     }
 
+    /// How many deliveries the spool's drain hands the sink at once ([`Sink::deliver_many`])
+    /// when its `concurrency` is not set; `None`: the spool's default (16).
+    fn round(&self) -> Option<usize> {
+        None
+    }
+
     /// The sink's `ordering` option: whether the spool must hold a conversation's later events
     /// back until the earlier ones are delivered or dead-lettered.
     fn ordering(&self) -> SinkOrdering {

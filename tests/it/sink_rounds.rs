@@ -135,6 +135,21 @@ async fn the_default_deliver_many_gives_each_event_what_deliver_gives_it() {
     }
 }
 
+#[test]
+fn a_file_sink_takes_rounds_of_256_unless_its_concurrency_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let file: Arc<dyn Sink> = Arc::new(file_sink(&dir.path().join("out.jsonl")));
+    assert_eq!((file.concurrency(), file.round()), (None, Some(256)));
+    // Behind a rate limit only: still its own round.
+    let paced = Limits { concurrency: None, rate_limit: Some("50/s".parse().unwrap()) }.wrap(file.clone());
+    assert_eq!((paced.concurrency(), paced.round()), (None, Some(256)));
+    // `concurrency` is the round when set (the drain takes `concurrency` first).
+    let bounded = Limits { concurrency: Some(4), rate_limit: None }.wrap(file);
+    assert_eq!(bounded.concurrency(), Some(4));
+    // Other sinks: the spool's default.
+    assert_eq!(ByNumber.round(), None);
+}
+
 #[tokio::test]
 async fn a_file_sink_behind_concurrency_still_writes_a_round_as_one_group() {
     let dir = tempfile::tempdir().unwrap();

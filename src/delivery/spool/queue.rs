@@ -391,7 +391,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
 
-        let limit = sink.concurrency().unwrap_or(CONCURRENCY);
+        // The round: `concurrency` when set, else the sink's own round (a file sink's is one
+        // group, one sync), else 16.
+        let limit = sink.concurrency().or_else(|| sink.round()).unwrap_or(CONCURRENCY);
         let ordered = sink.ordering() == SinkOrdering::Conversation;
         let mut batch = if ordered {
             let due = gate.take_due(Instant::now());
