@@ -180,6 +180,26 @@ impl Sink for Limited {
         })
     }
 
+    /// A round within `concurrency` takes its slots together and goes to the inner sink as
+    /// one round (a file sink's one group). With a `rate_limit`, each delivery waits its own
+    /// turn: they go out one by one, as [`Sink::deliver`] does.
+    fn deliver_many<'a>(&'a self, envs: &'a [&'a Envelope]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        let fits = match &self.slots {
+            Some((n, _)) => envs.len() <= *n,
+            None => true,
+        };
+        if self.pacer.is_some() || !fits {
+            return Box::pin(futures_util::future::join_all(envs.iter().map(|env| super::deliver_in_span(self, env))));
+        }
+        Box::pin(async move {
+            let _slots = match &self.slots {
+                Some((_, s)) => s.acquire_many(envs.len() as u32).await.ok(),
+                None => None,
+            };
+            self.inner.deliver_many(envs).await
+        })
+    }
+
     fn is_up(&self) -> bool {
         self.inner.is_up()
     }
@@ -196,6 +216,10 @@ impl Sink for Limited {
     // the sink's own setting (its `ordering`, say) whenever a limit is set.
     fn ordering(&self) -> crate::sinks::SinkOrdering {
         self.inner.ordering()
+    }
+
+    fn round(&self) -> Option<usize> {
+        self.inner.round()
     }
 }
 

@@ -29,6 +29,15 @@ pub trait Sink: Send + Sync + 'static {
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>>;
 
+    /// Delivers a round of events at once (the spool's drain): one result per event, in the
+    /// order of `envs`, each exactly what [`Sink::deliver`] of that event would give. The
+    /// default delivers them all concurrently, each in its own `delivery` span (see
+    /// [`delivery_span`]); a sink that can take a round together (the file sink: one group,
+    /// one `fdatasync`) overrides it.
+    fn deliver_many<'a>(&'a self, envs: &'a [&'a Envelope]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(futures_util::future::join_all(envs.iter().map(|env| deliver_in_span(self, env))))
+    }
+
     /// Whether the sink believes its destination is reachable (`webio_router_sink_up`).
     fn is_up(&self) -> bool {
         true
@@ -44,10 +53,32 @@ pub trait Sink: Send + Sync + 'static {
         None
     }
 
+    /// How many deliveries the spool's drain hands the sink at once ([`Sink::deliver_many`])
+    /// when its `concurrency` is not set; `None`: the spool's default (16).
+    fn round(&self) -> Option<usize> {
+        None
+    }
+
     /// The sink's `ordering` option: whether the spool must hold a conversation's later events
     /// back until the earlier ones are delivered or dead-lettered.
     fn ordering(&self) -> SinkOrdering {
         SinkOrdering::None
+    }
+}
+
+/// The span of one event's delivery: the sink's own log lines carry the event's trace
+/// context (at debug: a span per delivery is not made at info).
+pub fn delivery_span(env: &Envelope) -> tracing::Span {
+    tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace)
+}
+
+/// `sink.deliver(env)` in the event's [`delivery_span`].
+pub async fn deliver_in_span<S: Sink + ?Sized>(sink: &S, env: &Envelope) -> Result<(), SinkError> {
+    let span = delivery_span(env);
+    if span.is_disabled() {
+        sink.deliver(env).await
+    } else {
+        tracing::Instrument::instrument(sink.deliver(env), span).await
     }
 }
 

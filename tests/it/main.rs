@@ -26,6 +26,7 @@ mod operate;
 mod ordering;
 mod redis;
 mod reload;
+mod sink_rounds;
 mod spool_edges;
 mod spool_faults;
 mod systemd_notify;

@@ -391,7 +391,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
 
-        let limit = sink.concurrency().unwrap_or(CONCURRENCY);
+        // The round: `concurrency` when set, else the sink's own round (a file sink's is one
+        // group, one sync), else 16.
+        let limit = sink.concurrency().or_else(|| sink.round()).unwrap_or(CONCURRENCY);
         let ordered = sink.ordering() == SinkOrdering::Conversation;
         let mut batch = if ordered {
             let due = gate.take_due(Instant::now());
@@ -514,19 +516,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             }
         }
 
+        let started = Instant::now();
         let outcomes = {
-            let deliveries = futures_util::future::join_all(batch.iter().map(|it| {
-                let sink = &sink;
-                async move {
-                    let env = it.env.as_ref().expect("filled above");
-                    let started = Instant::now();
-                    // The sink's own log lines carry the event's trace context (at debug:
-                    // a span per delivery is not made at info).
-                    let span = tracing::debug_span!("delivery", event_id = %env.event.id, traceparent = %env.trace);
-                    let r = tracing::Instrument::instrument(sink.deliver(env), span).await;
-                    (r, started)
-                }
-            }));
+            // The round goes to the sink at once: one result per event, in order (each in its
+            // own `delivery` span; a file sink writes the round as one group, one sync).
+            let envs: Vec<&Envelope> = batch.iter().map(|it| &**it.env.as_ref().expect("filled above")).collect();
+            let deliveries = sink.deliver_many(&envs);
             tokio::select! {
                 r = deliveries => r,
                 _ = stop.changed() => {
@@ -547,7 +542,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut batch_error = None;
         let mut attempts_update = Vec::new();
         let mut confirmed = 0usize;
-        for (mut it, (r, started)) in batch.into_iter().zip(outcomes) {
+        // A sink that answered for fewer events than it was given has lost the others: they
+        // are retried, never taken as delivered.
+        let outcomes = outcomes
+            .into_iter()
+            .chain(std::iter::repeat_with(|| Err(SinkError::retryable("the sink gave no result for this delivery"))));
+        for (mut it, r) in batch.into_iter().zip(outcomes) {
             let attempts = it.attempts.saturating_add(1);
             let outcome = match r {
                 Ok(()) => Outcome::Ok,
