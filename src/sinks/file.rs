@@ -140,16 +140,14 @@ impl Done {
         }
     }
 
-    /// Resolves, once the writer is done with the group, with the result of each of `files`
-    /// (files of the group, one per line).
-    async fn wait(&self, files: &[usize]) -> Vec<Result<(), SinkError>> {
+    /// Resolves, once the writer is done with the group, with what `take` reads from the
+    /// group's results (one per file of the group).
+    async fn wait<R>(&self, take: impl Fn(&[Result<(), SinkError>]) -> R) -> R {
         let mut slot: Option<usize> = None;
         std::future::poll_fn(|cx| {
             let mut o = self.lock();
             if let Some(results) = &o.results {
-                return Poll::Ready(
-                    files.iter().map(|&file| results.get(file).cloned().unwrap_or_else(|| Err(stopped()))).collect(),
-                );
+                return Poll::Ready(take(results));
             }
             match slot {
                 Some(i) if o.waiting[i].will_wake(cx.waker()) => {}
@@ -163,6 +161,11 @@ impl Done {
         })
         .await
     }
+}
+
+/// File `file`'s result in a finished group.
+fn result_of(results: &[Result<(), SinkError>], file: usize) -> Result<(), SinkError> {
+    results.get(file).cloned().unwrap_or_else(|| Err(stopped()))
 }
 
 fn stopped() -> SinkError {
@@ -231,39 +234,62 @@ impl FileSink {
         }
     }
 
-    /// Adds the lines of `envs` to the open group, all under one lock (so that they are
-    /// written together, with one `fdatasync` per file) and wakes the writer once; returns the
-    /// group's outcome and each line's file in it.
-    fn enqueue(&self, envs: &[&Envelope]) -> Result<(Arc<Done>, Vec<usize>), SinkError> {
-        // Paths are rendered and CloudEvents serialised before the lock is taken; the other
-        // formats are copies.
-        let lines: Vec<(Arc<Path>, Option<bytes::Bytes>)> = envs
-            .iter()
-            .map(|env| (self.path_of(env), (self.format == Format::Cloudevents).then(|| self.format.encode(env))))
-            .collect();
+    /// Adds the line of `env` to the open group; returns the group's outcome and the line's
+    /// file in it. (Direct mode's path, once per request: no collection is built.)
+    fn enqueue_one(&self, env: &Envelope) -> Result<(Arc<Done>, usize), SinkError> {
+        let (path, encoded) = self.prepare(env);
         let mut p = Pending::lock(&self.queue);
         if p.stopped {
             return Err(stopped());
         }
-        let mut files = Vec::with_capacity(envs.len());
-        for (env, (path, encoded)) in envs.iter().zip(lines) {
-            let file = match p.open.files.iter().position(|(f, _)| Arc::ptr_eq(f, &path) || *f == path) {
-                Some(i) => i,
-                None => {
-                    let buf = p.spare.pop().unwrap_or_default();
-                    p.open.files.push((path, buf));
-                    p.open.files.len() - 1
-                }
-            };
-            self.put_line(env, encoded.as_deref(), &mut p.open.files[file].1);
-            files.push(file);
+        let file = self.put(&mut p, path, env, encoded.as_deref());
+        Ok((self.wake(&mut p), file))
+    }
+
+    /// Adds the lines of `envs` to the open group, all under one lock (so that they are
+    /// written together, with one `fdatasync` per file) and wakes the writer once; returns the
+    /// group's outcome and each line's file in it.
+    fn enqueue(&self, envs: &[&Envelope]) -> Result<(Arc<Done>, Vec<usize>), SinkError> {
+        let lines: Vec<_> = envs.iter().map(|env| self.prepare(env)).collect();
+        let mut p = Pending::lock(&self.queue);
+        if p.stopped {
+            return Err(stopped());
         }
-        let done = p.open.done.clone();
-        if p.writer_idle && !files.is_empty() {
+        let files = envs
+            .iter()
+            .zip(lines)
+            .map(|(env, (path, encoded))| self.put(&mut p, path, env, encoded.as_deref()))
+            .collect();
+        Ok((self.wake(&mut p), files))
+    }
+
+    /// What is done before the lock is taken: the line's path rendered and, for CloudEvents,
+    /// the line serialised (the other formats are copies).
+    fn prepare(&self, env: &Envelope) -> (Arc<Path>, Option<bytes::Bytes>) {
+        (self.path_of(env), (self.format == Format::Cloudevents).then(|| self.format.encode(env)))
+    }
+
+    /// Appends a line to its file's buffer in the open group; returns that file's index.
+    fn put(&self, p: &mut Pending, path: Arc<Path>, env: &Envelope, encoded: Option<&[u8]>) -> usize {
+        let file = match p.open.files.iter().position(|(f, _)| Arc::ptr_eq(f, &path) || *f == path) {
+            Some(i) => i,
+            None => {
+                let buf = p.spare.pop().unwrap_or_default();
+                p.open.files.push((path, buf));
+                p.open.files.len() - 1
+            }
+        };
+        self.put_line(env, encoded, &mut p.open.files[file].1);
+        file
+    }
+
+    /// Wakes the writer if it waits (there is a line now); returns the open group's outcome.
+    fn wake(&self, p: &mut Pending) -> Arc<Done> {
+        if p.writer_idle {
             p.writer_idle = false;
             self.queue.work.notify_one();
         }
-        Ok((done, files))
+        p.open.done.clone()
     }
 
     /// Groups written so far (one `write` and, with `fsync`, one `fdatasync` per file of a
@@ -295,8 +321,8 @@ impl Sink for FileSink {
 
     fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let (done, files) = self.enqueue(std::slice::from_ref(&env))?;
-            done.wait(&files).await.pop().unwrap_or_else(|| Err(stopped()))
+            let (done, file) = self.enqueue_one(env)?;
+            done.wait(|results| result_of(results, file)).await
         })
     }
 
@@ -311,7 +337,7 @@ impl Sink for FileSink {
                 return Vec::new();
             }
             match self.enqueue(envs) {
-                Ok((done, files)) => done.wait(&files).await,
+                Ok((done, files)) => done.wait(|results| files.iter().map(|&f| result_of(results, f)).collect()).await,
                 Err(e) => vec![Err(e); envs.len()],
             }
         })
