@@ -33,6 +33,7 @@ mod queue;
 pub mod record;
 pub mod replay;
 pub mod store;
+pub mod wal;
 mod writer;
 
 pub use store::{SpoolError, StoreError};
@@ -132,7 +133,12 @@ impl Spool {
             // would only evict them again).
             let cap = crate::dedup::MAX_ENTRIES - 1;
             let recovered = store::recover_for_start(&db, since, cap).map_err(|e| SpoolError::from_store(&path, e))?;
-            Ok((db, path, recovered))
+            let wal = wal::Wal::open(&dir).map_err(|source| SpoolError::Io {
+                path: dir.join(wal::FILE_NAME),
+                what: "cannot open the write-ahead file",
+                source,
+            })?;
+            Ok((db, path, recovered, wal))
         })
         .await
         .map_err(|e| SpoolError::Io {
@@ -140,7 +146,7 @@ impl Spool {
             what: "the task opening it failed",
             source: std::io::Error::other(e),
         })?;
-        let (db, path, rec) = opened?;
+        let (db, path, rec, wal) = opened?;
 
         let dedup = Dedup::new(cfg.dedup_window);
         for (at, key) in &rec.dedup {
@@ -194,6 +200,7 @@ impl Spool {
             unsynced_ops: Vec::new(),
             closing: None,
             scratch: Default::default(),
+            wal,
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
         let audited = rec.next_seq;
@@ -862,7 +869,8 @@ mod tests {
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
-        assert_eq!(store::next_seq(&db).unwrap(), 0, "every event row is gone");
+        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
+        assert_eq!(store::next_seq(&db).unwrap(), total as u64, "seqs are not reused after the checkpoint");
     }
 
     /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.

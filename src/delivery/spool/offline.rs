@@ -196,7 +196,7 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
             append_offline(&db, next, &batch).map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
     }
     for (sink, at) in &paused {
-        store::set_paused(&db, sink, true, *at)
+        store::set_paused(&db, sink, true, *at, None)
             .map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
     }
     report.paused = paused.into_keys().collect();
@@ -402,7 +402,7 @@ mod tests {
         fill(&cfg, 4);
         {
             let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
-            store::set_paused(&db, "b", true, 7).unwrap();
+            store::set_paused(&db, "b", true, 7, None).unwrap();
             store::damage_event(&db, 2);
         }
 

@@ -78,6 +78,12 @@ pub enum StoreError {
     Reopening,
     #[error("no space left on the spool's filesystem ({free} bytes free)")]
     NoSpace { free: u64 },
+    #[error("write-ahead file {op}: I/O error: {source}")]
+    Wal {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -97,7 +103,7 @@ impl StoreError {
             }
             StoreError::Corrupted { .. } | StoreError::Panicked(_) => true,
             StoreError::Redb { source, .. } => matches!(**source, redb::Error::UpgradeRequired(_)),
-            StoreError::Reopening | StoreError::NoSpace { .. } => false,
+            StoreError::Reopening | StoreError::NoSpace { .. } | StoreError::Wal { .. } => false,
         }
     }
 }
@@ -186,8 +192,16 @@ pub fn reopen_file(path: &Path) -> Result<Database, StoreError> {
 }
 
 /// Opens the spool under `dir`: refuses a missing or emptied file where [`MARKER`] says a
-/// spool existed, creates a new one otherwise, and takes redb's exclusive lock on it.
+/// spool existed, creates a new one otherwise, and takes redb's exclusive lock on it; then
+/// replays the write-ahead file ([`super::wal`]) into it and empties that file.
 pub fn open_db(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
+    let (db, path) = open_db_unreplayed(dir)?;
+    super::wal::recover(&db, dir).map_err(|e| SpoolError::from_store(&path, e))?;
+    Ok((db, path))
+}
+
+/// [`open_db`] without touching the write-ahead file (`spool check` reads it apart).
+pub fn open_db_unreplayed(dir: &Path) -> Result<(Database, PathBuf), SpoolError> {
     std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir { path: dir.to_owned(), source })?;
     let path = dir.join(FILE_NAME);
     let marker = dir.join(MARKER);
@@ -364,6 +378,7 @@ fn recover_inner(db: &Database, dedup_since: u64, dedup_max: usize, check: bool)
             r.orphans.push(seq);
         }
     }
+    r.next_seq = r.next_seq.max(super::wal::checkpoint(&tx)?);
     r.dedup = dedup_ids(&tx, dedup_since, dedup_max)?;
     r.paused = paused_sinks(&tx)?;
     Ok(r)
@@ -493,10 +508,20 @@ pub fn paused(db: &Database) -> Result<BTreeMap<String, u64>, StoreError> {
     })?
 }
 
-/// Records `sink` as paused (since `at`, unix ms) or not, durably.
-pub fn set_paused(db: &Database, sink: &str, paused: bool, at: u64) -> Result<(), StoreError> {
+/// Records `sink` as paused (since `at`, unix ms) or not, durably; with `checkpoint`, the
+/// commit is also a checkpoint of the write-ahead file (every seq below it is in redb).
+pub fn set_paused(
+    db: &Database,
+    sink: &str,
+    paused: bool,
+    at: u64,
+    checkpoint: Option<u64>,
+) -> Result<(), StoreError> {
     guard::catch(|| {
         let tx = db.begin_write().op("begin")?;
+        if let Some(seq) = checkpoint {
+            tx.open_table(META).op("open meta")?.insert(super::wal::CHECKPOINT, seq).op("write meta")?;
+        }
         {
             let mut t = tx.open_table(PAUSED).op("open paused")?;
             if paused {
@@ -548,7 +573,7 @@ pub fn next_seq(db: &Database) -> Result<u64, StoreError> {
         let tx = db.begin_read().op("begin read")?;
         let events = tx.open_table(EVENTS).op("open events")?;
         let last = events.last().op("read events")?;
-        Ok(last.map_or(0, |(k, _)| k.value() + 1))
+        Ok(last.map_or(0, |(k, _)| k.value() + 1).max(super::wal::checkpoint(&tx)?))
     })?
 }
 

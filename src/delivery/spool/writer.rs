@@ -1,7 +1,13 @@
 //! The one writer: a thread that takes every queued change (new events from webhook
 //! requests, deliveries done, attempt counts), applies them in one redb write transaction,
-//! commits it durably (one fsync), and only then answers the waiting requests — group commit:
-//! N concurrent requests share one flush.
+//! makes the batch durable (one fdatasync), and only then answers the waiting requests —
+//! group commit: N concurrent requests share one flush.
+//!
+//! A batch that accepts events is made durable by one frame appended to the write-ahead file
+//! ([`super::wal`]) and one `fdatasync` of it, **before** its redb transaction, which is
+//! committed without fsync. About once a second (or when the write-ahead file passes
+//! [`wal::CHECKPOINT_BYTES`]) the commit is durable instead — the checkpoint: it records in
+//! `meta` the seq below which redb holds everything, and the write-ahead file is emptied.
 //!
 //! **When a commit fails** (a full disk, an I/O error), redb refuses every later transaction
 //! on that handle until the file is reopened. The writer then turns *broken*: new events are
@@ -14,7 +20,8 @@
 use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
 use super::record;
-use super::store::{self, Op as _, StoreError, DEDUP_BATCHES, EVENTS, PENDING};
+use super::store::{self, Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
+use super::wal::{self, Wal};
 use super::Shared;
 use crate::dedup::now_millis;
 use crate::delivery::{Accepted, Refused};
@@ -119,6 +126,8 @@ pub(crate) struct Writer {
     /// A handle being closed whose readers had not finished yet.
     pub closing: Option<Arc<Database>>,
     pub scratch: Scratch,
+    /// The write-ahead file.
+    pub wal: Wal,
 }
 
 impl Writer {
@@ -228,21 +237,39 @@ impl Writer {
                 return;
             }
         }
-        if !carry.is_empty() || self.unsynced {
+        if !carry.is_empty() || self.unsynced || self.wal.len > 0 {
             if let Err((e, _)) = self.apply(&mut Vec::new(), carry, true) {
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: the last deliveries could not be recorded; they will repeat after the restart");
             }
         }
     }
 
-    /// Records pauses and resumes, each durably (a rare operator action: no batching).
-    fn pause(&self, pauses: &mut Vec<Pause>) {
+    /// Records pauses and resumes, each durably (a rare operator action: no batching); each
+    /// such commit is a checkpoint too.
+    fn pause(&mut self, pauses: &mut Vec<Pause>) {
         for p in pauses.drain(..) {
-            let result = self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis()));
-            if result.is_err() {
-                crate::metrics::spool_write_error();
+            let checkpoint = Some(self.next_seq);
+            let result =
+                self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis(), checkpoint));
+            match &result {
+                Ok(()) => self.checkpointed(),
+                Err(_) => crate::metrics::spool_write_error(),
             }
             let _ = p.reply.send(result);
+        }
+    }
+
+    /// A durable redb commit recorded the checkpoint: everything before it is in redb.
+    fn checkpointed(&mut self) {
+        self.last_fsync = Instant::now();
+        self.unsynced = false;
+        self.unsynced_ops.clear();
+        if self.wal.len > 0 {
+            if let Err(e) = self.wal.reset() {
+                // Its frames are covered by the checkpoint (replay skips them); the next ones
+                // follow them.
+                tracing::warn!(file = %self.wal.path.display(), error = %chain(&e), "spool: cannot empty the write-ahead file after a checkpoint");
+            }
         }
     }
 
@@ -274,7 +301,9 @@ impl Writer {
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
         let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
-        let durable = force_durable || !appends.is_empty() || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
+        let durable = force_durable
+            || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
+            || self.wal.len >= wal::CHECKPOINT_BYTES;
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
         scratch.keys.clear();
@@ -283,8 +312,26 @@ impl Writer {
             scratch.keys.extend(appends.iter().map(|a| crate::dedup::key(&a.id)));
             self.shared.dedup.contains_keys_at(&scratch.keys, now, &mut scratch.seen);
         }
-        let result = self.shared.db().and_then(|db| {
-            super::guard::catch(|| self.transaction(&db, appends, &mut scratch, &book, now, prune, durable))?
+        self.plan(appends, &mut scratch);
+        // Not a checkpoint: the events are made durable by the write-ahead file first.
+        let mut logged = false;
+        let mut result = Ok(());
+        if !durable && scratch.seqs.iter().any(Option::is_some) {
+            let mut buf = std::mem::take(&mut self.wal.buf);
+            buf.clear();
+            let events = appends
+                .iter()
+                .zip(&scratch.seqs)
+                .filter_map(|(a, s)| s.map(|s| (s, a.rec.as_slice(), a.sinks.as_slice())));
+            wal::encode(&mut buf, now, self.next_seq, &scratch.ids, events);
+            self.wal.buf = buf;
+            result = self.wal.append();
+            logged = result.is_ok();
+        }
+        let result = result.and_then(|()| {
+            self.shared.db().and_then(|db| {
+                super::guard::catch(|| self.transaction(&db, appends, &mut scratch, &book, now, prune, durable))?
+            })
         });
         let freed = match result {
             Ok(r) => r,
@@ -301,11 +348,12 @@ impl Writer {
         let seqs = &scratch.seqs;
         let accepted = seqs.iter().filter(|s| s.is_some()).count() as u64;
         if durable {
-            self.last_fsync = Instant::now();
-            self.unsynced = false;
-            self.unsynced_ops.clear();
+            self.checkpointed();
             crate::metrics::spool_flush(accepted);
         } else {
+            if logged {
+                crate::metrics::spool_flush(accepted);
+            }
             self.unsynced = true;
             self.unsynced_ops.extend(book);
         }
@@ -343,9 +391,30 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes `appends` and `book`; fills `scratch.seqs` (for each append its seq, `None`: a
-    /// duplicate) and `scratch.ids` (the keys of the accepted events that enter the dedup
-    /// window); returns the bytes freed.
+    /// Fills `scratch.seqs` (for each append its seq, `None`: a duplicate) and `scratch.ids`
+    /// (the keys of the accepted events that enter the dedup window).
+    fn plan(&self, appends: &[Append], scratch: &mut Scratch) {
+        scratch.seqs.clear();
+        scratch.ids.clear();
+        scratch.in_batch.clear();
+        let window = !scratch.keys.is_empty();
+        let mut next = self.next_seq;
+        for (i, a) in appends.iter().enumerate() {
+            let checked = a.dedup && window;
+            if checked && (scratch.seen[i] || !scratch.in_batch.insert(scratch.keys[i])) {
+                scratch.seqs.push(None);
+                continue;
+            }
+            scratch.seqs.push(Some(next));
+            next += 1;
+            if checked {
+                scratch.ids.push(scratch.keys[i]);
+            }
+        }
+    }
+
+    /// Writes `appends` (with the seqs [`Writer::plan`] gave them) and `book`; returns the
+    /// bytes freed.
     #[allow(clippy::too_many_arguments)]
     fn transaction(
         &self,
@@ -361,31 +430,22 @@ impl Writer {
         if !durable {
             tx.set_durability(redb::Durability::None).op("set durability")?;
         }
-        scratch.seqs.clear();
-        scratch.ids.clear();
-        scratch.in_batch.clear();
         let freed;
         {
             let mut events = tx.open_table(EVENTS).op("open events")?;
             let mut pending = tx.open_table(PENDING).op("open pending")?;
-            let window = !scratch.keys.is_empty();
             let mut next = self.next_seq;
-            for (i, a) in appends.iter().enumerate() {
-                let checked = a.dedup && window;
-                if checked && (scratch.seen[i] || !scratch.in_batch.insert(scratch.keys[i])) {
-                    scratch.seqs.push(None);
-                    continue;
-                }
-                let seq = next;
-                next += 1;
+            for (a, seq) in appends.iter().zip(&scratch.seqs) {
+                let Some(seq) = *seq else { continue };
+                next = seq + 1;
                 events.insert(seq, a.rec.as_slice()).op("write event")?;
                 for sink in &a.sinks {
                     pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
-                if checked {
-                    scratch.ids.push(scratch.keys[i]);
-                }
-                scratch.seqs.push(Some(seq));
+            }
+            if durable {
+                // The checkpoint: every seq below `next` is in redb once this commit is.
+                tx.open_table(META).op("open meta")?.insert(wal::CHECKPOINT, next).op("write meta")?;
             }
             // One dedup row for the commit's ids, keyed by its first seq: in the same
             // transaction as the events, so that a re-send after a crash is still a duplicate.
@@ -411,6 +471,12 @@ impl Writer {
         }
         self.close_db()?;
         let db = store::reopen_file(&self.shared.path)?;
+        // The reopen rolled redb back to its last checkpoint: the events acknowledged since
+        // are in the write-ahead file. Write them back (durably) before anything else.
+        if let Err(e) = self.wal.replay_into(&db, self.next_seq) {
+            crate::metrics::spool_write_error();
+            return Err(e);
+        }
         self.reconcile(&db)?;
         // What the reopen rolled back: deliveries recorded without fsync. Apply them again;
         // their freed bytes were counted the first time.
@@ -425,6 +491,12 @@ impl Writer {
             }
         }
         if let Err(e) = store::probe(&db) {
+            crate::metrics::spool_write_error();
+            return Err(e);
+        }
+        // Everything the write-ahead file held is in redb now: empty it, and prove it takes
+        // writes again.
+        if let Err(e) = self.wal.reset().and_then(|()| self.wal.probe()) {
             crate::metrics::spool_write_error();
             return Err(e);
         }

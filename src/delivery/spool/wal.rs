@@ -1,0 +1,496 @@
+//! The write-ahead file in front of the redb file (`spool.wal` beside `spool.redb`).
+//!
+//! Each writer batch that accepts events is made durable by **one append of one checksummed
+//! frame** to this file and one `fdatasync`; the batch's redb transaction is committed without
+//! fsync (`Durability::None`). About once a second (or when this file passes
+//! [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it records in the `meta`
+//! table ([`CHECKPOINT`]) the seq below which redb holds everything durably, and the file is
+//! then truncated (without fsync: replay skips what the checkpoint covers, so a truncate that
+//! did not reach the disk replays nothing twice).
+//!
+//! A frame: magic (4 bytes, [`MAGIC`]), payload length (u32 LE), CRC-32C of the length and the
+//! payload (u32 LE), then the payload: accepted at (unix ms, u64), the seq of the batch's first
+//! event (u64: with the time, the key of its `dedup_batches` row), the dedup ids (u32 count,
+//! 16 bytes each), the events (u32 count; each: seq u64, record length u32, the stored record,
+//! sink count u16, each sink as u16 length + UTF-8). All integers little-endian. The seqs of a
+//! file's frames only grow: they are its frame counter.
+//!
+//! **Replay** ([`recover`], at every open of the spool, and [`Wal::replay_into`] in the writer's
+//! heal) reads frames while they check out; the first that does not (a torn tail: its
+//! `fdatasync` never completed, so it was never acknowledged) ends the file. Trailing zeros are
+//! a clean end. The events of the frames newer than the checkpoint that redb does not hold
+//! (with their pending rows and dedup row) are written in one durable commit that moves the
+//! checkpoint past them; then the file is truncated.
+
+use super::guard;
+use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
+use redb::{Database, ReadableTable};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const FILE_NAME: &str = "spool.wal";
+/// `meta` key: every event with a lower seq is in redb durably (the write-ahead file's frames
+/// below it are covered).
+pub const CHECKPOINT: &str = "wal_checkpoint";
+/// A checkpoint is due once the file holds this many bytes, whatever the time.
+pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+pub const MAGIC: [u8; 4] = *b"WwA1";
+const HEADER: usize = 12;
+/// No batch comes near this (the writer takes at most 16 MiB of events, plus one record).
+const MAX_PAYLOAD: usize = 256 << 20;
+/// Bytes written (zeros: a clean end if they stay) and fdatasynced to prove the file takes writes.
+const PROBE_BYTES: usize = 16 << 10;
+
+/// One accepted event of a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalEvent {
+    pub seq: u64,
+    pub rec: Vec<u8>,
+    pub sinks: Vec<String>,
+}
+
+/// What one batch's transaction wrote that must survive a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub at: u64,
+    pub first_seq: u64,
+    pub ids: Vec<u128>,
+    pub events: Vec<WalEvent>,
+}
+
+/// Appends the frame of one batch to `buf`.
+pub fn encode<'a>(
+    buf: &mut Vec<u8>,
+    at: u64,
+    first_seq: u64,
+    ids: &[u128],
+    events: impl Iterator<Item = (u64, &'a [u8], &'a [String])>,
+) {
+    let start = buf.len();
+    buf.extend_from_slice(&MAGIC);
+    buf.extend_from_slice(&[0; 8]);
+    buf.extend_from_slice(&at.to_le_bytes());
+    buf.extend_from_slice(&first_seq.to_le_bytes());
+    buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for id in ids {
+        buf.extend_from_slice(&id.to_le_bytes());
+    }
+    let count_at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    let mut count = 0u32;
+    for (seq, rec, sinks) in events {
+        count += 1;
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+        buf.extend_from_slice(rec);
+        buf.extend_from_slice(&(sinks.len() as u16).to_le_bytes());
+        for s in sinks {
+            buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            buf.extend_from_slice(s.as_bytes());
+        }
+    }
+    buf[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    let len = (buf.len() - start - HEADER) as u32;
+    buf[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c(crc32c(0, &len.to_le_bytes()), &buf[start + HEADER..]);
+    buf[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What [`decode`] found in a file's bytes.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub frames: Vec<Frame>,
+    /// Bytes of the intact frames (where the file ends for replay).
+    pub good: u64,
+    /// Bytes after them that are not zeros: a torn (never acknowledged) or damaged tail.
+    pub torn: u64,
+}
+
+impl Decoded {
+    pub fn events(&self) -> u64 {
+        self.frames.iter().map(|f| f.events.len() as u64).sum()
+    }
+}
+
+/// Reads the frames of `bytes` up to the first one that does not check out.
+pub fn decode(bytes: &[u8]) -> Decoded {
+    let mut out = Decoded::default();
+    let mut at = 0usize;
+    let mut next_seq = 0u64;
+    loop {
+        let rest = &bytes[at..];
+        let frame = parse(rest).filter(|(f, _)| f.events.first().is_some_and(|e| out.frames.is_empty() || e.seq >= next_seq));
+        match frame {
+            Some((f, used)) => {
+                next_seq = f.events.last().map_or(next_seq, |e| e.seq + 1);
+                out.frames.push(f);
+                at += used;
+            }
+            None => {
+                out.good = at as u64;
+                if rest.iter().any(|b| *b != 0) {
+                    out.torn = rest.len() as u64;
+                }
+                return out;
+            }
+        }
+    }
+}
+
+/// One frame at the start of `b` and its size, if it checks out.
+fn parse(b: &[u8]) -> Option<(Frame, usize)> {
+    if b.len() < HEADER || b[..4] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(b[4..8].try_into().ok()?);
+    let crc = u32::from_le_bytes(b[8..12].try_into().ok()?);
+    let n = len as usize;
+    if n > MAX_PAYLOAD || b.len() - HEADER < n {
+        return None;
+    }
+    let payload = &b[HEADER..HEADER + n];
+    if crc32c(crc32c(0, &len.to_le_bytes()), payload) != crc {
+        return None;
+    }
+    let mut r = Reader(payload);
+    let at = r.u64()?;
+    let first_seq = r.u64()?;
+    let n_ids = r.u32()? as usize;
+    let mut ids = Vec::with_capacity(n_ids.min(r.0.len() / 16));
+    for _ in 0..n_ids {
+        ids.push(u128::from_le_bytes(r.take(16)?.try_into().ok()?));
+    }
+    let n_events = r.u32()? as usize;
+    let mut events = Vec::with_capacity(n_events.min(r.0.len() / 14));
+    let mut last: Option<u64> = None;
+    for _ in 0..n_events {
+        let seq = r.u64()?;
+        if last.is_some_and(|l| seq <= l) {
+            return None;
+        }
+        last = Some(seq);
+        let rl = r.u32()? as usize;
+        let rec = r.take(rl)?.to_vec();
+        let ns = r.u16()? as usize;
+        let mut sinks = Vec::with_capacity(ns);
+        for _ in 0..ns {
+            let sl = r.u16()? as usize;
+            sinks.push(std::str::from_utf8(r.take(sl)?).ok()?.to_owned());
+        }
+        events.push(WalEvent { seq, rec, sinks });
+    }
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some((Frame { at, first_seq, ids, events }, HEADER + n))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// CRC-32C (Castagnoli), table-driven: a few lines instead of a dependency.
+pub fn crc32c(crc: u32, data: &[u8]) -> u32 {
+    const fn table() -> [u32; 256] {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    }
+    static TABLE: [u32; 256] = table();
+    let mut c = !crc;
+    for b in data {
+        c = TABLE[((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// The checkpoint recorded in redb (0 when none yet).
+pub fn checkpoint(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    let meta = tx.open_table(META).op("open meta")?;
+    Ok(meta.get(CHECKPOINT).op("read meta")?.map_or(0, |v| v.value()))
+}
+
+/// What replaying a file's frames into redb did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Replayed {
+    pub frames: usize,
+    /// Events found in the frames newer than the checkpoint, and of those the ones written
+    /// into redb now (the others were there already).
+    pub newer: u64,
+    pub written: u64,
+    /// Bytes of a torn tail dropped.
+    pub torn: u64,
+}
+
+/// Writes the events of `decoded` newer than the checkpoint that redb does not hold yet, with
+/// their pending rows and dedup rows, in one durable commit that also moves the checkpoint past
+/// every frame (and past `at_least`, the writer's next seq).
+pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_write().op("begin")?;
+        let mut r = Replayed { frames: decoded.frames.len(), torn: decoded.torn, ..Default::default() };
+        {
+            let mut meta = tx.open_table(META).op("open meta")?;
+            let checkpoint = meta.get(CHECKPOINT).op("read meta")?.map_or(0, |v| v.value());
+            let mut events = tx.open_table(EVENTS).op("open events")?;
+            let mut pending = tx.open_table(PENDING).op("open pending")?;
+            let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
+            let mut next = checkpoint.max(at_least);
+            if let Some((k, _)) = events.last().op("read events")? {
+                next = next.max(k.value() + 1);
+            }
+            for f in &decoded.frames {
+                if f.events.last().is_none_or(|e| e.seq < checkpoint) {
+                    continue;
+                }
+                for e in f.events.iter().filter(|e| e.seq >= checkpoint) {
+                    r.newer += 1;
+                    next = next.max(e.seq + 1);
+                    if events.get(e.seq).op("read events")?.is_some() {
+                        continue;
+                    }
+                    events.insert(e.seq, e.rec.as_slice()).op("write event")?;
+                    for sink in &e.sinks {
+                        pending.insert((sink.as_str(), e.seq), 0u32).op("write pending")?;
+                    }
+                    r.written += 1;
+                }
+                if !f.ids.is_empty() && dedup.get((f.at, f.first_seq)).op("read dedup")?.is_none() {
+                    dedup.insert((f.at, f.first_seq), super::store::dedup_batch(&f.ids).as_slice()).op("write dedup")?;
+                }
+            }
+            meta.insert(CHECKPOINT, next).op("write meta")?;
+        }
+        tx.commit().op("commit")?;
+        Ok(r)
+    })?
+}
+
+/// Reads the write-ahead file beside a spool (absent: nothing).
+pub fn read(dir: &Path) -> std::io::Result<Decoded> {
+    match std::fs::read(dir.join(FILE_NAME)) {
+        Ok(bytes) => Ok(decode(&bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Decoded::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// At an open of the spool: replays the write-ahead file beside `db` into it (durably), then
+/// truncates the file. Logs what it found.
+pub fn recover(db: &Database, dir: &Path) -> Result<Replayed, StoreError> {
+    let path = dir.join(FILE_NAME);
+    let decoded = read(dir).map_err(|source| StoreError::Wal { op: "read", source })?;
+    if decoded.frames.is_empty() && decoded.torn == 0 {
+        if decoded.good == 0 && path.exists() {
+            truncate(&path)?;
+        }
+        return Ok(Replayed::default());
+    }
+    let r = apply(db, &decoded, 0)?;
+    log(&path, &r);
+    truncate(&path)?;
+    Ok(r)
+}
+
+fn log(path: &Path, r: &Replayed) {
+    if r.torn > 0 {
+        tracing::warn!(file = %path.display(), frames = r.frames, torn_bytes = r.torn, "spool: the write-ahead file ends in a torn or damaged frame (its batch was never acknowledged); the frames before it are kept, the tail is dropped");
+    }
+    if r.written > 0 {
+        tracing::info!(file = %path.display(), frames = r.frames, events = r.written, "spool: events of the write-ahead file replayed into the spool");
+    }
+}
+
+fn truncate(path: &Path) -> Result<(), StoreError> {
+    let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|source| StoreError::Wal { op: "open", source })?;
+    f.set_len(0).map_err(|source| StoreError::Wal { op: "truncate", source })
+}
+
+/// The writer's handle on the file: appends at the last good offset, never after a partial
+/// frame.
+pub(crate) struct Wal {
+    file: File,
+    pub path: PathBuf,
+    /// End of the last frame made durable (where the next one goes).
+    pub len: u64,
+    /// A failed append could not be cut back: no append until [`Wal::reset`] succeeds.
+    pub stuck: bool,
+    /// The frame being built (kept from one batch to the next).
+    pub buf: Vec<u8>,
+}
+
+impl Wal {
+    /// Opens (creating) the file of `dir`, which [`recover`] has emptied.
+    pub fn open(dir: &Path) -> std::io::Result<Wal> {
+        let path = dir.join(FILE_NAME);
+        let existed = path.exists();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if !existed {
+            // The directory entry of a new file, durably (once).
+            File::open(dir)?.sync_all()?;
+        }
+        let len = file.metadata()?.len();
+        Ok(Wal { file, path, len, stuck: false, buf: Vec::new() })
+    }
+
+    /// Appends `self.buf` and makes it durable. On failure the file is cut back to the last
+    /// good frame; when even that fails, the file takes no append until [`Wal::reset`].
+    pub fn append(&mut self) -> Result<(), StoreError> {
+        if self.stuck {
+            return Err(StoreError::Wal {
+                op: "append",
+                source: std::io::Error::other("a failed append could not be cut back yet"),
+            });
+        }
+        let written = self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
+        let synced = written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
+        match synced {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if self.file.set_len(self.len).is_err() {
+                    self.stuck = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties the file after a checkpoint (no fsync needed: replay skips covered frames).
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        self.file.set_len(0).map_err(|source| StoreError::Wal { op: "truncate", source })?;
+        self.len = 0;
+        self.stuck = false;
+        Ok(())
+    }
+
+    /// Proves the file takes writes (zeros, fdatasynced, then cut away). Call on an empty file.
+    pub fn probe(&mut self) -> Result<(), StoreError> {
+        let zeros = vec![0u8; PROBE_BYTES];
+        let r = self
+            .file
+            .write_all_at(&zeros, self.len)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StoreError::Wal { op: "probe", source });
+        let cut = self.file.set_len(self.len).map_err(|source| StoreError::Wal { op: "truncate", source });
+        r.and(cut)
+    }
+
+    /// After the redb file was reopened (rolled back to its last durable commit): writes the
+    /// frames of this file into it, durably.
+    pub fn replay_into(&self, db: &Database, at_least: u64) -> Result<Replayed, StoreError> {
+        let size = self.file.metadata().map_err(|source| StoreError::Wal { op: "read", source })?.len();
+        let mut bytes = vec![0u8; size as usize];
+        self.file.read_exact_at(&mut bytes, 0).map_err(|source| StoreError::Wal { op: "read", source })?;
+        let mut decoded = decode(&bytes);
+        // What lies past the last good frame is the rest of a failed append: expected here.
+        if decoded.good <= self.len {
+            decoded.torn = 0;
+        }
+        let r = apply(db, &decoded, at_least)?;
+        log(&self.path, &r);
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(first: u64, n: u64) -> Vec<u8> {
+        let recs: Vec<(u64, Vec<u8>, Vec<String>)> =
+            (first..first + n).map(|s| (s, vec![s as u8; 30 + s as usize], vec!["a".to_owned(), "bb".to_owned()])).collect();
+        let mut buf = Vec::new();
+        encode(&mut buf, 1234, first, &[7, u128::MAX], recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())));
+        buf
+    }
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(0, b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(crc32c(0, b"12345"), b"6789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut bytes = frame(0, 3);
+        bytes.extend(frame(3, 2));
+        let d = decode(&bytes);
+        assert_eq!((d.frames.len(), d.events(), d.good, d.torn), (2, 5, bytes.len() as u64, 0));
+        let f = &d.frames[1];
+        assert_eq!((f.at, f.first_seq, f.ids.clone()), (1234, 3, vec![7, u128::MAX]));
+        assert_eq!(f.events[1], WalEvent { seq: 4, rec: vec![4; 34], sinks: vec!["a".into(), "bb".into()] });
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_file_and_keeps_the_frames_before_it() {
+        let first = frame(0, 3);
+        let mut bytes = first.clone();
+        bytes.extend(frame(3, 2));
+        for cut in first.len() + 1..bytes.len() {
+            let d = decode(&bytes[..cut]);
+            assert_eq!((d.frames.len(), d.good, d.torn), (1, first.len() as u64, (cut - first.len()) as u64), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_in_a_frame_ends_the_file_there() {
+        let first = frame(0, 3);
+        let mut bytes = first.clone();
+        bytes.extend(frame(3, 2));
+        for i in first.len()..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            let d = decode(&b);
+            assert_eq!((d.frames.len(), d.good), (1, first.len() as u64), "byte {i}");
+            assert!(d.torn > 0);
+        }
+    }
+
+    #[test]
+    fn trailing_zeros_are_a_clean_end_and_stale_frames_are_not_read() {
+        let mut bytes = frame(10, 3);
+        let good = bytes.len() as u64;
+        bytes.extend(vec![0u8; 4096]);
+        let d = decode(&bytes);
+        assert_eq!((d.frames.len(), d.good, d.torn), (1, good, 0));
+        // An older frame after a newer one (left by a truncate that did not reach the disk).
+        let mut bytes = frame(10, 3);
+        bytes.extend(frame(2, 3));
+        let d = decode(&bytes);
+        assert_eq!((d.frames.len(), d.good), (1, good));
+        assert_eq!(decode(&[]).frames.len(), 0);
+        assert_eq!(decode(&[0; 7]).torn, 0);
+    }
+}
