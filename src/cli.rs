@@ -628,6 +628,18 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                     println!("oldest pending: event {id} received {at} (sink {sink})");
                 }
                 println!("dedup ids inside the window: {}", r.dedup_ids);
+                if r.wal_events > 0 {
+                    println!(
+                        "write-ahead file: {} events not yet checkpointed (accepted; the next start writes them into the spool)",
+                        r.wal_events
+                    );
+                }
+                if r.wal_torn > 0 {
+                    println!(
+                        "write-ahead file: a torn tail of {} bytes after {} intact frame(s) (a batch that was never acknowledged; the next start drops it)",
+                        r.wal_torn, r.wal_frames
+                    );
+                }
                 if r.healthy() {
                     return ExitCode::SUCCESS;
                 }
@@ -653,6 +665,14 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                     match &r.moved_to {
                         Some(p) => println!("moved the old spool aside to {}", p.display()),
                         None => println!("there was no spool file to move aside"),
+                    }
+                    if let Some(p) = &r.wal_moved_to {
+                        println!(
+                            "moved the write-ahead file aside to {} ({} of its events saved{})",
+                            p.display(),
+                            r.wal_saved,
+                            if r.wal_torn > 0 { format!("; a torn tail of {} bytes dropped", r.wal_torn) } else { String::new() }
+                        );
                     }
                     if let Some(e) = &r.index_error {
                         println!("the old file's index could not be read: {e}");

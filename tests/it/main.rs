@@ -29,5 +29,6 @@ mod reload;
 mod sink_rounds;
 mod spool_edges;
 mod spool_faults;
+mod spool_wal;
 mod systemd_notify;
 mod trace;

@@ -17,6 +17,7 @@ use super::dead::DeadLetter;
 use super::guard;
 use super::record;
 use super::store::{self, Op as _, SpoolError, StoreError, EVENTS, PENDING};
+use super::wal;
 use super::writer::append_offline;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
@@ -43,6 +44,13 @@ pub struct CheckReport {
     pub paused: Vec<String>,
     /// Event records that fail their check: (seq, why).
     pub damaged: Vec<(u64, String)>,
+    /// Events of the write-ahead file newer than the checkpoint (acknowledged, not yet in
+    /// `spool.redb` durably: the next start writes them in).
+    pub wal_events: u64,
+    /// Bytes of a torn or damaged tail of the write-ahead file (dropped by the next start),
+    /// and the intact frames before it.
+    pub wal_torn: u64,
+    pub wal_frames: usize,
 }
 
 impl CheckReport {
@@ -59,9 +67,23 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
     if !path.exists() && !dir.join(store::MARKER).exists() {
         return Ok(CheckReport { path, absent: true, ..Default::default() });
     }
-    let (db, path) = store::open_db(dir)?;
+    // The write-ahead file is read, not replayed: check writes nothing.
+    let (db, path) = store::open_db_unreplayed(dir)?;
     let since = crate::dedup::now_millis().saturating_sub(cfg.dedup_window.as_millis() as u64);
     let rec = store::recover(&db, since).map_err(|e| SpoolError::from_store(&path, e))?;
+    let log = wal::read(dir).map_err(|source| SpoolError::Io {
+        path: dir.join(wal::FILE_NAME),
+        what: "cannot read the write-ahead file",
+        source,
+    })?;
+    let checkpoint = guard::catch(|| -> Result<u64, StoreError> {
+        let tx = db.begin_read().op("begin read")?;
+        wal::checkpoint(&tx)
+    })
+    .map_err(StoreError::from)
+    .and_then(|r| r)
+    .map_err(|e| SpoolError::from_store(&path, e))?;
+    let wal_events = log.frames.iter().flat_map(|f| &f.events).filter(|e| e.seq >= checkpoint).count() as u64;
     let oldest = match &rec.oldest {
         Some((seq, sink)) => {
             let found = store::load_events(&db, &[*seq], &[], 0).map_err(|e| SpoolError::from_store(&path, e))?;
@@ -85,6 +107,9 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
         dedup_ids: rec.dedup.len(),
         paused: rec.paused.into_keys().collect(),
         damaged: rec.unreadable,
+        wal_events,
+        wal_torn: log.torn,
+        wal_frames: log.frames.len(),
     })
 }
 
@@ -119,6 +144,11 @@ pub struct SalvageReport {
     pub unrouted: u64,
     /// Sinks paused in the old file (read through its index), still paused in the fresh one.
     pub paused: Vec<String>,
+    /// Where the old write-ahead file went, and the events of it copied into the fresh spool.
+    pub wal_moved_to: Option<PathBuf>,
+    pub wal_saved: u64,
+    /// Bytes of a torn or damaged tail of the write-ahead file (not copied).
+    pub wal_torn: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,12 +190,23 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     let mut found: Vec<Found> = Vec::new();
     let mut damaged: Vec<DeadLetter> = Vec::new();
     let mut paused = BTreeMap::new();
+    let wal_path = dir.join(wal::FILE_NAME);
+    let log = wal::read(dir).map_err(|source| SalvageError::Io { what: "cannot read", path: wal_path.clone(), source })?;
+    // Frames the old file's checkpoint covers are in it already (0 when it cannot be read).
+    let mut checkpoint = 0;
     if size > 0 {
         match store::open_file(&path) {
             Ok(db) => {
                 report.source = Source::Index;
                 // A pause the operator set stays set (unreadable: the sinks start unpaused).
                 paused = store::paused(&db).unwrap_or_default();
+                checkpoint = guard::catch(|| -> Result<u64, StoreError> {
+                    let tx = db.begin_read().op("begin read")?;
+                    wal::checkpoint(&tx)
+                })
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
                 if let Err(e) = read_index(&db, &mut found, &mut damaged, &mut report) {
                     report.index_error = Some(e.to_string());
                 }
@@ -185,6 +226,42 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
         }
     } else if path.exists() {
         move_aside(&path, &mut report)?;
+    }
+    // The write-ahead file: its intact events newer than the checkpoint (acknowledged, maybe
+    // not in the old file), each for the sinks it was accepted for; it goes aside as well.
+    let known: std::collections::HashSet<String> = found.iter().filter_map(|f| record::stored_id(&f.rec)).collect();
+    report.wal_torn = log.torn;
+    for e in log.frames.iter().flat_map(|f| &f.events).filter(|e| e.seq >= checkpoint) {
+        if record::stored_id(&e.rec).is_some_and(|id| known.contains(&id)) {
+            continue;
+        }
+        match record::decode(&e.rec) {
+            Ok(_) => {
+                found.push(Found { rec: e.rec.clone(), sinks: e.sinks.clone() });
+                report.wal_saved += 1;
+            }
+            Err(err) => {
+                for sink in &e.sinks {
+                    damaged.push(DeadLetter::unreadable(sink, &err.to_string(), 0, &e.rec));
+                }
+            }
+        }
+    }
+    if wal_path.exists() {
+        let aside = report
+            .moved_to
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, wal::FILE_NAME, 1))
+            .unwrap_or_else(|| format!("{}.damaged-{}", wal::FILE_NAME, chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")));
+        let aside = dir.join(aside);
+        std::fs::rename(&wal_path, &aside).map_err(|source| SalvageError::Io {
+            what: "cannot move aside",
+            path: wal_path.clone(),
+            source,
+        })?;
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        report.wal_moved_to = Some(aside);
     }
 
     let (db, fresh) = store::create_fresh(dir)?;

@@ -143,10 +143,12 @@ impl Writer {
         let mut pauses = std::mem::take(&mut self.scratch.pauses);
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
-            // broken, not at all when bookkeeping is waiting.
+            // broken, not at all when bookkeeping is waiting, until the checkpoint is due when
+            // commits without fsync are waiting for one.
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
                 None if !deferred.ops.is_empty() || !carry.is_empty() => Some(Duration::ZERO),
+                None if self.unsynced => Some(ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed())),
                 None => None,
             };
             let first = match wait {
@@ -212,7 +214,9 @@ impl Writer {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
-            if appends.is_empty() && book.is_empty() {
+            // Nothing new, but commits without fsync wait for their checkpoint: make it now.
+            let checkpoint_due = self.unsynced && self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
+            if appends.is_empty() && book.is_empty() && !checkpoint_due {
                 continue;
             }
             if let Err((e, rest)) = self.apply(&mut appends, book, false) {

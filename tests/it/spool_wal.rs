@@ -1,0 +1,208 @@
+//! The spool's write-ahead file (`spool.wal`, issue 14): a batch is made durable by one frame
+//! appended to it and one fdatasync, redb is committed without fsync and checkpointed about
+//! once a second. The real binary, real kill -9; no timing assertion.
+
+use crate::helpers::spool::*;
+use crate::helpers::tmpfs::Tmpfs;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn wal_len(setup: &Setup) -> u64 {
+    std::fs::metadata(setup.path("spool/spool.wal")).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Posts webhooks one after the other (a frame each) until the write-ahead file holds
+/// `frames_at_least` of them since its last checkpoint; returns the bodies and ids accepted.
+/// The sink is down, so nothing is delivered meanwhile.
+fn post_into_the_wal(router: &Router, setup: &Setup, tag: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in 0..2000 {
+        let body = payload(tag, i);
+        let a = router.post(&body);
+        assert_eq!(a.status, 202, "{}", a.body);
+        out.push((body, a.id()));
+        // A checkpoint empties the file; keep going until the last few posts are only in it.
+        if out.len() >= 10 && wal_len(setup) > 0 {
+            let before = wal_len(setup);
+            let mut tail = Vec::new();
+            for j in 0..5 {
+                let body = payload(&format!("{tag}-tail"), i * 10 + j);
+                let a = router.post(&body);
+                assert_eq!(a.status, 202, "{}", a.body);
+                tail.push((body, a.id()));
+            }
+            out.extend(tail);
+            if wal_len(setup) > before {
+                return out;
+            }
+        }
+    }
+    panic!("the write-ahead file never held events");
+}
+
+#[test]
+fn events_only_in_the_write_ahead_file_are_delivered_after_kill_9_and_their_ids_stay_duplicates() {
+    let port = free_port(); // the sink is down: nothing is delivered before the crash
+    let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "dedup_window = \"10m\"");
+    let router = setup.start();
+    let posted = post_into_the_wal(&router, &setup, "walkill");
+    router.kill9();
+    assert!(wal_len(&setup) > 0, "the crash left events in the write-ahead file");
+
+    let sink = SinkServer::start_on(port, 200);
+    let router = setup.start();
+    let ids: BTreeSet<String> = posted.iter().map(|(_, id)| id.clone()).collect();
+    wait_for("every 202'd event at the sink after the restart", LIMIT, || sink.received_set().is_superset(&ids));
+    let (body, id) = posted.last().unwrap();
+    let again = router.post(body);
+    assert_eq!(again.status, 200, "the last event's id survived the crash: {}", again.body);
+    assert!(again.body.contains("duplicate") && again.id() == *id, "{}", again.body);
+    assert!(router.log().contains("write-ahead file replayed"), "{}", router.log());
+    wait_for("the backlog to be empty", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+}
+
+#[test]
+fn a_torn_write_ahead_tail_is_dropped_with_a_warning_and_the_frames_before_it_are_kept() {
+    for damage in ["truncate", "flip"] {
+        let port = free_port();
+        let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
+        let router = setup.start();
+        let posted = post_into_the_wal(&router, &setup, damage);
+        router.kill9();
+        let wal = setup.path("spool/spool.wal");
+        let mut bytes = std::fs::read(&wal).unwrap();
+        let n = bytes.len();
+        // The last frame (the last webhook's) loses its end, or one of its bytes: as if its
+        // fdatasync had never completed, so it was never acknowledged.
+        match damage {
+            "truncate" => bytes.truncate(n - 5),
+            _ => bytes[n - 3] ^= 0x40,
+        }
+        std::fs::write(&wal, &bytes).unwrap();
+
+        let sink = SinkServer::start_on(port, 200);
+        let router = setup.start();
+        let (last, earlier) = posted.split_last().unwrap();
+        let want: BTreeSet<String> = earlier.iter().map(|(_, id)| id.clone()).collect();
+        wait_for("every earlier event at the sink", LIMIT, || sink.received_set().is_superset(&want));
+        let log = router.log();
+        assert!(log.contains("torn") && log.contains("WARN"), "{damage}: {log}");
+        // The dropped one was "never acknowledged": its sender re-sends it, and it is new.
+        let again = router.post(&last.0);
+        assert_eq!(again.status, 202, "{damage}: {}", again.body);
+        wait_for("the re-sent event", LIMIT, || sink.received_set().contains(&last.1));
+        wait_for("the write-ahead file emptied by a checkpoint", LIMIT, || wal_len(&setup) == 0);
+    }
+}
+
+#[test]
+fn spool_check_reports_the_write_ahead_events_without_writing_and_salvage_keeps_them() {
+    let port = free_port();
+    let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
+    let router = setup.start();
+    let posted = post_into_the_wal(&router, &setup, "walcheck");
+    router.kill9();
+    let before = std::fs::read(setup.path("spool/spool.wal")).unwrap();
+    assert!(!before.is_empty());
+
+    let (code, out, err) = setup.run(&["spool", "check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("write-ahead file: ") && out.contains("events not yet checkpointed"), "{out}");
+    assert_eq!(std::fs::read(setup.path("spool/spool.wal")).unwrap(), before, "check writes nothing");
+
+    let (code, out, err) = setup.run(&["spool", "salvage"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("moved the write-ahead file aside"), "{out}");
+    assert!(!setup.path("spool/spool.wal").exists() || wal_len(&setup) == 0);
+    let aside: Vec<_> = std::fs::read_dir(setup.path("spool"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("spool.wal.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "kept beside the old spool file");
+
+    let sink = SinkServer::start_on(port, 200);
+    let router = setup.start();
+    let ids: BTreeSet<String> = posted.iter().map(|(_, id)| id.clone()).collect();
+    wait_for("every 202'd event delivered from the salvaged spool", LIMIT, || sink.received_set().is_superset(&ids));
+    wait_for("the backlog to be empty", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+}
+
+#[test]
+fn a_checkpoint_empties_the_write_ahead_file() {
+    let sink = SinkServer::start(200);
+    let setup = Setup::new(&http_routes(&[("crm", sink.url("/hook"))]), "");
+    let router = setup.start();
+    let mut ids = BTreeSet::new();
+    let mut grew = false;
+    for i in 0..200 {
+        let a = router.post(&payload("ckpt", i));
+        assert_eq!(a.status, 202, "{}", a.body);
+        ids.insert(a.id());
+        grew |= wal_len(&setup) > 0;
+    }
+    assert!(grew, "batches went through the write-ahead file");
+    wait_for("every event at the sink", LIMIT, || sink.received_set().is_superset(&ids));
+    // Idle: the checkpoint about a second after the last commit without fsync empties it.
+    wait_for("an empty write-ahead file", LIMIT, || wal_len(&setup) == 0);
+    let status = router.terminate();
+    assert!(status.success(), "{status}");
+    let (code, out, err) = setup.run(&["spool", "check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("write-ahead file"), "{out}");
+}
+
+#[test]
+fn a_write_ahead_append_on_a_full_disk_answers_503_heals_and_loses_nothing() {
+    let fs = Tmpfs::mount("4m");
+    let sink = SinkServer::start(503);
+    let setup = Setup::with(&http_routes(&[("crm", sink.url("/hook"))]), "", "", Some(&fs.path().join("spool")));
+    let router = setup.start();
+    let mut accepted = post_all(&router, "before", 5);
+    fs.fill();
+    let mut refused = None;
+    for i in 0..5000 {
+        let a = router.post(&payload("full", i));
+        match a.status {
+            202 => {
+                accepted.insert(a.id());
+            }
+            503 => {
+                refused = Some(a);
+                break;
+            }
+            s => panic!("unexpected {s}: {}", a.body),
+        }
+    }
+    let refused = refused.expect("the spool never refused on a full disk");
+    assert!(refused.header("retry-after").is_some(), "{}", refused.head);
+    let (code, ready) = router.readyz();
+    assert_eq!(code, 503, "{ready}");
+    let log = router.log();
+    assert!(log.contains("write-ahead file write") || log.contains("write-ahead file fdatasync"), "{log}");
+
+    fs.free();
+    let mut n = 0;
+    wait_for("webhooks accepted again, without a restart", LIMIT, || {
+        n += 1;
+        let a = router.post(&payload("freed", n));
+        (a.status == 202).then(|| accepted.insert(a.id())).is_some()
+    });
+    accepted.extend(post_all(&router, "after", 5));
+    // The heal wrote what the reopen rolled back (acknowledged through the write-ahead file)
+    // back into redb: a crash now loses none of it.
+    router.kill9();
+    let router = setup.start();
+    sink.set_status(200);
+    wait_for("every accepted event at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
+    wait_for("the backlog to be empty", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+}
