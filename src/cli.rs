@@ -671,7 +671,11 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                             "moved the write-ahead file aside to {} ({} of its events saved{})",
                             p.display(),
                             r.wal_saved,
-                            if r.wal_torn > 0 { format!("; a torn tail of {} bytes dropped", r.wal_torn) } else { String::new() }
+                            if r.wal_torn > 0 {
+                                format!("; a torn tail of {} bytes dropped", r.wal_torn)
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     if let Some(e) = &r.index_error {

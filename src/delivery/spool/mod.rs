@@ -874,10 +874,10 @@ mod tests {
     }
 
     /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.
-    struct Tmpfs(tempfile::TempDir);
+    pub(super) struct Tmpfs(pub(super) tempfile::TempDir);
 
     impl Tmpfs {
-        fn mount(size: &str) -> Tmpfs {
+        pub(super) fn mount(size: &str) -> Tmpfs {
             let dir = tempfile::tempdir().unwrap();
             let ok = std::process::Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -888,14 +888,14 @@ mod tests {
             Tmpfs(dir)
         }
 
-        fn fill(&self) {
+        pub(super) fn fill(&self) {
             use std::io::Write;
             let mut f = std::fs::File::create(self.0.path().join("filler")).unwrap();
             while f.write(&[0u8; 4096]).is_ok_and(|n| n > 0) {}
             while f.write(&[0u8]).is_ok_and(|n| n > 0) {}
         }
 
-        fn free(&self) {
+        pub(super) fn free(&self) {
             std::fs::remove_file(self.0.path().join("filler")).unwrap();
         }
     }

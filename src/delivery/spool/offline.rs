@@ -191,7 +191,8 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     let mut damaged: Vec<DeadLetter> = Vec::new();
     let mut paused = BTreeMap::new();
     let wal_path = dir.join(wal::FILE_NAME);
-    let log = wal::read(dir).map_err(|source| SalvageError::Io { what: "cannot read", path: wal_path.clone(), source })?;
+    let log =
+        wal::read(dir).map_err(|source| SalvageError::Io { what: "cannot read", path: wal_path.clone(), source })?;
     // Frames the old file's checkpoint covers are in it already (0 when it cannot be read).
     let mut checkpoint = 0;
     if size > 0 {
@@ -253,7 +254,9 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
             .as_ref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, wal::FILE_NAME, 1))
-            .unwrap_or_else(|| format!("{}.damaged-{}", wal::FILE_NAME, chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")));
+            .unwrap_or_else(|| {
+                format!("{}.damaged-{}", wal::FILE_NAME, chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
+            });
         let aside = dir.join(aside);
         std::fs::rename(&wal_path, &aside).map_err(|source| SalvageError::Io {
             what: "cannot move aside",

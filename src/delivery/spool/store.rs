@@ -510,13 +510,7 @@ pub fn paused(db: &Database) -> Result<BTreeMap<String, u64>, StoreError> {
 
 /// Records `sink` as paused (since `at`, unix ms) or not, durably; with `checkpoint`, the
 /// commit is also a checkpoint of the write-ahead file (every seq below it is in redb).
-pub fn set_paused(
-    db: &Database,
-    sink: &str,
-    paused: bool,
-    at: u64,
-    checkpoint: Option<u64>,
-) -> Result<(), StoreError> {
+pub fn set_paused(db: &Database, sink: &str, paused: bool, at: u64, checkpoint: Option<u64>) -> Result<(), StoreError> {
     guard::catch(|| {
         let tx = db.begin_write().op("begin")?;
         if let Some(seq) = checkpoint {

@@ -120,7 +120,8 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     let mut next_seq = 0u64;
     loop {
         let rest = &bytes[at..];
-        let frame = parse(rest).filter(|(f, _)| f.events.first().is_some_and(|e| out.frames.is_empty() || e.seq >= next_seq));
+        let frame =
+            parse(rest).filter(|(f, _)| f.events.first().is_some_and(|e| out.frames.is_empty() || e.seq >= next_seq));
         match frame {
             Some((f, used)) => {
                 next_seq = f.events.last().map_or(next_seq, |e| e.seq + 1);
@@ -285,7 +286,9 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
                     r.written += 1;
                 }
                 if !f.ids.is_empty() && dedup.get((f.at, f.first_seq)).op("read dedup")?.is_none() {
-                    dedup.insert((f.at, f.first_seq), super::store::dedup_batch(&f.ids).as_slice()).op("write dedup")?;
+                    dedup
+                        .insert((f.at, f.first_seq), super::store::dedup_batch(&f.ids).as_slice())
+                        .op("write dedup")?;
                 }
             }
             meta.insert(CHECKPOINT, next).op("write meta")?;
@@ -331,7 +334,8 @@ fn log(path: &Path, r: &Replayed) {
 }
 
 fn truncate(path: &Path) -> Result<(), StoreError> {
-    let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|source| StoreError::Wal { op: "open", source })?;
+    let f =
+        std::fs::OpenOptions::new().write(true).open(path).map_err(|source| StoreError::Wal { op: "open", source })?;
     f.set_len(0).map_err(|source| StoreError::Wal { op: "truncate", source })
 }
 
@@ -371,8 +375,10 @@ impl Wal {
                 source: std::io::Error::other("a failed append could not be cut back yet"),
             });
         }
-        let written = self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
-        let synced = written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
+        let written =
+            self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
+        let synced =
+            written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
         match synced {
             Ok(()) => {
                 self.len += self.buf.len() as u64;
@@ -429,11 +435,102 @@ mod tests {
     use super::*;
 
     fn frame(first: u64, n: u64) -> Vec<u8> {
-        let recs: Vec<(u64, Vec<u8>, Vec<String>)> =
-            (first..first + n).map(|s| (s, vec![s as u8; 30 + s as usize], vec!["a".to_owned(), "bb".to_owned()])).collect();
+        let recs: Vec<(u64, Vec<u8>, Vec<String>)> = (first..first + n)
+            .map(|s| (s, vec![s as u8; 30 + s as usize], vec!["a".to_owned(), "bb".to_owned()]))
+            .collect();
         let mut buf = Vec::new();
         encode(&mut buf, 1234, first, &[7, u128::MAX], recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())));
         buf
+    }
+
+    fn real_frame(first: u64, n: u64) -> Vec<u8> {
+        let recs: Vec<(u64, Vec<u8>, Vec<String>)> = (first..first + n)
+            .map(|s| {
+                let body = format!(r#"{{"type":"payment","amount":{s}}}"#);
+                let ev =
+                    crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+                (s, super::super::record::encode(&crate::event::Envelope::new(ev, body.into())), vec!["a".to_owned()])
+            })
+            .collect();
+        let mut buf = Vec::new();
+        encode(
+            &mut buf,
+            5000 + first,
+            first,
+            &[u128::from(first)],
+            recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())),
+        );
+        buf
+    }
+
+    #[test]
+    fn replay_writes_what_redb_lacks_once_moves_the_checkpoint_and_empties_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = super::super::store::open_db(dir.path()).unwrap();
+        let mut bytes = real_frame(0, 3);
+        bytes.extend(real_frame(3, 2));
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let r = recover(&db, dir.path()).unwrap();
+        assert_eq!((r.frames, r.newer, r.written, r.torn), (2, 5, 5, 0));
+        assert_eq!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(), 0, "emptied");
+        let rec = super::super::store::recover(&db, 0).unwrap();
+        assert_eq!((rec.events, rec.pending["a"], rec.next_seq, rec.dedup.len()), (5, 5, 5, 2));
+        assert!(rec.unreadable.is_empty());
+
+        // The same frames again (a truncate that did not reach the disk): covered, nothing
+        // written twice, even once the events were delivered and removed.
+        let tx = db.begin_write().unwrap();
+        tx.open_table(PENDING).unwrap().remove(("a", 1u64)).unwrap();
+        tx.open_table(EVENTS).unwrap().remove(1u64).unwrap();
+        tx.commit().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let r = recover(&db, dir.path()).unwrap();
+        assert_eq!((r.frames, r.newer, r.written), (2, 0, 0));
+        assert_eq!(super::super::store::recover(&db, 0).unwrap().events, 4);
+
+        // A newer frame after them, and a torn tail: the frame is written, the tail dropped.
+        bytes.extend(real_frame(5, 1));
+        bytes.extend(&real_frame(6, 1)[..20]);
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let r = recover(&db, dir.path()).unwrap();
+        assert_eq!((r.frames, r.newer, r.written), (3, 1, 1));
+        assert!(r.torn > 0);
+        assert_eq!(super::super::store::next_seq(&db).unwrap(), 6);
+    }
+
+    #[test]
+    fn a_writer_append_that_fails_leaves_no_partial_frame_and_the_probe_leaves_the_file_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open(dir.path()).unwrap();
+        w.buf = frame(0, 2);
+        w.append().unwrap();
+        let one = w.len;
+        w.buf = frame(2, 1);
+        w.append().unwrap();
+        assert_eq!(decode(&std::fs::read(&w.path).unwrap()).frames.len(), 2);
+        w.reset().unwrap();
+        w.probe().unwrap();
+        assert_eq!((w.len, std::fs::metadata(&w.path).unwrap().len()), (0, 0));
+        assert!(one > 0);
+    }
+
+    #[test]
+    fn an_append_that_fails_on_a_full_disk_is_cut_back_and_the_next_one_follows_the_last_good_frame() {
+        let fs = super::super::tests::Tmpfs::mount("1m");
+        let mut w = Wal::open(fs.0.path()).unwrap();
+        w.buf = frame(0, 2);
+        w.append().unwrap();
+        let good = w.len;
+        fs.fill();
+        w.buf = frame(2, 300);
+        let err = w.append().unwrap_err();
+        assert!(err.to_string().starts_with("write-ahead file "), "{err}");
+        assert_eq!((w.len, w.stuck), (good, false));
+        assert_eq!(std::fs::metadata(&w.path).unwrap().len(), good, "the partial frame was cut away");
+        fs.free();
+        w.append().unwrap();
+        let d = decode(&std::fs::read(&w.path).unwrap());
+        assert_eq!((d.frames.len(), d.events(), d.torn), (2, 302, 0));
     }
 
     #[test]
@@ -460,7 +557,11 @@ mod tests {
         bytes.extend(frame(3, 2));
         for cut in first.len() + 1..bytes.len() {
             let d = decode(&bytes[..cut]);
-            assert_eq!((d.frames.len(), d.good, d.torn), (1, first.len() as u64, (cut - first.len()) as u64), "cut at {cut}");
+            assert_eq!(
+                (d.frames.len(), d.good, d.torn),
+                (1, first.len() as u64, (cut - first.len()) as u64),
+                "cut at {cut}"
+            );
         }
     }
 

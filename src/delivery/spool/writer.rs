@@ -305,9 +305,8 @@ impl Writer {
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
         let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
-        let durable = force_durable
-            || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
-            || self.wal.len >= wal::CHECKPOINT_BYTES;
+        let durable =
+            force_durable || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY || self.wal.len >= wal::CHECKPOINT_BYTES;
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
         scratch.keys.clear();
