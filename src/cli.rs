@@ -634,10 +634,10 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                         r.wal_events
                     );
                 }
-                if r.wal_torn > 0 {
+                if let Some(at) = r.wal_torn {
                     println!(
-                        "write-ahead file: a torn tail of {} bytes after {} intact frame(s) (a batch that was never acknowledged; the next start drops it)",
-                        r.wal_torn, r.wal_frames
+                        "write-ahead file: a torn frame at byte {at}, after {} intact frame(s) (a batch that was never acknowledged; the next start drops it)",
+                        r.wal_frames
                     );
                 }
                 if r.healthy() {
@@ -671,11 +671,7 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                             "moved the write-ahead file aside to {} ({} of its events saved{})",
                             p.display(),
                             r.wal_saved,
-                            if r.wal_torn > 0 {
-                                format!("; a torn tail of {} bytes dropped", r.wal_torn)
-                            } else {
-                                String::new()
-                            }
+                            if r.wal_torn { "; a torn last frame dropped" } else { "" }
                         );
                     }
                     if let Some(e) = &r.index_error {

@@ -24,6 +24,7 @@ pub const SPOOL_BYTES: &str = "webio_router_spool_bytes";
 pub const SPOOL_FLUSHES: &str = "webio_router_spool_flushes_total";
 pub const SPOOL_APPENDS: &str = "webio_router_spool_appends_total";
 pub const SPOOL_WRITE_ERRORS: &str = "webio_router_spool_write_errors_total";
+pub const SPOOL_WAL_BYTES: &str = "webio_router_spool_wal_bytes";
 pub const SINK_UP: &str = "webio_router_sink_up";
 pub const BUILD_INFO: &str = "webio_router_build_info";
 pub const CONFIG_RELOADS: &str = "webio_router_config_reloads_total";
@@ -51,6 +52,7 @@ pub const NAMES: &[&str] = &[
     SPOOL_FLUSHES,
     SPOOL_APPENDS,
     SPOOL_WRITE_ERRORS,
+    SPOOL_WAL_BYTES,
     SINK_UP,
     BUILD_INFO,
     CONFIG_RELOADS,
@@ -147,6 +149,7 @@ fn preregister() {
     counter!(SPOOL_FLUSHES).absolute(0);
     counter!(SPOOL_APPENDS).absolute(0);
     counter!(SPOOL_WRITE_ERRORS).absolute(0);
+    gauge!(SPOOL_WAL_BYTES).set(0.0);
     counter!(DEDUP_STORE_ERRORS).absolute(0);
     gauge!(CONNECTIONS_OPEN).set(0.0);
     for state in ["no_request", "idle", "new"] {
@@ -171,7 +174,8 @@ fn describe() {
     describe_histogram!(DELIVERY_DURATION, "Time of one delivery attempt, by sink.");
     describe_gauge!(SPOOL_PENDING, "(event, sink) pairs waiting in the spool, by sink.");
     describe_gauge!(SPOOL_BYTES, "Bytes of event data held in the spool.");
-    describe_counter!(SPOOL_FLUSHES, "Durable spool commits (one fsync each).");
+    describe_counter!(SPOOL_FLUSHES, "Batches made durable: write-ahead appends and checkpoints (one fdatasync each).");
+    describe_gauge!(SPOOL_WAL_BYTES, "Bytes in the spool's write-ahead file since its last checkpoint.");
     describe_counter!(SPOOL_APPENDS, "Events appended to the spool.");
     describe_counter!(SPOOL_WRITE_ERRORS, "Spool commits that failed (full disk, I/O error).");
     describe_counter!(
@@ -366,6 +370,11 @@ pub fn spool_pending(sink: &str, pending: u64) {
 
 pub fn spool_bytes(bytes: u64) {
     gauge!(SPOOL_BYTES).set(bytes as f64);
+}
+
+/// Bytes in the spool's write-ahead file since its last checkpoint.
+pub fn spool_wal_bytes(bytes: u64) {
+    gauge!(SPOOL_WAL_BYTES).set(bytes as f64);
 }
 
 /// One durable commit that made `appends` events durable at once (group commit).

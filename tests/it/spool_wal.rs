@@ -9,14 +9,28 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn wal_len(setup: &Setup) -> u64 {
-    std::fs::metadata(setup.path("spool/spool.wal")).map(|m| m.len()).unwrap_or(0)
+/// Bytes of the write-ahead file since its last checkpoint.
+fn wal_bytes(router: &Router) -> f64 {
+    router.metric("webio_router_spool_wal_bytes").unwrap_or(0.0)
 }
 
-/// Posts webhooks one after the other (a frame each) until the write-ahead file holds
-/// `frames_at_least` of them since its last checkpoint; returns the bodies and ids accepted.
-/// The sink is down, so nothing is delivered meanwhile.
-fn post_into_the_wal(router: &Router, setup: &Setup, tag: &str) -> Vec<(String, String)> {
+/// The frames of the write-ahead file's log (start, end), walked by their headers (magic,
+/// length, checksum) up to the end marker.
+fn frames(setup: &Setup) -> Vec<(usize, usize)> {
+    let bytes = std::fs::read(setup.path("spool/spool.wal")).unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 12 && bytes[at..at + 4] == *b"WwA1" {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        out.push((at, at + 12 + len));
+        at += 12 + len;
+    }
+    out
+}
+
+/// Posts webhooks one after the other (a frame each) until the last few are in the
+/// write-ahead file only (not checkpointed); returns the bodies and ids accepted.
+fn post_into_the_wal(router: &Router, tag: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for i in 0..2000 {
         let body = payload(tag, i);
@@ -24,8 +38,8 @@ fn post_into_the_wal(router: &Router, setup: &Setup, tag: &str) -> Vec<(String, 
         assert_eq!(a.status, 202, "{}", a.body);
         out.push((body, a.id()));
         // A checkpoint empties the file; keep going until the last few posts are only in it.
-        if out.len() >= 10 && wal_len(setup) > 0 {
-            let before = wal_len(setup);
+        if out.len() >= 10 && wal_bytes(router) > 0.0 {
+            let before = wal_bytes(router);
             let mut tail = Vec::new();
             for j in 0..5 {
                 let body = payload(&format!("{tag}-tail"), i * 10 + j);
@@ -34,7 +48,7 @@ fn post_into_the_wal(router: &Router, setup: &Setup, tag: &str) -> Vec<(String, 
                 tail.push((body, a.id()));
             }
             out.extend(tail);
-            if wal_len(setup) > before {
+            if wal_bytes(router) > before {
                 return out;
             }
         }
@@ -47,9 +61,9 @@ fn events_only_in_the_write_ahead_file_are_delivered_after_kill_9_and_their_ids_
     let port = free_port(); // the sink is down: nothing is delivered before the crash
     let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "dedup_window = \"10m\"");
     let router = setup.start();
-    let posted = post_into_the_wal(&router, &setup, "walkill");
+    let posted = post_into_the_wal(&router, "walkill");
     router.kill9();
-    assert!(wal_len(&setup) > 0, "the crash left events in the write-ahead file");
+    assert!(!frames(&setup).is_empty(), "the crash left events in the write-ahead file");
 
     let sink = SinkServer::start_on(port, 200);
     let router = setup.start();
@@ -71,16 +85,17 @@ fn a_torn_write_ahead_tail_is_dropped_with_a_warning_and_the_frames_before_it_ar
         let port = free_port();
         let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
         let router = setup.start();
-        let posted = post_into_the_wal(&router, &setup, damage);
+        let posted = post_into_the_wal(&router, damage);
         router.kill9();
         let wal = setup.path("spool/spool.wal");
         let mut bytes = std::fs::read(&wal).unwrap();
-        let n = bytes.len();
-        // The last frame (the last webhook's) loses its end, or one of its bytes: as if its
-        // fdatasync had never completed, so it was never acknowledged.
+        let (_, end) = *frames(&setup).last().unwrap();
+        // The last frame (the last webhook's) loses its end (the preallocated zeros are left
+        // where its write stopped), or one of its bytes: as if its fdatasync had never
+        // completed, so it was never acknowledged.
         match damage {
-            "truncate" => bytes.truncate(n - 5),
-            _ => bytes[n - 3] ^= 0x40,
+            "truncate" => bytes[end - 5..end].fill(0),
+            _ => bytes[end - 3] ^= 0x40,
         }
         std::fs::write(&wal, &bytes).unwrap();
 
@@ -95,7 +110,7 @@ fn a_torn_write_ahead_tail_is_dropped_with_a_warning_and_the_frames_before_it_ar
         let again = router.post(&last.0);
         assert_eq!(again.status, 202, "{damage}: {}", again.body);
         wait_for("the re-sent event", LIMIT, || sink.received_set().contains(&last.1));
-        wait_for("the write-ahead file emptied by a checkpoint", LIMIT, || wal_len(&setup) == 0);
+        wait_for("the write-ahead file emptied by a checkpoint", LIMIT, || wal_bytes(&router) == 0.0);
     }
 }
 
@@ -104,10 +119,10 @@ fn spool_check_reports_the_write_ahead_events_without_writing_and_salvage_keeps_
     let port = free_port();
     let setup = Setup::new(&http_routes(&[("crm", port.url("/hook"))]), "");
     let router = setup.start();
-    let posted = post_into_the_wal(&router, &setup, "walcheck");
+    let posted = post_into_the_wal(&router, "walcheck");
     router.kill9();
     let before = std::fs::read(setup.path("spool/spool.wal")).unwrap();
-    assert!(!before.is_empty());
+    assert!(!frames(&setup).is_empty());
 
     let (code, out, err) = setup.run(&["spool", "check"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -117,7 +132,7 @@ fn spool_check_reports_the_write_ahead_events_without_writing_and_salvage_keeps_
     let (code, out, err) = setup.run(&["spool", "salvage"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("moved the write-ahead file aside"), "{out}");
-    assert!(!setup.path("spool/spool.wal").exists() || wal_len(&setup) == 0);
+    assert!(!setup.path("spool/spool.wal").exists() || frames(&setup).is_empty());
     let aside: Vec<_> = std::fs::read_dir(setup.path("spool"))
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -145,12 +160,12 @@ fn a_checkpoint_empties_the_write_ahead_file() {
         let a = router.post(&payload("ckpt", i));
         assert_eq!(a.status, 202, "{}", a.body);
         ids.insert(a.id());
-        grew |= wal_len(&setup) > 0;
+        grew |= wal_bytes(&router) > 0.0;
     }
     assert!(grew, "batches went through the write-ahead file");
     wait_for("every event at the sink", LIMIT, || sink.received_set().is_superset(&ids));
     // Idle: the checkpoint about a second after the last commit without fsync empties it.
-    wait_for("an empty write-ahead file", LIMIT, || wal_len(&setup) == 0);
+    wait_for("an empty write-ahead file", LIMIT, || wal_bytes(&router) == 0.0);
     let status = router.terminate();
     assert!(status.success(), "{status}");
     let (code, out, err) = setup.run(&["spool", "check"]);

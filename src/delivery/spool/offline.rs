@@ -47,9 +47,9 @@ pub struct CheckReport {
     /// Events of the write-ahead file newer than the checkpoint (acknowledged, not yet in
     /// `spool.redb` durably: the next start writes them in).
     pub wal_events: u64,
-    /// Bytes of a torn or damaged tail of the write-ahead file (dropped by the next start),
-    /// and the intact frames before it.
-    pub wal_torn: u64,
+    /// Where the write-ahead file's log ends in a torn or damaged frame (dropped by the next
+    /// start), and the intact frames before it.
+    pub wal_torn: Option<u64>,
     pub wal_frames: usize,
 }
 
@@ -108,7 +108,7 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
         paused: rec.paused.into_keys().collect(),
         damaged: rec.unreadable,
         wal_events,
-        wal_torn: log.torn,
+        wal_torn: log.torn.then_some(log.good),
         wal_frames: log.frames.len(),
     })
 }
@@ -147,8 +147,8 @@ pub struct SalvageReport {
     /// Where the old write-ahead file went, and the events of it copied into the fresh spool.
     pub wal_moved_to: Option<PathBuf>,
     pub wal_saved: u64,
-    /// Bytes of a torn or damaged tail of the write-ahead file (not copied).
-    pub wal_torn: u64,
+    /// The write-ahead file's log ended in a torn or damaged frame (not copied).
+    pub wal_torn: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,9 +4,15 @@
 //! frame** to this file and one `fdatasync`; the batch's redb transaction is committed without
 //! fsync (`Durability::None`). About once a second (or when this file passes
 //! [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it records in the `meta`
-//! table ([`CHECKPOINT`]) the seq below which redb holds everything durably, and the file is
-//! then truncated (without fsync: replay skips what the checkpoint covers, so a truncate that
-//! did not reach the disk replays nothing twice).
+//! table ([`CHECKPOINT`]) the seq below which redb holds everything durably, and the next frame
+//! is written at the start of the file again (nothing is truncated or synced for it: replay
+//! skips what the checkpoint covers).
+//!
+//! The file is **preallocated** ([`PREALLOC`] bytes of zeros, written once): an append then
+//! neither changes the file's size nor its block map, so its `fdatasync` flushes the data
+//! without a journal commit for the inode (measured: docs/performance.md). Each append writes
+//! the frame followed by [`END`] (12 zero bytes, the header of no frame), which marks the end of
+//! the log whatever older frames follow it.
 //!
 //! A frame: magic (4 bytes, [`MAGIC`]), payload length (u32 LE), CRC-32C of the length and the
 //! payload (u32 LE), then the payload: accepted at (unix ms, u64), the seq of the batch's first
@@ -16,9 +22,9 @@
 //! file's frames only grow: they are its frame counter.
 //!
 //! **Replay** ([`recover`], at every open of the spool, and [`Wal::replay_into`] in the writer's
-//! heal) reads frames while they check out; the first that does not (a torn tail: its
-//! `fdatasync` never completed, so it was never acknowledged) ends the file. Trailing zeros are
-//! a clean end. The events of the frames newer than the checkpoint that redb does not hold
+//! heal) reads frames while they check out; a zero header is the clean end, and the first frame
+//! that does not check out (a torn tail: its `fdatasync` never completed, so it was never
+//! acknowledged) ends the log too, with a warning. The events of the frames newer than the checkpoint that redb does not hold
 //! (with their pending rows and dedup row) are written in one durable commit that moves the
 //! checkpoint past them; then the file is truncated.
 
@@ -34,9 +40,14 @@ pub const FILE_NAME: &str = "spool.wal";
 /// below it are covered).
 pub const CHECKPOINT: &str = "wal_checkpoint";
 /// A checkpoint is due once the file holds this many bytes, whatever the time.
-pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+pub const CHECKPOINT_BYTES: u64 = 4 << 20;
+/// The file's preallocated size (a batch that goes past it grows the file, until the
+/// checkpoint that follows brings the next frames back to its start).
+pub const PREALLOC: u64 = CHECKPOINT_BYTES + (1 << 20);
 pub const MAGIC: [u8; 4] = *b"WwA1";
 const HEADER: usize = 12;
+/// Written after every frame: the end of the log.
+pub const END: [u8; HEADER] = [0; HEADER];
 /// No batch comes near this (the writer takes at most 16 MiB of events, plus one record).
 const MAX_PAYLOAD: usize = 256 << 20;
 /// Bytes written (zeros: a clean end if they stay) and fdatasynced to prove the file takes writes.
@@ -101,10 +112,11 @@ pub fn encode<'a>(
 #[derive(Debug, Default)]
 pub struct Decoded {
     pub frames: Vec<Frame>,
-    /// Bytes of the intact frames (where the file ends for replay).
+    /// Bytes of the intact frames (where the log ends for replay).
     pub good: u64,
-    /// Bytes after them that are not zeros: a torn (never acknowledged) or damaged tail.
-    pub torn: u64,
+    /// The log ends in a frame that does not check out (torn: never acknowledged; or damaged),
+    /// at `good`, instead of a zero header.
+    pub torn: bool,
 }
 
 impl Decoded {
@@ -113,26 +125,30 @@ impl Decoded {
     }
 }
 
-/// Reads the frames of `bytes` up to the first one that does not check out.
+/// Reads the frames of `bytes` up to the end marker, or up to the first one that does not
+/// check out.
 pub fn decode(bytes: &[u8]) -> Decoded {
     let mut out = Decoded::default();
     let mut at = 0usize;
     let mut next_seq = 0u64;
     loop {
         let rest = &bytes[at..];
-        let frame =
-            parse(rest).filter(|(f, _)| f.events.first().is_some_and(|e| out.frames.is_empty() || e.seq >= next_seq));
-        match frame {
-            Some((f, used)) => {
+        out.good = at as u64;
+        if rest[..rest.len().min(HEADER)].iter().all(|b| *b == 0) {
+            return out;
+        }
+        match parse(rest) {
+            // The seqs of a log only grow: an older frame is what an earlier log left behind.
+            Some((f, _)) if !out.frames.is_empty() && f.events.first().is_some_and(|e| e.seq < next_seq) => {
+                return out;
+            }
+            Some((f, used)) if !f.events.is_empty() => {
                 next_seq = f.events.last().map_or(next_seq, |e| e.seq + 1);
                 out.frames.push(f);
                 at += used;
             }
-            None => {
-                out.good = at as u64;
-                if rest.iter().any(|b| *b != 0) {
-                    out.torn = rest.len() as u64;
-                }
+            _ => {
+                out.torn = true;
                 return out;
             }
         }
@@ -248,8 +264,8 @@ pub struct Replayed {
     /// into redb now (the others were there already).
     pub newer: u64,
     pub written: u64,
-    /// Bytes of a torn tail dropped.
-    pub torn: u64,
+    /// The log ended in a torn or damaged frame at this offset (dropped).
+    pub torn: Option<u64>,
 }
 
 /// Writes the events of `decoded` newer than the checkpoint that redb does not hold yet, with
@@ -258,7 +274,8 @@ pub struct Replayed {
 pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed, StoreError> {
     guard::catch(|| {
         let tx = db.begin_write().op("begin")?;
-        let mut r = Replayed { frames: decoded.frames.len(), torn: decoded.torn, ..Default::default() };
+        let torn = decoded.torn.then_some(decoded.good);
+        let mut r = Replayed { frames: decoded.frames.len(), torn, ..Default::default() };
         {
             let mut meta = tx.open_table(META).op("open meta")?;
             let checkpoint = meta.get(CHECKPOINT).op("read meta")?.map_or(0, |v| v.value());
@@ -308,36 +325,29 @@ pub fn read(dir: &Path) -> std::io::Result<Decoded> {
 }
 
 /// At an open of the spool: replays the write-ahead file beside `db` into it (durably), then
-/// truncates the file. Logs what it found.
+/// empties the log (an end marker at its start). Logs what it found.
 pub fn recover(db: &Database, dir: &Path) -> Result<Replayed, StoreError> {
     let path = dir.join(FILE_NAME);
     let decoded = read(dir).map_err(|source| StoreError::Wal { op: "read", source })?;
-    if decoded.frames.is_empty() && decoded.torn == 0 {
-        if decoded.good == 0 && path.exists() {
-            truncate(&path)?;
-        }
+    if decoded.frames.is_empty() && !decoded.torn {
         return Ok(Replayed::default());
     }
     let r = apply(db, &decoded, 0)?;
     log(&path, &r);
-    truncate(&path)?;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| StoreError::Wal { op: "open", source })?;
+    f.write_all_at(&END, 0).map_err(|source| StoreError::Wal { op: "write", source })?;
     Ok(r)
 }
 
 fn log(path: &Path, r: &Replayed) {
-    if r.torn > 0 {
-        tracing::warn!(file = %path.display(), frames = r.frames, torn_bytes = r.torn, "spool: the write-ahead file ends in a torn or damaged frame (its batch was never acknowledged); the frames before it are kept, the tail is dropped");
+    if let Some(at) = r.torn {
+        tracing::warn!(file = %path.display(), frames = r.frames, torn_at = at, "spool: the write-ahead file ends in a torn or damaged frame (its batch was never acknowledged); the frames before it are kept, the tail is dropped");
     }
     if r.written > 0 {
         tracing::info!(file = %path.display(), frames = r.frames, events = r.written, "spool: events of the write-ahead file replayed into the spool");
     }
 }
 
-fn truncate(path: &Path) -> Result<(), StoreError> {
-    let f =
-        std::fs::OpenOptions::new().write(true).open(path).map_err(|source| StoreError::Wal { op: "open", source })?;
-    f.set_len(0).map_err(|source| StoreError::Wal { op: "truncate", source })
-}
 
 /// The writer's handle on the file: appends at the last good offset, never after a partial
 /// frame.
@@ -346,28 +356,51 @@ pub(crate) struct Wal {
     pub path: PathBuf,
     /// End of the last frame made durable (where the next one goes).
     pub len: u64,
-    /// A failed append could not be cut back: no append until [`Wal::reset`] succeeds.
+    /// A failed append could not be cut back: no append until [`Wal::probe`] succeeds.
     pub stuck: bool,
     /// The frame being built (kept from one batch to the next).
     pub buf: Vec<u8>,
 }
 
 impl Wal {
-    /// Opens (creating) the file of `dir`, which [`recover`] has emptied.
+    /// Opens (creating) the file of `dir`, whose log [`recover`] has emptied, and preallocates
+    /// it (once; on a disk without room for it the file simply grows with its frames).
     pub fn open(dir: &Path) -> std::io::Result<Wal> {
         let path = dir.join(FILE_NAME);
         let existed = path.exists();
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let size = file.metadata()?.len();
+        if size < PREALLOC {
+            // Zeros written, not fallocate(): unwritten extents would turn into written ones
+            // at each append, a metadata change that fdatasync must journal.
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = size;
+            let filled = loop {
+                if at >= PREALLOC {
+                    break file.sync_all();
+                }
+                let n = (PREALLOC - at).min(zeros.len() as u64) as usize;
+                if let Err(e) = file.write_all_at(&zeros[..n], at) {
+                    break Err(e);
+                }
+                at += n as u64;
+            };
+            if let Err(e) = filled {
+                tracing::warn!(file = %path.display(), error = %e, "spool: cannot preallocate the write-ahead file; it grows with its frames instead");
+                let _ = file.set_len(size);
+            }
+        }
         if !existed {
             // The directory entry of a new file, durably (once).
             File::open(dir)?.sync_all()?;
         }
-        let len = file.metadata()?.len();
-        Ok(Wal { file, path, len, stuck: false, buf: Vec::new() })
+        file.write_all_at(&END, 0)?;
+        Ok(Wal { file, path, len: 0, stuck: false, buf: Vec::new() })
     }
 
-    /// Appends `self.buf` and makes it durable. On failure the file is cut back to the last
-    /// good frame; when even that fails, the file takes no append until [`Wal::reset`].
+    /// Appends `self.buf` (one frame; the end marker is added here) and makes it durable. On
+    /// failure the end marker is written back at the last good frame's end; when even that
+    /// fails, the file takes no append until [`Wal::probe`] succeeds.
     pub fn append(&mut self) -> Result<(), StoreError> {
         if self.stuck {
             return Err(StoreError::Wal {
@@ -375,17 +408,19 @@ impl Wal {
                 source: std::io::Error::other("a failed append could not be cut back yet"),
             });
         }
-        let written =
-            self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
-        let synced =
-            written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
+        let frame = self.buf.len();
+        self.buf.extend_from_slice(&END);
+        let written = self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
+        self.buf.truncate(frame);
+        let synced = written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
         match synced {
             Ok(()) => {
-                self.len += self.buf.len() as u64;
+                self.len += frame as u64;
+                crate::metrics::spool_wal_bytes(self.len);
                 Ok(())
             }
             Err(e) => {
-                if self.file.set_len(self.len).is_err() {
+                if self.file.write_all_at(&END, self.len).is_err() {
                     self.stuck = true;
                 }
                 Err(e)
@@ -393,24 +428,25 @@ impl Wal {
         }
     }
 
-    /// Empties the file after a checkpoint (no fsync needed: replay skips covered frames).
+    /// After a checkpoint: the next frame goes to the start of the file (no write, no fsync
+    /// needed: replay skips the frames the checkpoint covers).
     pub fn reset(&mut self) -> Result<(), StoreError> {
-        self.file.set_len(0).map_err(|source| StoreError::Wal { op: "truncate", source })?;
         self.len = 0;
-        self.stuck = false;
+        crate::metrics::spool_wal_bytes(0);
         Ok(())
     }
 
-    /// Proves the file takes writes (zeros, fdatasynced, then cut away). Call on an empty file.
+    /// Proves the file takes writes: zeros (an empty log) at its start, fdatasynced. Call
+    /// after a checkpoint covered everything it held.
     pub fn probe(&mut self) -> Result<(), StoreError> {
         let zeros = vec![0u8; PROBE_BYTES];
-        let r = self
-            .file
-            .write_all_at(&zeros, self.len)
+        self.file
+            .write_all_at(&zeros, 0)
             .and_then(|()| self.file.sync_data())
-            .map_err(|source| StoreError::Wal { op: "probe", source });
-        let cut = self.file.set_len(self.len).map_err(|source| StoreError::Wal { op: "truncate", source });
-        r.and(cut)
+            .map_err(|source| StoreError::Wal { op: "probe", source })?;
+        self.len = 0;
+        self.stuck = false;
+        Ok(())
     }
 
     /// After the redb file was reopened (rolled back to its last durable commit): writes the
@@ -422,7 +458,7 @@ impl Wal {
         let mut decoded = decode(&bytes);
         // What lies past the last good frame is the rest of a failed append: expected here.
         if decoded.good <= self.len {
-            decoded.torn = 0;
+            decoded.torn = false;
         }
         let r = apply(db, &decoded, at_least)?;
         log(&self.path, &r);
@@ -471,13 +507,13 @@ mod tests {
         bytes.extend(real_frame(3, 2));
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
-        assert_eq!((r.frames, r.newer, r.written, r.torn), (2, 5, 5, 0));
-        assert_eq!(std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(), 0, "emptied");
+        assert_eq!((r.frames, r.newer, r.written, r.torn), (2, 5, 5, None));
+        assert_eq!(read(dir.path()).unwrap().frames.len(), 0, "emptied");
         let rec = super::super::store::recover(&db, 0).unwrap();
         assert_eq!((rec.events, rec.pending["a"], rec.next_seq, rec.dedup.len()), (5, 5, 5, 2));
         assert!(rec.unreadable.is_empty());
 
-        // The same frames again (a truncate that did not reach the disk): covered, nothing
+        // The same frames again (an end marker that did not reach the disk): covered, nothing
         // written twice, even once the events were delivered and removed.
         let tx = db.begin_write().unwrap();
         tx.open_table(PENDING).unwrap().remove(("a", 1u64)).unwrap();
@@ -494,24 +530,32 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
         assert_eq!((r.frames, r.newer, r.written), (3, 1, 1));
-        assert!(r.torn > 0);
+        assert_eq!(r.torn, Some((bytes.len() - 20) as u64));
         assert_eq!(super::super::store::next_seq(&db).unwrap(), 6);
     }
 
     #[test]
-    fn a_writer_append_that_fails_leaves_no_partial_frame_and_the_probe_leaves_the_file_empty() {
+    fn appends_go_into_the_preallocated_file_and_a_checkpoint_starts_the_log_again() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Wal::open(dir.path()).unwrap();
+        let size = || std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        assert_eq!(size(), PREALLOC);
         w.buf = frame(0, 2);
         w.append().unwrap();
-        let one = w.len;
         w.buf = frame(2, 1);
         w.append().unwrap();
-        assert_eq!(decode(&std::fs::read(&w.path).unwrap()).frames.len(), 2);
+        assert_eq!(size(), PREALLOC, "appends do not change the file's size");
+        assert_eq!(read(dir.path()).unwrap().events(), 3);
+        // After a checkpoint the next frame overwrites the start; its end marker hides the
+        // older frames behind it.
+        w.reset().unwrap();
+        w.buf = frame(3, 1);
+        w.append().unwrap();
+        let d = read(dir.path()).unwrap();
+        assert_eq!((d.frames.len(), d.frames[0].first_seq, d.torn), (1, 3, false));
         w.reset().unwrap();
         w.probe().unwrap();
-        assert_eq!((w.len, std::fs::metadata(&w.path).unwrap().len()), (0, 0));
-        assert!(one > 0);
+        assert_eq!((read(dir.path()).unwrap().frames.len(), w.len), (0, 0));
     }
 
     #[test]
@@ -526,11 +570,12 @@ mod tests {
         let err = w.append().unwrap_err();
         assert!(err.to_string().starts_with("write-ahead file "), "{err}");
         assert_eq!((w.len, w.stuck), (good, false));
-        assert_eq!(std::fs::metadata(&w.path).unwrap().len(), good, "the partial frame was cut away");
+        let d = decode(&std::fs::read(&w.path).unwrap());
+        assert_eq!((d.frames.len(), d.good, d.torn), (1, good, false), "the partial frame was cut away");
         fs.free();
         w.append().unwrap();
         let d = decode(&std::fs::read(&w.path).unwrap());
-        assert_eq!((d.frames.len(), d.events(), d.torn), (2, 302, 0));
+        assert_eq!((d.frames.len(), d.events(), d.torn), (2, 302, false));
     }
 
     #[test]
@@ -544,7 +589,7 @@ mod tests {
         let mut bytes = frame(0, 3);
         bytes.extend(frame(3, 2));
         let d = decode(&bytes);
-        assert_eq!((d.frames.len(), d.events(), d.good, d.torn), (2, 5, bytes.len() as u64, 0));
+        assert_eq!((d.frames.len(), d.events(), d.good, d.torn), (2, 5, bytes.len() as u64, false));
         let f = &d.frames[1];
         assert_eq!((f.at, f.first_seq, f.ids.clone()), (1234, 3, vec![7, u128::MAX]));
         assert_eq!(f.events[1], WalEvent { seq: 4, rec: vec![4; 34], sinks: vec!["a".into(), "bb".into()] });
@@ -557,11 +602,7 @@ mod tests {
         bytes.extend(frame(3, 2));
         for cut in first.len() + 1..bytes.len() {
             let d = decode(&bytes[..cut]);
-            assert_eq!(
-                (d.frames.len(), d.good, d.torn),
-                (1, first.len() as u64, (cut - first.len()) as u64),
-                "cut at {cut}"
-            );
+            assert_eq!((d.frames.len(), d.good, d.torn), (1, first.len() as u64, true), "cut at {cut}");
         }
     }
 
@@ -575,7 +616,7 @@ mod tests {
             b[i] ^= 0x01;
             let d = decode(&b);
             assert_eq!((d.frames.len(), d.good), (1, first.len() as u64), "byte {i}");
-            assert!(d.torn > 0);
+            assert!(d.torn);
         }
     }
 
@@ -585,13 +626,18 @@ mod tests {
         let good = bytes.len() as u64;
         bytes.extend(vec![0u8; 4096]);
         let d = decode(&bytes);
-        assert_eq!((d.frames.len(), d.good, d.torn), (1, good, 0));
-        // An older frame after a newer one (left by a truncate that did not reach the disk).
+        assert_eq!((d.frames.len(), d.good, d.torn), (1, good, false));
+        // The end marker hides whatever follows it; an older frame right after a newer one
+        // (an end marker lost) ends the log as well.
+        let mut bytes = frame(10, 3);
+        bytes.extend(END);
+        bytes.extend(frame(13, 3));
+        assert_eq!(decode(&bytes).frames.len(), 1);
         let mut bytes = frame(10, 3);
         bytes.extend(frame(2, 3));
         let d = decode(&bytes);
-        assert_eq!((d.frames.len(), d.good), (1, good));
+        assert_eq!((d.frames.len(), d.good, d.torn), (1, good, false));
         assert_eq!(decode(&[]).frames.len(), 0);
-        assert_eq!(decode(&[0; 7]).torn, 0);
+        assert!(!decode(&[0; 7]).torn);
     }
 }

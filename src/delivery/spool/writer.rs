@@ -39,6 +39,9 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// fsync is older than this (so that redb can reuse freed pages and a clean stop loses nothing).
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// The write-ahead frame's buffer is kept from one batch to the next up to this size.
+const WAL_BUF_KEEP: usize = 1 << 20;
+
 /// Bookkeeping ops applied together once this many rows are waiting, or this long after the
 /// first one, or as soon as no new event is waiting.
 const DEFER_ROWS: usize = 4096;
@@ -330,6 +333,10 @@ impl Writer {
             self.wal.buf = buf;
             result = self.wal.append();
             logged = result.is_ok();
+            // A large batch's buffer is not kept (memory stays flat between bursts).
+            if self.wal.buf.capacity() > WAL_BUF_KEEP {
+                self.wal.buf = Vec::new();
+            }
         }
         let result = result.and_then(|()| {
             self.shared.db().and_then(|db| {
