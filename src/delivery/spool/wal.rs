@@ -50,6 +50,8 @@ const HEADER: usize = 12;
 pub const END: [u8; HEADER] = [0; HEADER];
 /// No batch comes near this (the writer takes at most 16 MiB of events, plus one record).
 const MAX_PAYLOAD: usize = 256 << 20;
+/// What [`read`] reads first.
+const FIRST_READ: u64 = 64 << 10;
 /// Bytes written (zeros: a clean end if they stay) and fdatasynced to prove the file takes writes.
 const PROBE_BYTES: usize = 16 << 10;
 
@@ -315,13 +317,27 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
     })?
 }
 
-/// Reads the write-ahead file beside a spool (absent: nothing).
+/// Reads the write-ahead file beside a spool (absent: nothing). Its first 64 KiB only, when
+/// the log ends there (the rest of the preallocated file is not read at each start, and no
+/// large buffer raises the allocator's mmap threshold, which would keep later allocations
+/// resident).
 pub fn read(dir: &Path) -> std::io::Result<Decoded> {
-    match std::fs::read(dir.join(FILE_NAME)) {
-        Ok(bytes) => Ok(decode(&bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Decoded::default()),
-        Err(e) => Err(e),
+    use std::io::Read;
+    let f = match File::open(dir.join(FILE_NAME)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Decoded::default()),
+        Err(e) => return Err(e),
+    };
+    let size = f.metadata()?.len();
+    let mut bytes = Vec::new();
+    (&f).take(FIRST_READ).read_to_end(&mut bytes)?;
+    let decoded = decode(&bytes);
+    if !decoded.torn || bytes.len() as u64 >= size {
+        return Ok(decoded);
     }
+    // A frame runs past the first read: read the whole file.
+    (&f).read_to_end(&mut bytes)?;
+    Ok(decode(&bytes))
 }
 
 /// At an open of the spool: replays the write-ahead file beside `db` into it (durably), then
@@ -334,7 +350,8 @@ pub fn recover(db: &Database, dir: &Path) -> Result<Replayed, StoreError> {
     }
     let r = apply(db, &decoded, 0)?;
     log(&path, &r);
-    let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| StoreError::Wal { op: "open", source })?;
+    let f =
+        std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| StoreError::Wal { op: "open", source })?;
     f.write_all_at(&END, 0).map_err(|source| StoreError::Wal { op: "write", source })?;
     Ok(r)
 }
@@ -347,7 +364,6 @@ fn log(path: &Path, r: &Replayed) {
         tracing::info!(file = %path.display(), frames = r.frames, events = r.written, "spool: events of the write-ahead file replayed into the spool");
     }
 }
-
 
 /// The writer's handle on the file: appends at the last good offset, never after a partial
 /// frame.
@@ -373,7 +389,7 @@ impl Wal {
         if size < PREALLOC {
             // Zeros written, not fallocate(): unwritten extents would turn into written ones
             // at each append, a metadata change that fdatasync must journal.
-            let zeros = vec![0u8; 1 << 20];
+            let zeros = vec![0u8; 64 << 10];
             let mut at = size;
             let filled = loop {
                 if at >= PREALLOC {
@@ -410,9 +426,11 @@ impl Wal {
         }
         let frame = self.buf.len();
         self.buf.extend_from_slice(&END);
-        let written = self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
+        let written =
+            self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
         self.buf.truncate(frame);
-        let synced = written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
+        let synced =
+            written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
         match synced {
             Ok(()) => {
                 self.len += frame as u64;
@@ -453,7 +471,10 @@ impl Wal {
     /// frames of this file into it, durably.
     pub fn replay_into(&self, db: &Database, at_least: u64) -> Result<Replayed, StoreError> {
         let size = self.file.metadata().map_err(|source| StoreError::Wal { op: "read", source })?.len();
-        let mut bytes = vec![0u8; size as usize];
+        // The log, not the whole preallocated file (a failed append may have left a partial
+        // frame past it: read a little more than the log).
+        let want = size.min(self.len + FIRST_READ);
+        let mut bytes = vec![0u8; want as usize];
         self.file.read_exact_at(&mut bytes, 0).map_err(|source| StoreError::Wal { op: "read", source })?;
         let mut decoded = decode(&bytes);
         // What lies past the last good frame is the rest of a failed append: expected here.
@@ -576,6 +597,18 @@ mod tests {
         w.append().unwrap();
         let d = decode(&std::fs::read(&w.path).unwrap());
         assert_eq!((d.frames.len(), d.events(), d.torn), (2, 302, false));
+    }
+
+    #[test]
+    fn a_log_longer_than_the_first_read_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = frame(0, 1500);
+        assert!(bytes.len() > 1 << 20);
+        bytes.extend(frame(1500, 2));
+        bytes.extend(vec![0u8; 4096]);
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let d = read(dir.path()).unwrap();
+        assert_eq!((d.frames.len(), d.events(), d.torn), (2, 1502, false));
     }
 
     #[test]
