@@ -169,6 +169,7 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_delivery_duration_seconds", &["sink"]),
     ("webio_router_spool_pending", &["sink"]),
     ("webio_router_spool_bytes", &[]),
+    ("webio_router_spool_wal_bytes", &[]),
     ("webio_router_spool_flushes_total", &[]),
     ("webio_router_spool_appends_total", &[]),
     ("webio_router_spool_write_errors_total", &[]),
