@@ -221,3 +221,51 @@ fn a_write_ahead_append_on_a_full_disk_answers_503_heals_and_loses_nothing() {
     });
     assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
 }
+
+#[test]
+fn a_full_disk_under_a_preallocated_write_ahead_file_fails_the_checkpoint_heals_and_loses_nothing() {
+    // Room for the preallocation: the appends keep working on the full disk; redb's durable
+    // commits (the checkpoints) are what fail. The heal reopens redb (rolled back to its last
+    // checkpoint) and must write back what only the write-ahead file held.
+    let fs = Tmpfs::mount("16m");
+    let sink = SinkServer::start(503);
+    let setup = Setup::with(&http_routes(&[("crm", sink.url("/hook"))]), "", "", Some(&fs.path().join("spool")));
+    let router = setup.start();
+    let mut accepted = post_all(&router, "before", 5);
+    fs.fill();
+    let mut refused = false;
+    for i in 0..20000 {
+        let a = router.post(&payload("full", i));
+        match a.status {
+            202 => {
+                accepted.insert(a.id());
+            }
+            503 => {
+                refused = true;
+                break;
+            }
+            s => panic!("unexpected {s}: {}", a.body),
+        }
+        if i % 200 == 199 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    assert!(refused, "the spool never refused on a full disk");
+    assert_eq!(router.readyz().0, 503);
+    fs.free();
+    let mut n = 0;
+    wait_for("webhooks accepted again, without a restart", LIMIT, || {
+        n += 1;
+        let a = router.post(&payload("freed", n));
+        (a.status == 202).then(|| accepted.insert(a.id())).is_some()
+    });
+    accepted.extend(post_all(&router, "after", 5));
+    router.kill9();
+    let router = setup.start();
+    sink.set_status(200);
+    wait_for("every accepted event at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
+    wait_for("the backlog to be empty", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+}
