@@ -18,7 +18,7 @@
 //! payload (u32 LE), then the payload: accepted at (unix ms, u64), the seq of the batch's first
 //! event (u64: with the time, the key of its `dedup_batches` row), the dedup ids (u32 count,
 //! 16 bytes each), the events (u32 count; each: seq u64, record length u32, the stored record,
-//! sink count u16, each sink as u16 length + UTF-8). All integers little-endian. The seqs of a
+//! sink count u32, each sink as u32 length + UTF-8). All integers little-endian. The seqs of a
 //! file's frames only grow: they are its frame counter.
 //!
 //! **Replay** ([`recover`], at every open of the spool, and [`Wal::replay_into`] in the writer's
@@ -97,9 +97,9 @@ pub fn encode<'a>(
         buf.extend_from_slice(&seq.to_le_bytes());
         buf.extend_from_slice(&(rec.len() as u32).to_le_bytes());
         buf.extend_from_slice(rec);
-        buf.extend_from_slice(&(sinks.len() as u16).to_le_bytes());
+        buf.extend_from_slice(&(sinks.len() as u32).to_le_bytes());
         for s in sinks {
-            buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
             buf.extend_from_slice(s.as_bytes());
         }
     }
@@ -191,10 +191,10 @@ fn parse(b: &[u8]) -> Option<(Frame, usize)> {
         last = Some(seq);
         let rl = r.u32()? as usize;
         let rec = r.take(rl)?.to_vec();
-        let ns = r.u16()? as usize;
-        let mut sinks = Vec::with_capacity(ns);
+        let ns = r.u32()? as usize;
+        let mut sinks = Vec::with_capacity(ns.min(r.0.len() / 4));
         for _ in 0..ns {
-            let sl = r.u16()? as usize;
+            let sl = r.u32()? as usize;
             sinks.push(std::str::from_utf8(r.take(sl)?).ok()?.to_owned());
         }
         events.push(WalEvent { seq, rec, sinks });
@@ -215,9 +215,6 @@ impl<'a> Reader<'a> {
         let (a, b) = self.0.split_at(n);
         self.0 = b;
         Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
     }
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
