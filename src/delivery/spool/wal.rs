@@ -609,6 +609,30 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_the_decoder() {
+        let mut rng = fastrand::Rng::with_seed(14);
+        let valid = frame(0, 4);
+        for i in 0..3000 {
+            let mut b: Vec<u8> = if i % 2 == 0 {
+                let n = rng.usize(0..300);
+                (0..n).map(|_| rng.u8(..)).collect()
+            } else {
+                let mut b = valid.clone();
+                for _ in 0..rng.usize(1..4) {
+                    let at = rng.usize(..b.len());
+                    b[at] = rng.u8(..);
+                }
+                b
+            };
+            if i % 3 == 0 {
+                b.splice(0..0, MAGIC);
+            }
+            let d = decode(&b);
+            assert!(d.good as usize <= b.len());
+        }
+    }
+
+    #[test]
     fn crc32c_matches_the_standard_check_value() {
         assert_eq!(crc32c(0, b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(crc32c(0, b"12345"), b"6789"), 0xE306_9283);
