@@ -106,9 +106,10 @@ fn a_torn_write_ahead_tail_is_dropped_with_a_warning_and_the_frames_before_it_ar
         wait_for("every earlier event at the sink", LIMIT, || sink.received_set().is_superset(&want));
         let log = router.log();
         assert!(log.contains("torn") && log.contains("WARN"), "{damage}: {log}");
-        // The dropped one was "never acknowledged": its sender re-sends it, and it is new.
+        // The dropped one was "never acknowledged": its sender re-sends it, and it is new
+        // (200 duplicate only if a checkpoint slipped in between the 202 and the kill).
         let again = router.post(&last.0);
-        assert_eq!(again.status, 202, "{damage}: {}", again.body);
+        assert!(again.status == 202 || again.status == 200, "{damage}: {}", again.body);
         wait_for("the re-sent event", LIMIT, || sink.received_set().contains(&last.1));
         wait_for("the write-ahead file emptied by a checkpoint", LIMIT, || wal_bytes(&router) == 0.0);
     }
@@ -180,6 +181,9 @@ fn a_write_ahead_append_on_a_full_disk_answers_503_heals_and_loses_nothing() {
     let setup = Setup::with(&http_routes(&[("crm", sink.url("/hook"))]), "", "", Some(&fs.path().join("spool")));
     let router = setup.start();
     let mut accepted = post_all(&router, "before", 5);
+    // Right after a checkpoint, so that the next ones (a second away) do not come first: the
+    // posts below then go through the write-ahead file, whose append meets the full disk.
+    wait_for("a checkpoint", LIMIT, || wal_bytes(&router) == 0.0);
     fs.fill();
     let mut refused = None;
     for i in 0..5000 {
