@@ -12,6 +12,7 @@
 //! - the id hashes the same bytes ([`event_id`]), so ids never change.
 
 use super::time::{format_utc, occurred_at};
+use super::trace::TraceParent;
 use super::{Envelope, Event, Extra, Shape, CORE_TYPES, SCHEMA};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -462,15 +463,22 @@ pub fn normalise(
 
 /// [`normalise`], and the event's JSON for the spool and the sinks, written once: the id is
 /// hashed from that same writing (less `id` and `receivedAt`), then put in place.
+///
+/// The envelope carries `trace`. A refused body is handed back with the reason (it is kept in
+/// the rejected file), so the caller need not hold a second handle to it.
 pub fn normalise_envelope(
     body: Bytes,
     organisation_id: Option<String>,
     opts: &NormaliseOptions,
     received_at: DateTime<Utc>,
-) -> Result<Envelope, BodyError> {
+    trace: TraceParent,
+) -> Result<Envelope, (BodyError, Bytes)> {
     const PENDING_ID: &str = "00000000000000000000000000000000";
-    let mut ev = normalise_fields(&body, organisation_id, opts, received_at)?;
-    let mut json = Vec::with_capacity(320 + ev.text_len());
+    let mut ev = match normalise_fields(&body, organisation_id, opts, received_at) {
+        Ok(ev) => ev,
+        Err(e) => return Err((e, body)),
+    };
+    let mut json = Vec::with_capacity(ev.json_capacity());
     let at = super::json::write_event(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json());
     ev.id = if ev.extra.is_canonical() {
         // The hashed bytes: this JSON with `id` and `receivedAt` empty (see `event_id`).
@@ -483,7 +491,7 @@ pub fn normalise_envelope(
         event_id(&ev)
     };
     json[at.id].copy_from_slice(ev.id.as_bytes());
-    Ok(Envelope::with_json(ev, body, Bytes::from(json)))
+    Ok(Envelope::with_json_and_trace(ev, body, Bytes::from(json), trace))
 }
 
 fn normalise_fields(
@@ -757,7 +765,7 @@ fn status_code(body: &[u8], raw: &str) -> Result<Option<Option<i64>>, BodyError>
 /// serde_json writes the map it reads from it (keys sorted, numbers as f64/i64/u64): what the
 /// first releases hashed, so ids made by any release agree.
 pub fn event_id(ev: &Event) -> String {
-    let mut bytes = Vec::with_capacity(320 + ev.text_len());
+    let mut bytes = Vec::with_capacity(ev.json_capacity());
     super::json::write_event(&mut bytes, ev, "", "", &ev.extra.canonical_json());
     super::json::hex128(&Sha256::digest(&bytes))
 }

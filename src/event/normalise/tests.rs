@@ -673,3 +673,44 @@ fn default_options_are_utc_and_send_code_one() {
     assert_eq!(o.source_timezone, Tz::UTC);
     assert_eq!(o.legacy_send_status_codes, vec![1]);
 }
+
+/// The event line's buffer is allocated once at its final size: sized from the event, it
+/// holds the whole line for every fixture and for the largest fixed parts (every member
+/// `null` or a 20-character status code), so writing it never reallocates.
+#[test]
+fn the_event_line_is_written_into_a_buffer_it_fits() {
+    let webio = fixtures().join("webio");
+    let mut bodies: Vec<Vec<u8>> = std::fs::read_dir(&webio)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".expected.json"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert!(bodies.len() >= 10, "fixtures missing");
+    bodies.push(br#"{"type":"x"}"#.to_vec());
+    bodies.push(br#"{"type":"x","statusCode":-9223372036854775808,"conversationId":"","body":null}"#.to_vec());
+    bodies.push(br#"{"type":"x","dateCreated":"2021-01-28 12:22:15","body":"\"quoted\" \\ text"}"#.to_vec());
+    for org in [None, Some("1234")] {
+        for body in &bodies {
+            let trace = crate::event::trace::TraceParent::generate();
+            let Ok(env) = normalise_envelope(
+                bytes::Bytes::from(body.clone()),
+                org.map(str::to_owned),
+                &opts("UTC", &[1]),
+                received(),
+                trace,
+            ) else {
+                continue;
+            };
+            let line = env.json();
+            assert!(
+                line.len() <= env.event.json_capacity(),
+                "{} bytes for a buffer of {}: {}",
+                line.len(),
+                env.event.json_capacity(),
+                String::from_utf8_lossy(line)
+            );
+            assert_eq!(env.event.to_json(), &line[..]);
+        }
+    }
+}
