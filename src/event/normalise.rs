@@ -93,7 +93,23 @@ fn slot_of(key: &str) -> Option<Slot> {
         ("statuscode", Slot::Status),
         ("datecreated", Slot::Date),
     ];
-    SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
+    // The spellings Webio sends, compared whole first (a length switch and one comparison);
+    // any other casing the slow way.
+    let exact = match key {
+        "type" => Some(Slot::Type),
+        "conversationId" => Some(Slot::Conversation),
+        "communicationActionId" | "comunicationActionId" => Some(Slot::CommunicationAction),
+        "outboundChannelAddress" => Some(Slot::Outbound),
+        "inboundChannelAddress" => Some(Slot::Inbound),
+        "customerUID" | "customerUid" => Some(Slot::Customer),
+        "body" => Some(Slot::Body),
+        "statusCode" => Some(Slot::Status),
+        "dateCreated" => Some(Slot::Date),
+        _ => None,
+    };
+    exact.or_else(|| {
+        SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
+    })
 }
 
 // ------------------------------------------------------------------------------ reading

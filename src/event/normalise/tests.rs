@@ -714,3 +714,68 @@ fn the_event_line_is_written_into_a_buffer_it_fits() {
         }
     }
 }
+
+/// The exact-spelling shortcut of `slot_of` finds what the case-insensitive comparison finds,
+/// for every field name in every casing tried, and nothing for other keys.
+#[test]
+fn a_key_names_the_same_slot_whatever_its_casing() {
+    const NAMES: &[&str] = &[
+        "type",
+        "conversationId",
+        "communicationActionId",
+        "comunicationActionId",
+        "outboundChannelAddress",
+        "inboundChannelAddress",
+        "customerUID",
+        "body",
+        "statusCode",
+        "dateCreated",
+    ];
+    let reference = |key: &str| -> Option<usize> {
+        let lower = key.to_ascii_lowercase();
+        let slots = [
+            "type",
+            "conversationid",
+            "communicationactionid",
+            "comunicationactionid",
+            "outboundchanneladdress",
+            "inboundchanneladdress",
+            "customeruid",
+            "body",
+            "statuscode",
+            "datecreated",
+        ];
+        // Both spellings of the communication action id fill one slot.
+        slots.iter().position(|s| *s == lower).map(|i| if i >= 3 { i - 1 } else { i })
+    };
+    let index = |slot: Option<Slot>| {
+        slot.map(|s| match s {
+            Slot::Type => 0,
+            Slot::Conversation => 1,
+            Slot::CommunicationAction => 2,
+            Slot::Outbound => 3,
+            Slot::Inbound => 4,
+            Slot::Customer => 5,
+            Slot::Body => 6,
+            Slot::Status => 7,
+            Slot::Date => 8,
+        })
+    };
+    for name in NAMES {
+        let casings = [
+            name.to_string(),
+            name.to_ascii_lowercase(),
+            name.to_ascii_uppercase(),
+            name.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c }).collect(),
+            format!("{name}x"),
+            name[1..].to_string(),
+            format!(" {name}"),
+        ];
+        for key in &casings {
+            assert!(index(slot_of(key)) == reference(key), "{key}: {:?} vs {:?}", index(slot_of(key)), reference(key));
+        }
+    }
+    for other in ["", "closedBy", "typ", "types", "bodY2", "customer_uid", "é"] {
+        assert!(slot_of(other).is_none(), "{other}");
+    }
+}
