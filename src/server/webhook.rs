@@ -151,20 +151,19 @@ async fn accept(
     let context = TraceParent::from_header(heads.traceparent.map(|v| v.as_bytes()));
     let body = read_body(state, heads.content_length, body).await?;
     let received_at = chrono::Utc::now();
-    let env = match normalise_envelope(body, verified.organisation_id, &state.normalise, received_at, context) {
-        Ok(env) => env,
+    // What is held across the awaits below is kept small (the task's future is moved whole
+    // before it runs): the envelope moves into routing before anything is awaited, and a
+    // refusal keeps only the reason and the body.
+    let routed = normalise_envelope(body, verified.organisation_id, &state.normalise, received_at, context)
+        .map(|env| route(state, span, env));
+    let (accepted, routing) = match routed {
+        Ok(routing) => routing,
         Err((e, body)) => {
             Box::pin(state.reject(&body, &e, received_at)).await?;
             return Err(RequestError::BadBody(e));
         }
     };
-    if !span.is_disabled() {
-        span.record("event_id", tracing::field::display(&env.event.id));
-        span.record("traceparent", tracing::field::display(&env.trace));
-    }
-    // The answer is written before the event moves on: no copy of the id is kept for it.
-    let accepted = Answer::new(&env.event.id);
-    let taken = state.route_envelope(env).await;
+    let taken = routing.await;
     match taken {
         Ok(Taken::Accepted { routes }) => Ok(accepted.accepted(routes)),
         Ok(Taken::Duplicate) => Ok(accepted.duplicate()),
@@ -174,6 +173,20 @@ async fn accept(
             Err(RequestError::Unavailable { reason: refused.reason, retry_after: refused.retry_after })
         }
     }
+}
+
+/// Routes `env` (see [`State::route_envelope`]); the answer is written before the event moves
+/// on, so no copy of the id is kept for it.
+fn route<'a>(
+    state: &'a State,
+    span: &tracing::Span,
+    env: crate::event::Envelope,
+) -> (Answer, impl std::future::Future<Output = Result<Taken, crate::delivery::Refused>> + Send + 'a) {
+    if !span.is_disabled() {
+        span.record("event_id", tracing::field::display(&env.event.id));
+        span.record("traceparent", tracing::field::display(&env.trace));
+    }
+    (Answer::new(&env.event.id), state.route_envelope(env))
 }
 
 /// The success answers, `{"status":"accepted","id":"…","routes":N}` and
@@ -272,8 +285,7 @@ async fn read_body(state: &State, content_length: Option<&HeaderValue>, body: In
 /// connection's read buffer (8 KiB or more), which an event waiting in the spool's queue would
 /// otherwise keep alive, and which hyper must then reallocate for the next request. The usual
 /// single frame is copied once, without `Collected`'s list of frames.
-async fn collect(body: Limited<Incoming>) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
-    let mut body = std::pin::pin!(body);
+async fn collect(mut body: Limited<Incoming>) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
     let mut buf: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
