@@ -12,6 +12,7 @@
 //! - the id hashes the same bytes ([`event_id`]), so ids never change.
 
 use super::time::{format_utc, occurred_at};
+use super::trace::TraceParent;
 use super::{Envelope, Event, Extra, Shape, CORE_TYPES, SCHEMA};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -92,7 +93,23 @@ fn slot_of(key: &str) -> Option<Slot> {
         ("statuscode", Slot::Status),
         ("datecreated", Slot::Date),
     ];
-    SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
+    // The spellings Webio sends, compared whole first (a length switch and one comparison);
+    // any other casing the slow way.
+    let exact = match key {
+        "type" => Some(Slot::Type),
+        "conversationId" => Some(Slot::Conversation),
+        "communicationActionId" | "comunicationActionId" => Some(Slot::CommunicationAction),
+        "outboundChannelAddress" => Some(Slot::Outbound),
+        "inboundChannelAddress" => Some(Slot::Inbound),
+        "customerUID" | "customerUid" => Some(Slot::Customer),
+        "body" => Some(Slot::Body),
+        "statusCode" => Some(Slot::Status),
+        "dateCreated" => Some(Slot::Date),
+        _ => None,
+    };
+    exact.or_else(|| {
+        SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
+    })
 }
 
 // ------------------------------------------------------------------------------ reading
@@ -122,9 +139,10 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The top-level object's members in body order, values as raw text, and whether two of them
-/// name the same slot (a repeated key, or two spellings of one field).
-struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool);
+/// The top-level object's members in body order, values as raw text, whether two of them
+/// name the same slot (a repeated key, or two spellings of one field), and whether no string
+/// value has an escape (known to the flat reader, which saw every byte; `false` when unknown).
+struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool, bool);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -145,7 +163,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                     }
                     out.push((member.0, member.1.get(), slot));
                 }
-                Ok(Members(out, shared))
+                Ok(Members(out, shared, false))
             }
         }
         d.deserialize_map(MembersVisitor)
@@ -164,13 +182,18 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             *i += 1;
         }
     };
-    // The end of the string starting at `i` (its opening quote), after its closing quote.
-    let string = |i: usize, escapes: bool| -> Option<usize> {
+    // The end of the string starting at `i` (its opening quote), after its closing quote, and
+    // whether it had an escape.
+    let string = |i: usize, escapes: bool| -> Option<(usize, bool)> {
         let mut j = i + 1;
+        let mut escaped = false;
         loop {
             match *b.get(j)? {
-                b'"' => return Some(j + 1),
-                b'\\' if escapes => j += 2,
+                b'"' => return Some((j + 1, escaped)),
+                b'\\' if escapes => {
+                    escaped = true;
+                    j += 2;
+                }
                 b'\\' => return None,
                 c if c < 0x20 => return None,
                 _ => j += 1,
@@ -191,7 +214,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
     }
     i += 1;
     let mut out = Vec::with_capacity(16);
-    let (mut slots, mut shared) = (0u16, false);
+    let (mut slots, mut shared, mut plain) = (0u16, false, true);
     ws(&mut i);
     if b.get(i) == Some(&b'}') {
         i += 1;
@@ -200,7 +223,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             if b.get(i) != Some(&b'"') {
                 return None;
             }
-            let key_end = string(i, false)?;
+            let (key_end, _) = string(i, false)?;
             let key = &text[i + 1..key_end - 1];
             i = key_end;
             ws(&mut i);
@@ -211,7 +234,11 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             ws(&mut i);
             let start = i;
             match *b.get(i)? {
-                b'"' => i = string(i, true)?,
+                b'"' => {
+                    let (end, escaped) = string(i, true)?;
+                    plain &= !escaped;
+                    i = end;
+                }
                 b'-' | b'0'..=b'9' => {
                     if b[i] == b'-' {
                         i += 1;
@@ -266,7 +293,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
         }
     }
     ws(&mut i);
-    (i == b.len()).then_some(Members(out, shared))
+    (i == b.len()).then_some(Members(out, shared, plain))
 }
 
 /// The refusal for a body the fast reader did not take: the `Value` parser's verdict, so that
@@ -297,12 +324,13 @@ enum Raw<'a> {
     Other,
 }
 
-fn classify(text: &str) -> Raw<'_> {
+/// `plain`: the body's string values are known to have no escape (see [`Members`]).
+fn classify(text: &str, plain: bool) -> Raw<'_> {
     match text.as_bytes()[0] {
         b'n' => Raw::Null,
         b'"' => {
             let inner = &text[1..text.len() - 1];
-            if inner.as_bytes().contains(&b'\\') {
+            if !plain && inner.as_bytes().contains(&b'\\') {
                 // An escape the `Value` parser refuses (a lone surrogate) leaves it unmapped,
                 // where `check_value` refuses the body.
                 match serde_json::from_str::<String>(text) {
@@ -462,15 +490,22 @@ pub fn normalise(
 
 /// [`normalise`], and the event's JSON for the spool and the sinks, written once: the id is
 /// hashed from that same writing (less `id` and `receivedAt`), then put in place.
+///
+/// The envelope carries `trace`. A refused body is handed back with the reason (it is kept in
+/// the rejected file), so the caller need not hold a second handle to it.
 pub fn normalise_envelope(
     body: Bytes,
     organisation_id: Option<String>,
     opts: &NormaliseOptions,
     received_at: DateTime<Utc>,
-) -> Result<Envelope, BodyError> {
+    trace: TraceParent,
+) -> Result<Envelope, (BodyError, Bytes)> {
     const PENDING_ID: &str = "00000000000000000000000000000000";
-    let mut ev = normalise_fields(&body, organisation_id, opts, received_at)?;
-    let mut json = Vec::with_capacity(320 + ev.text_len());
+    let mut ev = match normalise_fields(&body, organisation_id, opts, received_at) {
+        Ok(ev) => ev,
+        Err(e) => return Err((e, body)),
+    };
+    let mut json = Vec::with_capacity(ev.json_capacity());
     let at = super::json::write_event(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json());
     ev.id = if ev.extra.is_canonical() {
         // The hashed bytes: this JSON with `id` and `receivedAt` empty (see `event_id`).
@@ -483,7 +518,7 @@ pub fn normalise_envelope(
         event_id(&ev)
     };
     json[at.id].copy_from_slice(ev.id.as_bytes());
-    Ok(Envelope::with_json(ev, body, Bytes::from(json)))
+    Ok(Envelope::with_json_and_trace(ev, body, Bytes::from(json), trace))
 }
 
 fn normalise_fields(
@@ -497,10 +532,11 @@ fn normalise_fields(
         Ok(text) => text,
         Err(e) => return Err(refusal(body, e)),
     };
-    let (mut members, shared) = match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
-        Ok(Members(m, shared)) => (m, shared),
-        Err(e) => return Err(refusal(body, e)),
-    };
+    let (mut members, shared, plain) =
+        match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
+            Ok(Members(m, shared, plain)) => (m, shared, plain),
+            Err(e) => return Err(refusal(body, e)),
+        };
     // When two members name one slot, which fills it depends on order: take them sorted by
     // key (stable: a repeated key keeps body order), the last of each repeated key kept, as a
     // `Value` map did. Otherwise body order fills the same slots, and only `extra` is sorted.
@@ -559,7 +595,7 @@ fn normalise_fields(
         filled[slot as usize] = true;
         let mapped = match slot {
             Slot::Type => {
-                event_type = Some(match classify(raw) {
+                event_type = Some(match classify(raw, plain) {
                     Raw::Str(s) => Ok(s.into_owned()),
                     _ => {
                         check_value(body, raw)?;
@@ -569,7 +605,7 @@ fn normalise_fields(
                 true
             }
             Slot::Conversation | Slot::CommunicationAction | Slot::Outbound | Slot::Inbound | Slot::Customer => {
-                match id_text(body, raw)? {
+                match id_text(body, raw, plain)? {
                     IdText::Unmapped => false,
                     id => {
                         let id = match id {
@@ -587,7 +623,7 @@ fn normalise_fields(
                     }
                 }
             }
-            Slot::Body => match classify(raw) {
+            Slot::Body => match classify(raw, plain) {
                 Raw::Null => true,
                 Raw::Str(s) => {
                     ev.body = Some(s.into_owned());
@@ -595,7 +631,7 @@ fn normalise_fields(
                 }
                 _ => false,
             },
-            Slot::Status => match status_code(body, raw)? {
+            Slot::Status => match status_code(body, raw, plain)? {
                 Some(code) => {
                     ev.status_code = code;
                     true
@@ -603,7 +639,7 @@ fn normalise_fields(
                 None => false,
             },
             Slot::Date => {
-                let parsed = match classify(raw) {
+                let parsed = match classify(raw, plain) {
                     Raw::Null => Some(None),
                     Raw::Str(s) => occurred_at(&s, opts.source_timezone).map(Some),
                     _ => None,
@@ -719,8 +755,8 @@ fn extra_of(mut members: Vec<(&Cow<'_, str>, &str)>) -> Result<Extra, serde_json
     Extra::from_compact(text, canonical)
 }
 
-fn id_text(body: &[u8], raw: &str) -> Result<IdText, BodyError> {
-    Ok(match classify(raw) {
+fn id_text(body: &[u8], raw: &str, plain: bool) -> Result<IdText, BodyError> {
+    Ok(match classify(raw, plain) {
         Raw::Null => IdText::Null,
         Raw::Str(s) if s.is_empty() => IdText::Null,
         Raw::Str(s) => IdText::Text(s.into_owned()),
@@ -734,8 +770,8 @@ fn id_text(body: &[u8], raw: &str) -> Result<IdText, BodyError> {
 }
 
 /// `Some(code)` when the value maps (`None` inside for null), `None` when it goes to `extra`.
-fn status_code(body: &[u8], raw: &str) -> Result<Option<Option<i64>>, BodyError> {
-    Ok(match classify(raw) {
+fn status_code(body: &[u8], raw: &str, plain: bool) -> Result<Option<Option<i64>>, BodyError> {
+    Ok(match classify(raw, plain) {
         Raw::Null => Some(None),
         Raw::Num { text, canonical: true } => text.parse::<i64>().ok().map(Some),
         Raw::Num { text, canonical: false } => match read_number(text) {
@@ -757,7 +793,7 @@ fn status_code(body: &[u8], raw: &str) -> Result<Option<Option<i64>>, BodyError>
 /// serde_json writes the map it reads from it (keys sorted, numbers as f64/i64/u64): what the
 /// first releases hashed, so ids made by any release agree.
 pub fn event_id(ev: &Event) -> String {
-    let mut bytes = Vec::with_capacity(320 + ev.text_len());
+    let mut bytes = Vec::with_capacity(ev.json_capacity());
     super::json::write_event(&mut bytes, ev, "", "", &ev.extra.canonical_json());
     super::json::hex128(&Sha256::digest(&bytes))
 }

@@ -673,3 +673,109 @@ fn default_options_are_utc_and_send_code_one() {
     assert_eq!(o.source_timezone, Tz::UTC);
     assert_eq!(o.legacy_send_status_codes, vec![1]);
 }
+
+/// The event line's buffer is allocated once at its final size: sized from the event, it
+/// holds the whole line for every fixture and for the largest fixed parts (every member
+/// `null` or a 20-character status code), so writing it never reallocates.
+#[test]
+fn the_event_line_is_written_into_a_buffer_it_fits() {
+    let webio = fixtures().join("webio");
+    let mut bodies: Vec<Vec<u8>> = std::fs::read_dir(&webio)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".expected.json"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert!(bodies.len() >= 10, "fixtures missing");
+    bodies.push(br#"{"type":"x"}"#.to_vec());
+    bodies.push(br#"{"type":"x","statusCode":-9223372036854775808,"conversationId":"","body":null}"#.to_vec());
+    bodies.push(br#"{"type":"x","dateCreated":"2021-01-28 12:22:15","body":"\"quoted\" \\ text"}"#.to_vec());
+    for org in [None, Some("1234")] {
+        for body in &bodies {
+            let trace = crate::event::trace::TraceParent::generate();
+            let Ok(env) = normalise_envelope(
+                bytes::Bytes::from(body.clone()),
+                org.map(str::to_owned),
+                &opts("UTC", &[1]),
+                received(),
+                trace,
+            ) else {
+                continue;
+            };
+            let line = env.json();
+            assert!(
+                line.len() <= env.event.json_capacity(),
+                "{} bytes for a buffer of {}: {}",
+                line.len(),
+                env.event.json_capacity(),
+                String::from_utf8_lossy(line)
+            );
+            assert_eq!(env.event.to_json(), &line[..]);
+        }
+    }
+}
+
+/// The exact-spelling shortcut of `slot_of` finds what the case-insensitive comparison finds,
+/// for every field name in every casing tried, and nothing for other keys.
+#[test]
+fn a_key_names_the_same_slot_whatever_its_casing() {
+    const NAMES: &[&str] = &[
+        "type",
+        "conversationId",
+        "communicationActionId",
+        "comunicationActionId",
+        "outboundChannelAddress",
+        "inboundChannelAddress",
+        "customerUID",
+        "body",
+        "statusCode",
+        "dateCreated",
+    ];
+    let reference = |key: &str| -> Option<usize> {
+        let lower = key.to_ascii_lowercase();
+        let slots = [
+            "type",
+            "conversationid",
+            "communicationactionid",
+            "comunicationactionid",
+            "outboundchanneladdress",
+            "inboundchanneladdress",
+            "customeruid",
+            "body",
+            "statuscode",
+            "datecreated",
+        ];
+        // Both spellings of the communication action id fill one slot.
+        slots.iter().position(|s| *s == lower).map(|i| if i >= 3 { i - 1 } else { i })
+    };
+    let index = |slot: Option<Slot>| {
+        slot.map(|s| match s {
+            Slot::Type => 0,
+            Slot::Conversation => 1,
+            Slot::CommunicationAction => 2,
+            Slot::Outbound => 3,
+            Slot::Inbound => 4,
+            Slot::Customer => 5,
+            Slot::Body => 6,
+            Slot::Status => 7,
+            Slot::Date => 8,
+        })
+    };
+    for name in NAMES {
+        let casings = [
+            name.to_string(),
+            name.to_ascii_lowercase(),
+            name.to_ascii_uppercase(),
+            name.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c }).collect(),
+            format!("{name}x"),
+            name[1..].to_string(),
+            format!(" {name}"),
+        ];
+        for key in &casings {
+            assert!(index(slot_of(key)) == reference(key), "{key}: {:?} vs {:?}", index(slot_of(key)), reference(key));
+        }
+    }
+    for other in ["", "closedBy", "typ", "types", "bodY2", "customer_uid", "é"] {
+        assert!(slot_of(other).is_none(), "{other}");
+    }
+}
