@@ -20,7 +20,7 @@ fn frames(setup: &Setup) -> Vec<(usize, usize)> {
     let bytes = std::fs::read(setup.path("spool/spool.wal")).unwrap();
     let mut out = Vec::new();
     let mut at = 0;
-    while bytes.len() >= at + 12 && bytes[at..at + 4] == *b"WwA1" {
+    while bytes.len() >= at + 12 && bytes[at..at + 4] == *b"WwA2" {
         let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
         out.push((at, at + 12 + len));
         at += 12 + len;
