@@ -43,7 +43,8 @@ const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 const WAL_BUF_KEEP: usize = 1 << 20;
 
 /// Bookkeeping ops applied together once this many rows are waiting, or this long after the
-/// first one, or as soon as no new event is waiting.
+/// first one (each such batch is a frame and an fdatasync: at most about 1 / DEFER_FOR a
+/// second when no new event comes).
 const DEFER_ROWS: usize = 4096;
 const DEFER_FOR: Duration = Duration::from_millis(50);
 
@@ -73,6 +74,14 @@ impl Deferred {
 
     fn due(&self) -> bool {
         self.rows >= DEFER_ROWS || self.since.is_some_and(|t| t.elapsed() >= DEFER_FOR)
+    }
+
+    /// How long until [`Deferred::due`] (when something waits).
+    fn wait(&self) -> Option<Duration> {
+        if self.rows >= DEFER_ROWS {
+            return Some(Duration::ZERO);
+        }
+        self.since.map(|t| DEFER_FOR.saturating_sub(t.elapsed()))
     }
 
     fn take(&mut self) -> Vec<Bookkeeping> {
@@ -148,13 +157,18 @@ impl Writer {
         let mut pauses = std::mem::take(&mut self.scratch.pauses);
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
-            // broken, not at all when bookkeeping is waiting, until the checkpoint is due when
-            // commits without fsync are waiting for one.
+            // broken, not at all when bookkeeping handed back by a failed commit is waiting,
+            // until deferred bookkeeping is due, until the checkpoint is due when commits
+            // without fsync are waiting for one.
+            let checkpoint_in =
+                self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
-                None if !deferred.ops.is_empty() || !carry.is_empty() => Some(Duration::ZERO),
-                None if self.unsynced => Some(ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed())),
-                None => None,
+                None if !carry.is_empty() => Some(Duration::ZERO),
+                None => match (deferred.wait(), checkpoint_in) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
             };
             let first = match wait {
                 None => match rx.recv() {
@@ -215,7 +229,7 @@ impl Writer {
             self.pause(&mut pauses);
 
             let mut book = Vec::new();
-            if appends.is_empty() || deferred.due() {
+            if deferred.due() || (appends.is_empty() && !carry.is_empty()) {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
