@@ -33,9 +33,9 @@ use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::sync::Arc;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const FILE_NAME: &str = "spool.wal";
 /// `meta` key: every event with a lower seq is in redb durably (the write-ahead file's frames
@@ -205,7 +205,11 @@ impl Decoded {
     /// Rows of bookkeeping of the frames written under generation `gen`: (deliveries done
     /// or dead-lettered, attempt counts).
     pub fn book_rows(&self, gen: u64) -> (u64, u64) {
-        self.frames.iter().filter(|f| f.gen == Some(gen)).map(Frame::book_rows).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        self.frames
+            .iter()
+            .filter(|f| f.gen == Some(gen))
+            .map(Frame::book_rows)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 }
 
@@ -732,7 +736,15 @@ mod tests {
             .collect();
         let mut buf = Vec::new();
         let ids = if n == 0 { vec![] } else { vec![u128::from(first)] };
-        encode(&mut buf, gen, 5000 + first, first, &ids, recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())), book);
+        encode(
+            &mut buf,
+            gen,
+            5000 + first,
+            first,
+            &ids,
+            recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())),
+            book,
+        );
         buf
     }
 
@@ -807,7 +819,13 @@ mod tests {
         // event 4 and more bookkeeping (b delivered 2, an attempt count for a row already
         // gone, a removal of a row that never was).
         let mut bytes = real_frame_with(0, 0, 4, &["a", "b"], &[]);
-        bytes.extend(real_frame_with(0, 4, 0, &[], &[done("a", &[0, 1, 2]), done("b", &[0]), attempts("b", &[(1, 3)])]));
+        bytes.extend(real_frame_with(
+            0,
+            4,
+            0,
+            &[],
+            &[done("a", &[0, 1, 2]), done("b", &[0]), attempts("b", &[(1, 3)])],
+        ));
         bytes.extend(real_frame_with(
             0,
             4,

@@ -160,8 +160,7 @@ impl Writer {
             // broken, not at all when bookkeeping handed back by a failed commit is waiting,
             // until deferred bookkeeping is due, until the checkpoint is due when commits
             // without fsync are waiting for one.
-            let checkpoint_in =
-                self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
+            let checkpoint_in = self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
                 None if !carry.is_empty() => Some(Duration::ZERO),
@@ -226,24 +225,34 @@ impl Writer {
                     continue;
                 }
             }
-            self.pause(&mut pauses);
-
             let mut book = Vec::new();
-            if deferred.due() || (appends.is_empty() && !carry.is_empty()) {
+            // A pause or resume (an operator at work: `replay` reads the pending rows next)
+            // sees every delivery recorded so far.
+            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
             // Nothing new, but commits without fsync wait for their checkpoint: make it now.
             let checkpoint_due = self.unsynced && self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
-            if appends.is_empty() && book.is_empty() && !checkpoint_due {
-                continue;
+            if !appends.is_empty() || !book.is_empty() || checkpoint_due {
+                if let Err((e, rest)) = self.apply(&mut appends, book, false) {
+                    carry = rest;
+                    tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
+                    let reason = e.to_string();
+                    broken = Some(Broken {
+                        since: Instant::now(),
+                        reason,
+                        attempts: 0,
+                        next_try: Instant::now() + HEAL_FIRST,
+                    });
+                }
             }
-            if let Err((e, rest)) = self.apply(&mut appends, book, false) {
-                carry = rest;
-                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
-                let reason = e.to_string();
-                broken =
-                    Some(Broken { since: Instant::now(), reason, attempts: 0, next_try: Instant::now() + HEAL_FIRST });
+            if broken.is_some() {
+                for p in pauses.drain(..) {
+                    let _ = p.reply.send(Err(StoreError::Reopening));
+                }
+            } else {
+                self.pause(&mut pauses);
             }
         }
         self.finish(carry, deferred, broken);
