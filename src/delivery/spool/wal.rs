@@ -1,12 +1,13 @@
 //! The write-ahead file in front of the redb file (`spool.wal` beside `spool.redb`).
 //!
-//! Each writer batch that accepts events is made durable by **one append of one checksummed
-//! frame** to this file and one `fdatasync`; the batch's redb transaction is committed without
-//! fsync (`Durability::None`). About once a second (or when this file passes
-//! [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it records in the `meta`
-//! table ([`CHECKPOINT`]) the seq below which redb holds everything durably, and the next frame
-//! is written at the start of the file again (nothing is truncated or synced for it: replay
-//! skips what the checkpoint covers).
+//! Each writer batch that accepts events or records deliveries (bookkeeping) is made durable by
+//! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's redb
+//! transaction is committed without fsync (`Durability::None`). About once a second (or when
+//! this file passes [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it
+//! records in the `meta` table the seq below which redb holds everything durably
+//! ([`CHECKPOINT`]) and the next generation ([`GENERATION`]), and the next frame is written at
+//! the start of the file again (nothing is truncated or synced for it: replay takes only the
+//! frames of the current generation).
 //!
 //! The file is **preallocated** ([`PREALLOC`] bytes of zeros, written once): an append then
 //! neither changes the file's size nor its block map, so its `fdatasync` flushes the data
@@ -15,18 +16,25 @@
 //! the log whatever older frames follow it.
 //!
 //! A frame: magic (4 bytes, [`MAGIC`]), payload length (u32 LE), CRC-32C of the length and the
-//! payload (u32 LE), then the payload: accepted at (unix ms, u64), the seq of the batch's first
-//! event (u64: with the time, the key of its `dedup_batches` row), the dedup ids (u32 count,
-//! 16 bytes each), the events (u32 count; each: seq u64, record length u32, the stored record,
-//! sink count u32, each sink as u32 length + UTF-8). All integers little-endian. The seqs of a
-//! file's frames only grow: they are its frame counter.
+//! payload (u32 LE), then the payload: the checkpoint generation it was written under (u64,
+//! [`GENERATION`]), accepted at (unix ms, u64), the seq of the batch's first event (u64: with
+//! the time, the key of its `dedup_batches` row), the dedup ids (u32 count, 16 bytes each), the
+//! events (u32 count; each: seq u64, record length u32, the stored record, sink count u32, each
+//! sink as u32 length + UTF-8), then the bookkeeping applied in the same transaction (u32
+//! count; each: kind u8 (0 done, 1 attempts), sink as u32 length + UTF-8, u32 count, then the
+//! seqs (u64) or the (seq u64, attempts u32) pairs). All integers little-endian. A batch with
+//! only bookkeeping writes a frame too (no event). The frames of a log share one generation
+//! and their seqs only grow. Frames of the first format ([`MAGIC_V1`]: no generation, no
+//! bookkeeping) are still read.
 //!
 //! **Replay** ([`recover`], at every open of the spool, and [`Wal::replay_into`] in the writer's
-//! heal) reads frames while they check out; a zero header is the clean end, and the first frame
-//! that does not check out (a torn tail: its `fdatasync` never completed, so it was never
-//! acknowledged) ends the log too, with a warning. The events of the frames newer than the checkpoint that redb does not hold
-//! (with their pending rows and dedup row) are written in one durable commit that moves the
-//! checkpoint past them; then the file is truncated.
+//! heal) reads frames while they check out; a zero header is the clean end, and so is a frame
+//! of another generation (behind a lost end marker), and the first frame that does not check
+//! out (a torn tail: its `fdatasync` never completed, so it was never acknowledged) ends the
+//! log too, with a warning. Of the frames of the current generation, the events redb does not
+//! hold (with their pending rows and dedup row) are written, then each frame's bookkeeping is
+//! applied, idempotently, in one durable commit that moves the checkpoint past them and starts
+//! the next generation; then the log is emptied.
 
 use super::guard;
 use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
