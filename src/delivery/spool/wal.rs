@@ -467,9 +467,9 @@ fn sink_names(pending: &impl ReadableTable<(&'static str, u64), u32>) -> Result<
     let mut names = BTreeSet::new();
     let mut first = pending.first().op("read pending")?.map(|(k, _)| k.value().0.to_owned());
     while let Some(name) = first.take() {
-        let mut after = pending.range((name.as_str(), u64::MAX)..).op("read pending")?;
+        let after = pending.range((name.as_str(), u64::MAX)..).op("read pending")?;
         names.insert(name.clone());
-        while let Some(row) = after.next() {
+        for row in after {
             let (k, _) = row.op("read pending")?;
             let sink = k.value().0;
             if sink != name {
