@@ -129,7 +129,6 @@ impl Frame {
 }
 
 /// Appends the frame of one batch (written under checkpoint generation `gen`) to `buf`.
-#[allow(clippy::too_many_arguments)]
 pub fn encode<'a>(
     buf: &mut Vec<u8>,
     gen: u64,
@@ -946,6 +945,34 @@ mod tests {
         w.reset().unwrap();
         w.probe().unwrap();
         assert_eq!((read(dir.path()).unwrap().frames.len(), w.len), (0, 0));
+    }
+
+    #[test]
+    fn a_cut_frame_is_not_replayed_and_the_next_append_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = super::super::store::open_db(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path()).unwrap();
+        w.buf = real_frame(0, 2);
+        w.append().unwrap();
+        let good = w.len;
+        // Its redb transaction failed: refused, taken back.
+        w.buf = real_frame_with(0, 2, 1, &["a"], &[done("a", &[0])]);
+        w.append().unwrap();
+        w.cut(good);
+        assert_eq!((w.len, w.stuck), (good, false));
+        assert_eq!(read(dir.path()).unwrap().frames.len(), 1, "an end marker hides it");
+        w.buf = real_frame_with(0, 2, 1, &["a"], &[]);
+        w.append().unwrap();
+        let d = read(dir.path()).unwrap();
+        assert_eq!((d.frames.len(), d.frames[1].first_seq, d.frames[1].book.len(), d.torn), (2, 2, 0, false));
+        // Cut again: the writer's replay reads the log up to its length only (even where the
+        // end marker could not be written).
+        w.cut(good);
+        std::fs::OpenOptions::new().write(true).open(&w.path).unwrap().write_all_at(&real_frame(2, 1), good).unwrap();
+        let r = w.replay_into(&db, 0).unwrap();
+        assert_eq!((r.frames, r.written, r.book), (1, 2, 0));
+        let (pending, events) = rows(&db);
+        assert_eq!((pending.len(), events), (2, vec![0, 1]));
     }
 
     #[test]
