@@ -634,6 +634,12 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                         r.wal_events
                     );
                 }
+                if r.wal_done + r.wal_attempts > 0 {
+                    println!(
+                        "write-ahead file: {} deliveries and {} attempt counts not yet checkpointed (the next start records them in the spool)",
+                        r.wal_done, r.wal_attempts
+                    );
+                }
                 if let Some(at) = r.wal_torn {
                     println!(
                         "write-ahead file: a torn frame at byte {at}, after {} intact frame(s) (a batch that was never acknowledged; the next start drops it)",

@@ -138,7 +138,8 @@ impl Spool {
                 what: "cannot open the write-ahead file",
                 source,
             })?;
-            Ok((db, path, recovered, wal))
+            let gen = wal::current_generation(&db).map_err(|e| SpoolError::from_store(&path, e))?;
+            Ok((db, path, recovered, wal, gen))
         })
         .await
         .map_err(|e| SpoolError::Io {
@@ -146,7 +147,7 @@ impl Spool {
             what: "the task opening it failed",
             source: std::io::Error::other(e),
         })?;
-        let (db, path, rec, wal) = opened?;
+        let (db, path, rec, wal, gen) = opened?;
 
         let dedup = Dedup::new(cfg.dedup_window);
         for (at, key) in &rec.dedup {
@@ -201,6 +202,7 @@ impl Spool {
             closing: None,
             scratch: Default::default(),
             wal,
+            gen,
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
         let audited = rec.next_seq;

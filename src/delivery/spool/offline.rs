@@ -47,6 +47,10 @@ pub struct CheckReport {
     /// Events of the write-ahead file newer than the checkpoint (acknowledged, not yet in
     /// `spool.redb` durably: the next start writes them in).
     pub wal_events: u64,
+    /// Bookkeeping of the write-ahead file's current frames (applied, not yet in redb
+    /// durably): deliveries done or dead-lettered, attempt counts.
+    pub wal_done: u64,
+    pub wal_attempts: u64,
     /// Where the write-ahead file's log ends in a torn or damaged frame (dropped by the next
     /// start), and the intact frames before it.
     pub wal_torn: Option<u64>,
@@ -76,14 +80,21 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
         what: "cannot read the write-ahead file",
         source,
     })?;
-    let checkpoint = guard::catch(|| -> Result<u64, StoreError> {
+    let (checkpoint, generation) = guard::catch(|| -> Result<(u64, u64), StoreError> {
         let tx = db.begin_read().op("begin read")?;
-        wal::checkpoint(&tx)
+        Ok((wal::checkpoint(&tx)?, wal::generation(&tx)?))
     })
     .map_err(StoreError::from)
     .and_then(|r| r)
     .map_err(|e| SpoolError::from_store(&path, e))?;
-    let wal_events = log.frames.iter().flat_map(|f| &f.events).filter(|e| e.seq >= checkpoint).count() as u64;
+    let wal_events = log
+        .frames
+        .iter()
+        .filter(|f| f.gen.is_none_or(|g| g == generation))
+        .flat_map(|f| &f.events)
+        .filter(|e| e.seq >= checkpoint)
+        .count() as u64;
+    let (wal_done, wal_attempts) = log.book_rows(generation);
     let oldest = match &rec.oldest {
         Some((seq, sink)) => {
             let found = store::load_events(&db, &[*seq], &[], 0).map_err(|e| SpoolError::from_store(&path, e))?;
@@ -108,6 +119,8 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
         paused: rec.paused.into_keys().collect(),
         damaged: rec.unreadable,
         wal_events,
+        wal_done,
+        wal_attempts,
         wal_torn: log.torn.then_some(log.good),
         wal_frames: log.frames.len(),
     })

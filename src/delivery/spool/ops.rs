@@ -33,22 +33,5 @@ pub(crate) struct Append {
     pub reply: oneshot::Sender<Result<Accepted, Refused>>,
 }
 
-/// Delivery bookkeeping. Applying one twice is harmless, which the writer relies on to
-/// apply again what a reopen of the file rolled back.
-#[derive(Debug, Clone)]
-pub(crate) enum Bookkeeping {
-    /// These (sink, seq) pairs are delivered or dead-lettered: drop them (and the event when
-    /// no other sink still needs it).
-    Done { sink: Arc<str>, seqs: Vec<u64> },
-    /// Attempts made so far, so that a restart does not start counting again.
-    Attempts { sink: Arc<str>, items: Vec<(u64, u32)> },
-}
-
-impl Bookkeeping {
-    pub fn rows(&self) -> usize {
-        match self {
-            Bookkeeping::Done { seqs, .. } => seqs.len(),
-            Bookkeeping::Attempts { items, .. } => items.len(),
-        }
-    }
-}
+/// Delivery bookkeeping (defined beside the write-ahead file, whose frames carry it).
+pub(crate) use super::wal::Bookkeeping;

@@ -508,13 +508,22 @@ pub fn paused(db: &Database) -> Result<BTreeMap<String, u64>, StoreError> {
     })?
 }
 
-/// Records `sink` as paused (since `at`, unix ms) or not, durably; with `checkpoint`, the
-/// commit is also a checkpoint of the write-ahead file (every seq below it is in redb).
-pub fn set_paused(db: &Database, sink: &str, paused: bool, at: u64, checkpoint: Option<u64>) -> Result<(), StoreError> {
+/// Records `sink` as paused (since `at`, unix ms) or not, durably; with `checkpoint` (seq,
+/// generation), the commit is also a checkpoint of the write-ahead file (every seq below it
+/// is in redb, and the frames written so far are of an older generation).
+pub fn set_paused(
+    db: &Database,
+    sink: &str,
+    paused: bool,
+    at: u64,
+    checkpoint: Option<(u64, u64)>,
+) -> Result<(), StoreError> {
     guard::catch(|| {
         let tx = db.begin_write().op("begin")?;
-        if let Some(seq) = checkpoint {
-            tx.open_table(META).op("open meta")?.insert(super::wal::CHECKPOINT, seq).op("write meta")?;
+        if let Some((seq, generation)) = checkpoint {
+            let mut meta = tx.open_table(META).op("open meta")?;
+            meta.insert(super::wal::CHECKPOINT, seq).op("write meta")?;
+            meta.insert(super::wal::GENERATION, generation).op("write meta")?;
         }
         {
             let mut t = tx.open_table(PAUSED).op("open paused")?;

@@ -1,12 +1,13 @@
 //! The write-ahead file in front of the redb file (`spool.wal` beside `spool.redb`).
 //!
-//! Each writer batch that accepts events is made durable by **one append of one checksummed
-//! frame** to this file and one `fdatasync`; the batch's redb transaction is committed without
-//! fsync (`Durability::None`). About once a second (or when this file passes
-//! [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it records in the `meta`
-//! table ([`CHECKPOINT`]) the seq below which redb holds everything durably, and the next frame
-//! is written at the start of the file again (nothing is truncated or synced for it: replay
-//! skips what the checkpoint covers).
+//! Each writer batch that accepts events or records deliveries (bookkeeping) is made durable by
+//! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's redb
+//! transaction is committed without fsync (`Durability::None`). About once a second (or when
+//! this file passes [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it
+//! records in the `meta` table the seq below which redb holds everything durably
+//! ([`CHECKPOINT`]) and the next generation ([`GENERATION`]), and the next frame is written at
+//! the start of the file again (nothing is truncated or synced for it: replay takes only the
+//! frames of the current generation).
 //!
 //! The file is **preallocated** ([`PREALLOC`] bytes of zeros, written once): an append then
 //! neither changes the file's size nor its block map, so its `fdatasync` flushes the data
@@ -15,36 +16,52 @@
 //! the log whatever older frames follow it.
 //!
 //! A frame: magic (4 bytes, [`MAGIC`]), payload length (u32 LE), CRC-32C of the length and the
-//! payload (u32 LE), then the payload: accepted at (unix ms, u64), the seq of the batch's first
-//! event (u64: with the time, the key of its `dedup_batches` row), the dedup ids (u32 count,
-//! 16 bytes each), the events (u32 count; each: seq u64, record length u32, the stored record,
-//! sink count u32, each sink as u32 length + UTF-8). All integers little-endian. The seqs of a
-//! file's frames only grow: they are its frame counter.
+//! payload (u32 LE), then the payload: the checkpoint generation it was written under (u64,
+//! [`GENERATION`]), accepted at (unix ms, u64), the seq of the batch's first event (u64: with
+//! the time, the key of its `dedup_batches` row), the dedup ids (u32 count, 16 bytes each), the
+//! events (u32 count; each: seq u64, record length u32, the stored record, sink count u32, each
+//! sink as u32 length + UTF-8), then the bookkeeping applied in the same transaction (u32
+//! count; each: kind u8 (0 done, 1 attempts), sink as u32 length + UTF-8, u32 count, then the
+//! seqs (u64) or the (seq u64, attempts u32) pairs). All integers little-endian. A batch with
+//! only bookkeeping writes a frame too (no event). The frames of a log share one generation
+//! and their seqs only grow. Frames of the first format ([`MAGIC_V1`]: no generation, no
+//! bookkeeping) are still read.
 //!
 //! **Replay** ([`recover`], at every open of the spool, and [`Wal::replay_into`] in the writer's
-//! heal) reads frames while they check out; a zero header is the clean end, and the first frame
-//! that does not check out (a torn tail: its `fdatasync` never completed, so it was never
-//! acknowledged) ends the log too, with a warning. The events of the frames newer than the checkpoint that redb does not hold
-//! (with their pending rows and dedup row) are written in one durable commit that moves the
-//! checkpoint past them; then the file is truncated.
+//! heal) reads frames while they check out; a zero header is the clean end, and so is a frame
+//! of another generation (behind a lost end marker), and the first frame that does not check
+//! out (a torn tail: its `fdatasync` never completed, so it was never acknowledged) ends the
+//! log too, with a warning. Of the frames of the current generation, the events redb does not
+//! hold (with their pending rows and dedup row) are written, then each frame's bookkeeping is
+//! applied, idempotently, in one durable commit that moves the checkpoint past them and starts
+//! the next generation; then the log is emptied.
 
 use super::guard;
 use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const FILE_NAME: &str = "spool.wal";
 /// `meta` key: every event with a lower seq is in redb durably (the write-ahead file's frames
 /// below it are covered).
 pub const CHECKPOINT: &str = "wal_checkpoint";
+/// `meta` key: the checkpoint generation, one more at every checkpoint. Frames carry the
+/// generation they were written under; replay takes only the current one's (the frames of an
+/// older one are covered, whatever they hold).
+pub const GENERATION: &str = "wal_generation";
 /// A checkpoint is due once the file holds this many bytes, whatever the time.
 pub const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// The file's preallocated size (a batch that goes past it grows the file, until the
 /// checkpoint that follows brings the next frames back to its start).
 pub const PREALLOC: u64 = CHECKPOINT_BYTES + (1 << 20);
-pub const MAGIC: [u8; 4] = *b"WwA1";
+pub const MAGIC: [u8; 4] = *b"WwA2";
+/// The frames of the first release of this file (no generation, no bookkeeping): still read,
+/// so that an upgrade after a crash loses nothing.
+pub const MAGIC_V1: [u8; 4] = *b"WwA1";
 const HEADER: usize = 12;
 /// Written after every frame: the end of the log.
 pub const END: [u8; HEADER] = [0; HEADER];
@@ -63,26 +80,68 @@ pub struct WalEvent {
     pub sinks: Vec<String>,
 }
 
+/// Delivery bookkeeping. Applying one twice is harmless, which replay and the writer's heal
+/// rely on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bookkeeping {
+    /// These (sink, seq) pairs are delivered or dead-lettered: drop them (and the event when
+    /// no other sink still needs it).
+    Done { sink: Arc<str>, seqs: Vec<u64> },
+    /// Attempts made so far, so that a restart does not start counting again.
+    Attempts { sink: Arc<str>, items: Vec<(u64, u32)> },
+}
+
+impl Bookkeeping {
+    pub fn rows(&self) -> usize {
+        match self {
+            Bookkeeping::Done { seqs, .. } => seqs.len(),
+            Bookkeeping::Attempts { items, .. } => items.len(),
+        }
+    }
+}
+
 /// What one batch's transaction wrote that must survive a crash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The checkpoint generation it was written under (`None`: a frame of the first format,
+    /// which has neither generation nor bookkeeping).
+    pub gen: Option<u64>,
     pub at: u64,
     pub first_seq: u64,
     pub ids: Vec<u128>,
     pub events: Vec<WalEvent>,
+    /// The bookkeeping applied in the same transaction, after the events.
+    pub book: Vec<Bookkeeping>,
 }
 
-/// Appends the frame of one batch to `buf`.
+impl Frame {
+    /// Rows of bookkeeping: (deliveries done or dead-lettered, attempt counts).
+    pub fn book_rows(&self) -> (u64, u64) {
+        let mut out = (0, 0);
+        for op in &self.book {
+            match op {
+                Bookkeeping::Done { seqs, .. } => out.0 += seqs.len() as u64,
+                Bookkeeping::Attempts { items, .. } => out.1 += items.len() as u64,
+            }
+        }
+        out
+    }
+}
+
+/// Appends the frame of one batch (written under checkpoint generation `gen`) to `buf`.
 pub fn encode<'a>(
     buf: &mut Vec<u8>,
+    gen: u64,
     at: u64,
     first_seq: u64,
     ids: &[u128],
     events: impl Iterator<Item = (u64, &'a [u8], &'a [String])>,
+    book: &[Bookkeeping],
 ) {
     let start = buf.len();
     buf.extend_from_slice(&MAGIC);
     buf.extend_from_slice(&[0; 8]);
+    buf.extend_from_slice(&gen.to_le_bytes());
     buf.extend_from_slice(&at.to_le_bytes());
     buf.extend_from_slice(&first_seq.to_le_bytes());
     buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
@@ -104,6 +163,30 @@ pub fn encode<'a>(
         }
     }
     buf[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    buf.extend_from_slice(&(book.len() as u32).to_le_bytes());
+    for op in book {
+        let (kind, sink, n) = match op {
+            Bookkeeping::Done { sink, seqs } => (0u8, sink, seqs.len()),
+            Bookkeeping::Attempts { sink, items } => (1u8, sink, items.len()),
+        };
+        buf.push(kind);
+        buf.extend_from_slice(&(sink.len() as u32).to_le_bytes());
+        buf.extend_from_slice(sink.as_bytes());
+        buf.extend_from_slice(&(n as u32).to_le_bytes());
+        match op {
+            Bookkeeping::Done { seqs, .. } => {
+                for seq in seqs {
+                    buf.extend_from_slice(&seq.to_le_bytes());
+                }
+            }
+            Bookkeeping::Attempts { items, .. } => {
+                for (seq, n) in items {
+                    buf.extend_from_slice(&seq.to_le_bytes());
+                    buf.extend_from_slice(&n.to_le_bytes());
+                }
+            }
+        }
+    }
     let len = (buf.len() - start - HEADER) as u32;
     buf[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c(crc32c(0, &len.to_le_bytes()), &buf[start + HEADER..]);
@@ -125,6 +208,16 @@ impl Decoded {
     pub fn events(&self) -> u64 {
         self.frames.iter().map(|f| f.events.len() as u64).sum()
     }
+
+    /// Rows of bookkeeping of the frames written under generation `gen`: (deliveries done
+    /// or dead-lettered, attempt counts).
+    pub fn book_rows(&self, gen: u64) -> (u64, u64) {
+        self.frames
+            .iter()
+            .filter(|f| f.gen == Some(gen))
+            .map(Frame::book_rows)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
 }
 
 /// Reads the frames of `bytes` up to the end marker, or up to the first one that does not
@@ -140,11 +233,15 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             return out;
         }
         match parse(rest) {
-            // The seqs of a log only grow: an older frame is what an earlier log left behind.
-            Some((f, _)) if !out.frames.is_empty() && f.events.first().is_some_and(|e| e.seq < next_seq) => {
+            // The frames of a log share one generation and their seqs only grow: a frame of
+            // another generation, or an older one, is what an earlier log left behind.
+            Some((f, _))
+                if out.frames.first().is_some_and(|first| first.gen != f.gen)
+                    || (!out.frames.is_empty() && f.events.first().is_some_and(|e| e.seq < next_seq)) =>
+            {
                 return out;
             }
-            Some((f, used)) if !f.events.is_empty() => {
+            Some((f, used)) if !f.events.is_empty() || !f.book.is_empty() => {
                 next_seq = f.events.last().map_or(next_seq, |e| e.seq + 1);
                 out.frames.push(f);
                 at += used;
@@ -159,9 +256,10 @@ pub fn decode(bytes: &[u8]) -> Decoded {
 
 /// One frame at the start of `b` and its size, if it checks out.
 fn parse(b: &[u8]) -> Option<(Frame, usize)> {
-    if b.len() < HEADER || b[..4] != MAGIC {
+    if b.len() < HEADER || (b[..4] != MAGIC && b[..4] != MAGIC_V1) {
         return None;
     }
+    let v1 = b[..4] == MAGIC_V1;
     let len = u32::from_le_bytes(b[4..8].try_into().ok()?);
     let crc = u32::from_le_bytes(b[8..12].try_into().ok()?);
     let n = len as usize;
@@ -173,6 +271,7 @@ fn parse(b: &[u8]) -> Option<(Frame, usize)> {
         return None;
     }
     let mut r = Reader(payload);
+    let gen = if v1 { None } else { Some(r.u64()?) };
     let at = r.u64()?;
     let first_seq = r.u64()?;
     let n_ids = r.u32()? as usize;
@@ -199,10 +298,38 @@ fn parse(b: &[u8]) -> Option<(Frame, usize)> {
         }
         events.push(WalEvent { seq, rec, sinks });
     }
+    let mut book = Vec::new();
+    if !v1 {
+        let n_ops = r.u32()? as usize;
+        book.reserve(n_ops.min(r.0.len() / 9));
+        for _ in 0..n_ops {
+            let kind = r.take(1)?[0];
+            let sl = r.u32()? as usize;
+            let sink: Arc<str> = std::str::from_utf8(r.take(sl)?).ok()?.into();
+            let count = r.u32()? as usize;
+            match kind {
+                0 => {
+                    let mut seqs = Vec::with_capacity(count.min(r.0.len() / 8));
+                    for _ in 0..count {
+                        seqs.push(r.u64()?);
+                    }
+                    book.push(Bookkeeping::Done { sink, seqs });
+                }
+                1 => {
+                    let mut items = Vec::with_capacity(count.min(r.0.len() / 12));
+                    for _ in 0..count {
+                        items.push((r.u64()?, r.u32()?));
+                    }
+                    book.push(Bookkeeping::Attempts { sink, items });
+                }
+                _ => return None,
+            }
+        }
+    }
     if !r.0.is_empty() {
         return None;
     }
-    Some((Frame { at, first_seq, ids, events }, HEADER + n))
+    Some((Frame { gen, at, first_seq, ids, events, book }, HEADER + n))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -224,35 +351,31 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// CRC-32C (Castagnoli), table-driven: a few lines instead of a dependency.
+/// CRC-32C (Castagnoli) of `data`, continuing `crc` (0 to start): the `crc32c` crate (SSE4.2
+/// or ARMv8 CRC instructions when the CPU has them, a table otherwise).
 pub fn crc32c(crc: u32, data: &[u8]) -> u32 {
-    const fn table() -> [u32; 256] {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    }
-    static TABLE: [u32; 256] = table();
-    let mut c = !crc;
-    for b in data {
-        c = TABLE[((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
+    crc32c::crc32c_append(crc, data)
 }
 
 /// The checkpoint recorded in redb (0 when none yet).
 pub fn checkpoint(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
     let meta = tx.open_table(META).op("open meta")?;
     Ok(meta.get(CHECKPOINT).op("read meta")?.map_or(0, |v| v.value()))
+}
+
+/// The checkpoint generation recorded in redb (0 when none yet): the one new frames are
+/// written under.
+pub fn generation(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    let meta = tx.open_table(META).op("open meta")?;
+    Ok(meta.get(GENERATION).op("read meta")?.map_or(0, |v| v.value()))
+}
+
+/// [`generation`] of `db`.
+pub fn current_generation(db: &Database) -> Result<u64, StoreError> {
+    guard::catch(|| {
+        let tx = db.begin_read().op("begin read")?;
+        generation(&tx)
+    })?
 }
 
 /// What replaying a file's frames into redb did.
@@ -263,13 +386,20 @@ pub struct Replayed {
     /// into redb now (the others were there already).
     pub newer: u64,
     pub written: u64,
+    /// Rows of bookkeeping of the current generation's frames applied (again, harmlessly,
+    /// when redb had them already).
+    pub book: u64,
+    /// The checkpoint generation after the replay (its commit starts a new one).
+    pub generation: u64,
     /// The log ended in a torn or damaged frame at this offset (dropped).
     pub torn: Option<u64>,
 }
 
 /// Writes the events of `decoded` newer than the checkpoint that redb does not hold yet, with
-/// their pending rows and dedup rows, in one durable commit that also moves the checkpoint past
-/// every frame (and past `at_least`, the writer's next seq).
+/// their pending rows and dedup rows, and then each frame's bookkeeping, frame by frame, in
+/// one durable commit that also moves the checkpoint past every frame (and past `at_least`,
+/// the writer's next seq) and starts a new generation. Only the frames of the current
+/// generation are taken (and those of the first format, which have none: events only).
 pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed, StoreError> {
     guard::catch(|| {
         let tx = db.begin_write().op("begin")?;
@@ -278,6 +408,7 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
         {
             let mut meta = tx.open_table(META).op("open meta")?;
             let checkpoint = meta.get(CHECKPOINT).op("read meta")?.map_or(0, |v| v.value());
+            let generation = meta.get(GENERATION).op("read meta")?.map_or(0, |v| v.value());
             let mut events = tx.open_table(EVENTS).op("open events")?;
             let mut pending = tx.open_table(PENDING).op("open pending")?;
             let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
@@ -285,33 +416,112 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
             if let Some((k, _)) = events.last().op("read events")? {
                 next = next.max(k.value() + 1);
             }
+            let mut names: Option<BTreeSet<String>> = None;
             for f in &decoded.frames {
-                if f.events.last().is_none_or(|e| e.seq < checkpoint) {
+                if f.gen.is_some_and(|g| g != generation) {
                     continue;
                 }
-                for e in f.events.iter().filter(|e| e.seq >= checkpoint) {
-                    r.newer += 1;
-                    next = next.max(e.seq + 1);
-                    if events.get(e.seq).op("read events")?.is_some() {
-                        continue;
+                if f.events.last().is_some_and(|e| e.seq >= checkpoint) {
+                    for e in f.events.iter().filter(|e| e.seq >= checkpoint) {
+                        r.newer += 1;
+                        next = next.max(e.seq + 1);
+                        if events.get(e.seq).op("read events")?.is_some() {
+                            continue;
+                        }
+                        events.insert(e.seq, e.rec.as_slice()).op("write event")?;
+                        for sink in &e.sinks {
+                            pending.insert((sink.as_str(), e.seq), 0u32).op("write pending")?;
+                            if let Some(n) = &mut names {
+                                n.insert(sink.clone());
+                            }
+                        }
+                        r.written += 1;
                     }
-                    events.insert(e.seq, e.rec.as_slice()).op("write event")?;
-                    for sink in &e.sinks {
-                        pending.insert((sink.as_str(), e.seq), 0u32).op("write pending")?;
+                    if !f.ids.is_empty() && dedup.get((f.at, f.first_seq)).op("read dedup")?.is_none() {
+                        dedup
+                            .insert((f.at, f.first_seq), super::store::dedup_batch(&f.ids).as_slice())
+                            .op("write dedup")?;
                     }
-                    r.written += 1;
                 }
-                if !f.ids.is_empty() && dedup.get((f.at, f.first_seq)).op("read dedup")?.is_none() {
-                    dedup
-                        .insert((f.at, f.first_seq), super::store::dedup_batch(&f.ids).as_slice())
-                        .op("write dedup")?;
+                if !f.book.is_empty() {
+                    let names = match &mut names {
+                        Some(n) => n,
+                        None => names.insert(sink_names(&pending)?),
+                    };
+                    apply_book(&mut events, &mut pending, names, &f.book)?;
+                    r.book += f.book.iter().map(|op| op.rows() as u64).sum::<u64>();
                 }
             }
             meta.insert(CHECKPOINT, next).op("write meta")?;
+            r.generation = generation + 1;
+            meta.insert(GENERATION, r.generation).op("write meta")?;
         }
         tx.commit().op("commit")?;
         Ok(r)
     })?
+}
+
+/// Every sink that has pending rows (one lookup per sink, not a scan of the rows).
+fn sink_names(pending: &impl ReadableTable<(&'static str, u64), u32>) -> Result<BTreeSet<String>, StoreError> {
+    let mut names = BTreeSet::new();
+    let mut first = pending.first().op("read pending")?.map(|(k, _)| k.value().0.to_owned());
+    while let Some(name) = first.take() {
+        let after = pending.range((name.as_str(), u64::MAX)..).op("read pending")?;
+        names.insert(name.clone());
+        for row in after {
+            let (k, _) = row.op("read pending")?;
+            let sink = k.value().0;
+            if sink != name {
+                first = Some(sink.to_owned());
+                break;
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Applies bookkeeping to the open tables; returns the bytes of event rows freed. A missing
+/// row is left missing (a row removed twice, an attempt count for a row that is gone), and
+/// an event row goes when its last pending row (of any of `names`) does.
+pub(crate) fn apply_book(
+    events: &mut redb::Table<u64, &[u8]>,
+    pending: &mut redb::Table<(&str, u64), u32>,
+    names: &BTreeSet<String>,
+    book: &[Bookkeeping],
+) -> Result<u64, StoreError> {
+    let mut freed = 0u64;
+    for op in book {
+        match op {
+            Bookkeeping::Done { sink, seqs } => {
+                for seq in seqs {
+                    if pending.remove((&**sink, *seq)).op("remove pending")?.is_none() {
+                        continue;
+                    }
+                    let mut needed = false;
+                    for name in names {
+                        if pending.get((name.as_str(), *seq)).op("read pending")?.is_some() {
+                            needed = true;
+                            break;
+                        }
+                    }
+                    if !needed {
+                        if let Some(v) = events.remove(*seq).op("remove event")? {
+                            freed += v.value().len() as u64;
+                        }
+                    }
+                }
+            }
+            Bookkeeping::Attempts { sink, items } => {
+                for (seq, n) in items {
+                    let exists = pending.get((&**sink, *seq)).op("read pending")?.is_some();
+                    if exists {
+                        pending.insert((&**sink, *seq), *n).op("write pending")?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(freed)
 }
 
 /// Reads the write-ahead file beside a spool (absent: nothing). Its first 64 KiB only, when
@@ -443,6 +653,22 @@ impl Wal {
         }
     }
 
+    /// Takes back the frames from `at` on (a frame whose transaction failed after its append):
+    /// the next frame goes there, and an end marker hides what was cut (when it cannot be
+    /// written, no append until [`Wal::probe`] succeeds). Not synced: the writer's replay
+    /// reads the log up to `len` only, and after a crash the cut frame is at worst replayed,
+    /// as if its transaction had succeeded.
+    pub fn cut(&mut self, at: u64) {
+        if at >= self.len {
+            return;
+        }
+        self.len = at;
+        crate::metrics::spool_wal_bytes(self.len);
+        if self.file.write_all_at(&END, at).is_err() {
+            self.stuck = true;
+        }
+    }
+
     /// After a checkpoint: the next frame goes to the start of the file (no write, no fsync
     /// needed: replay skips the frames the checkpoint covers).
     pub fn reset(&mut self) -> Result<(), StoreError> {
@@ -467,17 +693,13 @@ impl Wal {
     /// After the redb file was reopened (rolled back to its last durable commit): writes the
     /// frames of this file into it, durably.
     pub fn replay_into(&self, db: &Database, at_least: u64) -> Result<Replayed, StoreError> {
-        let size = self.file.metadata().map_err(|source| StoreError::Wal { op: "read", source })?.len();
-        // The log, not the whole preallocated file (a failed append may have left a partial
-        // frame past it: read a little more than the log).
-        let want = size.min(self.len + FIRST_READ);
-        let mut bytes = vec![0u8; want as usize];
-        self.file.read_exact_at(&mut bytes, 0).map_err(|source| StoreError::Wal { op: "read", source })?;
-        let mut decoded = decode(&bytes);
-        // What lies past the last good frame is the rest of a failed append: expected here.
-        if decoded.good <= self.len {
-            decoded.torn = false;
-        }
+        // The log: the frames made durable, not the whole preallocated file, nor what a failed
+        // append (or a cut frame) left past them.
+        let mut bytes = vec![0u8; self.len as usize + HEADER];
+        self.file
+            .read_exact_at(&mut bytes[..self.len as usize], 0)
+            .map_err(|source| StoreError::Wal { op: "read", source })?;
+        let decoded = decode(&bytes);
         let r = apply(db, &decoded, at_least)?;
         log(&self.path, &r);
         Ok(r)
@@ -493,26 +715,42 @@ mod tests {
             .map(|s| (s, vec![s as u8; 30 + s as usize], vec!["a".to_owned(), "bb".to_owned()]))
             .collect();
         let mut buf = Vec::new();
-        encode(&mut buf, 1234, first, &[7, u128::MAX], recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())));
+        encode(
+            &mut buf,
+            0,
+            1234,
+            first,
+            &[7, u128::MAX],
+            recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())),
+            &[],
+        );
         buf
     }
 
     fn real_frame(first: u64, n: u64) -> Vec<u8> {
+        real_frame_with(0, first, n, &["a"], &[])
+    }
+
+    fn real_frame_with(gen: u64, first: u64, n: u64, sinks: &[&str], book: &[Bookkeeping]) -> Vec<u8> {
         let recs: Vec<(u64, Vec<u8>, Vec<String>)> = (first..first + n)
             .map(|s| {
                 let body = format!(r#"{{"type":"payment","amount":{s}}}"#);
                 let ev =
                     crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
-                (s, super::super::record::encode(&crate::event::Envelope::new(ev, body.into())), vec!["a".to_owned()])
+                let sinks = sinks.iter().map(|s| s.to_string()).collect();
+                (s, super::super::record::encode(&crate::event::Envelope::new(ev, body.into())), sinks)
             })
             .collect();
         let mut buf = Vec::new();
+        let ids = if n == 0 { vec![] } else { vec![u128::from(first)] };
         encode(
             &mut buf,
+            gen,
             5000 + first,
             first,
-            &[u128::from(first)],
+            &ids,
             recs.iter().map(|(s, r, k)| (*s, r.as_slice(), k.as_slice())),
+            book,
         );
         buf
     }
@@ -542,14 +780,147 @@ mod tests {
         assert_eq!((r.frames, r.newer, r.written), (2, 0, 0));
         assert_eq!(super::super::store::recover(&db, 0).unwrap().events, 4);
 
-        // A newer frame after them, and a torn tail: the frame is written, the tail dropped.
-        bytes.extend(real_frame(5, 1));
-        bytes.extend(&real_frame(6, 1)[..20]);
+        // A frame of the current generation (2: each replay started one), and a torn tail:
+        // the frame is written, the tail dropped.
+        let mut bytes = real_frame_with(2, 5, 1, &["a"], &[]);
+        bytes.extend(&real_frame_with(2, 6, 1, &["a"], &[])[..20]);
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
-        assert_eq!((r.frames, r.newer, r.written), (3, 1, 1));
+        assert_eq!((r.frames, r.newer, r.written, r.generation), (1, 1, 1, 3));
         assert_eq!(r.torn, Some((bytes.len() - 20) as u64));
         assert_eq!(super::super::store::next_seq(&db).unwrap(), 6);
+    }
+
+    fn done(sink: &str, seqs: &[u64]) -> Bookkeeping {
+        Bookkeeping::Done { sink: sink.into(), seqs: seqs.to_vec() }
+    }
+
+    fn attempts(sink: &str, items: &[(u64, u32)]) -> Bookkeeping {
+        Bookkeeping::Attempts { sink: sink.into(), items: items.to_vec() }
+    }
+
+    /// (seq, sink, attempts) of every pending row, and the seqs of the event rows.
+    fn rows(db: &Database) -> (Vec<(u64, String, u32)>, Vec<u64>) {
+        let tx = db.begin_read().unwrap();
+        let pending = tx.open_table(PENDING).unwrap();
+        let mut p: Vec<(u64, String, u32)> = pending
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value().1, k.value().0.to_owned(), v.value())
+            })
+            .collect();
+        p.sort();
+        let events = tx.open_table(EVENTS).unwrap();
+        let e = events.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
+        (p, e)
+    }
+
+    #[test]
+    fn bookkeeping_of_the_current_generation_is_replayed_after_the_events_and_twice_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = super::super::store::open_db(dir.path()).unwrap();
+        // Generation 0: events 0..4 for sinks a and b; then a bookkeeping-only frame: a has
+        // delivered 0, 1 and 2, b has delivered 0 and tried 1 three times; then a frame with
+        // event 4 and more bookkeeping (b delivered 2, an attempt count for a row already
+        // gone, a removal of a row that never was).
+        let mut bytes = real_frame_with(0, 0, 4, &["a", "b"], &[]);
+        bytes.extend(real_frame_with(
+            0,
+            4,
+            0,
+            &[],
+            &[done("a", &[0, 1, 2]), done("b", &[0]), attempts("b", &[(1, 3)])],
+        ));
+        bytes.extend(real_frame_with(
+            0,
+            4,
+            1,
+            &["a"],
+            &[done("b", &[2]), attempts("a", &[(0, 9)]), done("zz", &[1]), attempts("zz", &[(3, 1)])],
+        ));
+        let d = decode(&bytes);
+        assert_eq!((d.frames.len(), d.torn, d.book_rows(0), d.book_rows(1)), (3, false, (6, 3), (0, 0)));
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let r = recover(&db, dir.path()).unwrap();
+        assert_eq!((r.frames, r.written, r.book, r.generation), (3, 5, 9, 1));
+        let want = (
+            vec![(1, "b".to_owned(), 3), (3, "a".to_owned(), 0), (3, "b".to_owned(), 0), (4, "a".to_owned(), 0)],
+            vec![1, 3, 4],
+        );
+        assert_eq!(rows(&db), want, "0 and 2 are gone (every sink done), 1 kept for b with its count");
+        assert!(super::super::store::recover(&db, 0).unwrap().unreadable.is_empty());
+
+        // The same frames again: of an older generation now (the replay started a new one),
+        // so nothing is applied — not even the events delivered since.
+        std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+        let r = recover(&db, dir.path()).unwrap();
+        assert_eq!((r.frames, r.newer, r.written, r.book, r.generation), (3, 0, 0, 0, 2));
+        assert_eq!(rows(&db), want);
+
+        // Applied twice within one generation (a replay whose commit was lost, then the
+        // heal's redo): the same result; attempts never bring a row back.
+        let tx = db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert(GENERATION, 0u64).unwrap();
+        tx.open_table(META).unwrap().insert(CHECKPOINT, 0u64).unwrap();
+        tx.commit().unwrap();
+        let r = apply(&db, &d, 0).unwrap();
+        // 0 and 2, gone, are written again, and removed again by the bookkeeping after them.
+        assert_eq!((r.written, r.book, r.generation), (2, 9, 1));
+        assert_eq!(rows(&db), want);
+        let tx = db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert(GENERATION, 1u64).unwrap();
+        tx.commit().unwrap();
+        let mut twice = bytes.clone();
+        for f in &d.frames {
+            let mut b = Vec::new();
+            let ev: Vec<(u64, &[u8], &[String])> =
+                f.events.iter().map(|e| (e.seq, e.rec.as_slice(), e.sinks.as_slice())).collect();
+            encode(&mut b, 1, f.at, f.first_seq, &f.ids, ev.into_iter(), &f.book);
+            twice.extend(b);
+        }
+        twice.drain(..bytes.len());
+        twice.extend(twice.clone());
+        let d2 = decode(&twice);
+        assert_eq!(d2.frames.len(), 3, "a frame's seqs older than the one before end the log");
+        let r = apply(&db, &d2, 0).unwrap();
+        assert_eq!((r.written, r.book), (0, 9));
+        assert_eq!(rows(&db), want);
+    }
+
+    #[test]
+    fn a_frame_of_another_generation_ends_the_log_and_first_format_frames_are_still_read() {
+        // A bookkeeping-only frame has no seq: behind a torn end, an older generation's frame
+        // of the same size would otherwise pass for the next one.
+        let mut bytes = real_frame_with(5, 4, 0, &[], &[done("a", &[1])]);
+        let one = bytes.len() as u64;
+        bytes.extend(real_frame_with(4, 4, 0, &[], &[done("a", &[2])]));
+        let d = decode(&bytes);
+        assert_eq!((d.frames.len(), d.good, d.torn), (1, one, false));
+        // A frame of the first format (magic WwA1: no generation, no bookkeeping).
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&MAGIC_V1);
+        v1.extend_from_slice(&[0; 8]);
+        v1.extend_from_slice(&77u64.to_le_bytes());
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        v1.extend_from_slice(&2u32.to_le_bytes());
+        v1.extend_from_slice(b"hi");
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(b"a");
+        let len = (v1.len() - HEADER) as u32;
+        v1[4..8].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c(crc32c(0, &len.to_le_bytes()), &v1[HEADER..]);
+        v1[8..12].copy_from_slice(&crc.to_le_bytes());
+        let d = decode(&v1);
+        assert_eq!(d.frames.len(), 1);
+        let f = &d.frames[0];
+        assert_eq!((f.gen, f.at, f.first_seq, f.book.len()), (None, 77, 3, 0));
+        assert_eq!(f.events, vec![WalEvent { seq: 3, rec: b"hi".to_vec(), sinks: vec!["a".into()] }]);
     }
 
     #[test]
@@ -574,6 +945,34 @@ mod tests {
         w.reset().unwrap();
         w.probe().unwrap();
         assert_eq!((read(dir.path()).unwrap().frames.len(), w.len), (0, 0));
+    }
+
+    #[test]
+    fn a_cut_frame_is_not_replayed_and_the_next_append_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = super::super::store::open_db(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path()).unwrap();
+        w.buf = real_frame(0, 2);
+        w.append().unwrap();
+        let good = w.len;
+        // Its redb transaction failed: refused, taken back.
+        w.buf = real_frame_with(0, 2, 1, &["a"], &[done("a", &[0])]);
+        w.append().unwrap();
+        w.cut(good);
+        assert_eq!((w.len, w.stuck), (good, false));
+        assert_eq!(read(dir.path()).unwrap().frames.len(), 1, "an end marker hides it");
+        w.buf = real_frame_with(0, 2, 1, &["a"], &[]);
+        w.append().unwrap();
+        let d = read(dir.path()).unwrap();
+        assert_eq!((d.frames.len(), d.frames[1].first_seq, d.frames[1].book.len(), d.torn), (2, 2, 0, false));
+        // Cut again: the writer's replay reads the log up to its length only (even where the
+        // end marker could not be written).
+        w.cut(good);
+        std::fs::OpenOptions::new().write(true).open(&w.path).unwrap().write_all_at(&real_frame(2, 1), good).unwrap();
+        let r = w.replay_into(&db, 0).unwrap();
+        assert_eq!((r.frames, r.written, r.book), (1, 2, 0));
+        let (pending, events) = rows(&db);
+        assert_eq!((pending.len(), events), (2, vec![0, 1]));
     }
 
     #[test]
@@ -645,7 +1044,7 @@ mod tests {
         let d = decode(&bytes);
         assert_eq!((d.frames.len(), d.events(), d.good, d.torn), (2, 5, bytes.len() as u64, false));
         let f = &d.frames[1];
-        assert_eq!((f.at, f.first_seq, f.ids.clone()), (1234, 3, vec![7, u128::MAX]));
+        assert_eq!((f.gen, f.at, f.first_seq, f.ids.clone()), (Some(0), 1234, 3, vec![7, u128::MAX]));
         assert_eq!(f.events[1], WalEvent { seq: 4, rec: vec![4; 34], sinks: vec!["a".into(), "bb".into()] });
     }
 

@@ -21,11 +21,11 @@ use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
 use super::record;
 use super::store::{self, Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
-use super::wal::{self, Wal};
+use super::wal::{self, apply_book, Wal};
 use super::Shared;
 use crate::dedup::now_millis;
 use crate::delivery::{Accepted, Refused};
-use redb::{Database, ReadableTable};
+use redb::Database;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -34,16 +34,17 @@ use std::time::{Duration, Instant};
 /// At most this many operations, or this many bytes of new events, per transaction.
 const MAX_OPS: usize = 4096;
 const MAX_BATCH_BYTES: u64 = 16 << 20;
-/// A transaction that only records deliveries (no new event) is committed without fsync —
-/// losing it in a crash means a repeat delivery, which at-least-once allows — unless the last
-/// fsync is older than this (so that redb can reuse freed pages and a clean stop loses nothing).
+/// The checkpoint (a durable redb commit) follows the last one after this long, at the first
+/// batch then (or at once when nothing comes), so that redb can reuse freed pages and the
+/// write-ahead file starts again.
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// The write-ahead frame's buffer is kept from one batch to the next up to this size.
 const WAL_BUF_KEEP: usize = 1 << 20;
 
 /// Bookkeeping ops applied together once this many rows are waiting, or this long after the
-/// first one, or as soon as no new event is waiting.
+/// first one (each such batch is a frame and an fdatasync: at most about 1 / DEFER_FOR a
+/// second when no new event comes).
 const DEFER_ROWS: usize = 4096;
 const DEFER_FOR: Duration = Duration::from_millis(50);
 
@@ -73,6 +74,14 @@ impl Deferred {
 
     fn due(&self) -> bool {
         self.rows >= DEFER_ROWS || self.since.is_some_and(|t| t.elapsed() >= DEFER_FOR)
+    }
+
+    /// How long until [`Deferred::due`] (when something waits).
+    fn wait(&self) -> Option<Duration> {
+        if self.rows >= DEFER_ROWS {
+            return Some(Duration::ZERO);
+        }
+        self.since.map(|t| DEFER_FOR.saturating_sub(t.elapsed()))
     }
 
     fn take(&mut self) -> Vec<Bookkeeping> {
@@ -131,28 +140,34 @@ pub(crate) struct Writer {
     pub scratch: Scratch,
     /// The write-ahead file.
     pub wal: Wal,
+    /// The checkpoint generation new frames are written under (`meta.wal_generation`).
+    pub gen: u64,
 }
 
 impl Writer {
     pub fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut carry: Vec<Bookkeeping> = Vec::new();
         // Bookkeeping (deliveries done, attempt counts) waits for a transaction of its own
-        // while new events keep coming: removing a run of rows at once rewrites far fewer
-        // pages than touching both ends of the tables in every commit. Losing it in a crash
-        // means repeat deliveries, as for any bookkeeping commit without fsync.
+        // while new events keep coming (at most DEFER_FOR): removing a run of rows at once
+        // rewrites far fewer pages than touching both ends of the tables in every commit. It
+        // is in the write-ahead file's frame of that transaction.
         let mut deferred = Deferred::default();
         let mut broken: Option<Broken> = None;
         let mut appends = std::mem::take(&mut self.scratch.appends);
         let mut pauses = std::mem::take(&mut self.scratch.pauses);
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
-            // broken, not at all when bookkeeping is waiting, until the checkpoint is due when
-            // commits without fsync are waiting for one.
+            // broken, not at all when bookkeeping handed back by a failed commit is waiting,
+            // until deferred bookkeeping is due, until the checkpoint is due when commits
+            // without fsync are waiting for one.
+            let checkpoint_in = self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
-                None if !deferred.ops.is_empty() || !carry.is_empty() => Some(Duration::ZERO),
-                None if self.unsynced => Some(ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed())),
-                None => None,
+                None if !carry.is_empty() => Some(Duration::ZERO),
+                None => match (deferred.wait(), checkpoint_in) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
             };
             let first = match wait {
                 None => match rx.recv() {
@@ -210,24 +225,34 @@ impl Writer {
                     continue;
                 }
             }
-            self.pause(&mut pauses);
-
             let mut book = Vec::new();
-            if appends.is_empty() || deferred.due() {
+            // A pause or resume (an operator at work: `replay` reads the pending rows next)
+            // sees every delivery recorded so far.
+            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
             // Nothing new, but commits without fsync wait for their checkpoint: make it now.
             let checkpoint_due = self.unsynced && self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
-            if appends.is_empty() && book.is_empty() && !checkpoint_due {
-                continue;
+            if !appends.is_empty() || !book.is_empty() || checkpoint_due {
+                if let Err((e, rest)) = self.apply(&mut appends, book, false) {
+                    carry = rest;
+                    tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
+                    let reason = e.to_string();
+                    broken = Some(Broken {
+                        since: Instant::now(),
+                        reason,
+                        attempts: 0,
+                        next_try: Instant::now() + HEAL_FIRST,
+                    });
+                }
             }
-            if let Err((e, rest)) = self.apply(&mut appends, book, false) {
-                carry = rest;
-                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
-                let reason = e.to_string();
-                broken =
-                    Some(Broken { since: Instant::now(), reason, attempts: 0, next_try: Instant::now() + HEAL_FIRST });
+            if broken.is_some() {
+                for p in pauses.drain(..) {
+                    let _ = p.reply.send(Err(StoreError::Reopening));
+                }
+            } else {
+                self.pause(&mut pauses);
             }
         }
         self.finish(carry, deferred, broken);
@@ -255,7 +280,7 @@ impl Writer {
     /// such commit is a checkpoint too.
     fn pause(&mut self, pauses: &mut Vec<Pause>) {
         for p in pauses.drain(..) {
-            let checkpoint = Some(self.next_seq);
+            let checkpoint = Some((self.next_seq, self.gen + 1));
             let result =
                 self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis(), checkpoint));
             match &result {
@@ -266,8 +291,10 @@ impl Writer {
         }
     }
 
-    /// A durable redb commit recorded the checkpoint: everything before it is in redb.
+    /// A durable redb commit recorded the checkpoint (and the next generation): everything
+    /// before it is in redb.
     fn checkpointed(&mut self) {
+        self.gen += 1;
         self.last_fsync = Instant::now();
         self.unsynced = false;
         self.unsynced_ops.clear();
@@ -319,17 +346,19 @@ impl Writer {
             self.shared.dedup.contains_keys_at(&scratch.keys, now, &mut scratch.seen);
         }
         self.plan(appends, &mut scratch);
-        // Not a checkpoint: the events are made durable by the write-ahead file first.
+        // Not a checkpoint: the events and the bookkeeping are made durable by the
+        // write-ahead file first.
         let mut logged = false;
         let mut result = Ok(());
-        if !durable && scratch.seqs.iter().any(Option::is_some) {
+        let log_from = self.wal.len;
+        if !durable && (scratch.seqs.iter().any(Option::is_some) || !book.is_empty()) {
             let mut buf = std::mem::take(&mut self.wal.buf);
             buf.clear();
             let events = appends
                 .iter()
                 .zip(&scratch.seqs)
                 .filter_map(|(a, s)| s.map(|s| (s, a.rec.as_slice(), a.sinks.as_slice())));
-            wal::encode(&mut buf, now, self.next_seq, &scratch.ids, events);
+            wal::encode(&mut buf, self.gen, now, self.next_seq, &scratch.ids, events, &book);
             self.wal.buf = buf;
             result = self.wal.append();
             logged = result.is_ok();
@@ -347,6 +376,11 @@ impl Writer {
             Ok(r) => r,
             Err(e) => {
                 self.scratch = scratch;
+                if logged {
+                    // Refused, and its bookkeeping handed back: the frame goes (a heal's
+                    // replay must not apply it, nor count what it frees).
+                    self.wal.cut(log_from);
+                }
                 crate::metrics::spool_write_error();
                 // Not ready before the first refusal is answered: a probe that follows a 503
                 // sees why.
@@ -454,8 +488,11 @@ impl Writer {
                 }
             }
             if durable {
-                // The checkpoint: every seq below `next` is in redb once this commit is.
-                tx.open_table(META).op("open meta")?.insert(wal::CHECKPOINT, next).op("write meta")?;
+                // The checkpoint: every seq below `next` is in redb once this commit is, and
+                // the frames written so far are of an older generation.
+                let mut meta = tx.open_table(META).op("open meta")?;
+                meta.insert(wal::CHECKPOINT, next).op("write meta")?;
+                meta.insert(wal::GENERATION, self.gen + 1).op("write meta")?;
             }
             // One dedup row for the commit's ids, keyed by its first seq: in the same
             // transaction as the events, so that a re-send after a crash is still a duplicate.
@@ -481,15 +518,20 @@ impl Writer {
         }
         self.close_db()?;
         let db = store::reopen_file(&self.shared.path)?;
-        // The reopen rolled redb back to its last checkpoint: the events acknowledged since
-        // are in the write-ahead file. Write them back (durably) before anything else.
-        if let Err(e) = self.wal.replay_into(&db, self.next_seq) {
-            crate::metrics::spool_write_error();
-            return Err(e);
+        // The reopen rolled redb back to its last checkpoint: the events acknowledged since,
+        // and the bookkeeping applied since, are in the write-ahead file. Write them back
+        // (durably, a new generation) before anything else; the bytes its bookkeeping frees
+        // were counted when it was first applied.
+        match self.wal.replay_into(&db, self.next_seq) {
+            Ok(r) => self.gen = r.generation,
+            Err(e) => {
+                crate::metrics::spool_write_error();
+                return Err(e);
+            }
         }
         self.reconcile(&db)?;
-        // What the reopen rolled back: deliveries recorded without fsync. Apply them again;
-        // their freed bytes were counted the first time.
+        // The same bookkeeping, kept in memory: redundant after the replay (applying it twice
+        // is harmless), kept as a second copy. Its freed bytes were counted the first time.
         if !self.unsynced_ops.is_empty() {
             let redo = std::mem::take(&mut self.unsynced_ops);
             let result =
@@ -561,48 +603,6 @@ impl Writer {
         self.next_seq = on_disk;
         Ok(())
     }
-}
-
-/// Applies bookkeeping to the open tables; returns the bytes of event rows freed.
-fn apply_book(
-    events: &mut redb::Table<u64, &[u8]>,
-    pending: &mut redb::Table<(&str, u64), u32>,
-    names: &BTreeSet<String>,
-    book: &[Bookkeeping],
-) -> Result<u64, StoreError> {
-    let mut freed = 0u64;
-    for op in book {
-        match op {
-            Bookkeeping::Done { sink, seqs } => {
-                for seq in seqs {
-                    if pending.remove((&**sink, *seq)).op("remove pending")?.is_none() {
-                        continue;
-                    }
-                    let mut needed = false;
-                    for name in names {
-                        if pending.get((name.as_str(), *seq)).op("read pending")?.is_some() {
-                            needed = true;
-                            break;
-                        }
-                    }
-                    if !needed {
-                        if let Some(v) = events.remove(*seq).op("remove event")? {
-                            freed += v.value().len() as u64;
-                        }
-                    }
-                }
-            }
-            Bookkeeping::Attempts { sink, items } => {
-                for (seq, n) in items {
-                    let exists = pending.get((&**sink, *seq)).op("read pending")?.is_some();
-                    if exists {
-                        pending.insert((&**sink, *seq), *n).op("write pending")?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(freed)
 }
 
 /// Applies `book` again in a durable transaction of its own (after a reopen).
