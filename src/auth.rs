@@ -81,15 +81,7 @@ pub struct Verifier {
     cache: Mutex<HashMap<String, Cached>>,
     /// The last token verified and its result: Webio sends one token for long stretches, and
     /// comparing it costs less than hashing it for the map.
-    last: Mutex<Option<Last>>,
-}
-
-/// The last token taken from the cache, and the header value it came in exactly as sent: the
-/// same bytes again are the same token, taken without reading them as text again.
-struct Last {
-    raw: Box<[u8]>,
-    token: Box<str>,
-    hit: Cached,
+    last: Mutex<Option<(Box<str>, Cached)>>,
 }
 
 fn jwt_alg(a: Algorithm) -> jsonwebtoken::Algorithm {
@@ -151,18 +143,15 @@ impl Verifier {
         if self.disabled {
             return Ok(Verified { organisation_id: self.organisation_id.clone(), secret_index: 0 });
         }
-        let raw = token.ok_or(AuthError::Missing)?;
-        if let Some(hit) = self.last_sent(raw) {
-            return self.judge(hit);
-        }
-        let token = std::str::from_utf8(raw).map_err(|_| AuthError::Malformed)?.trim();
+        let token = token.ok_or(AuthError::Missing)?;
+        let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?.trim();
         // Tolerate a `Bearer ` prefix: some proxies add one.
         let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        if let Some(hit) = self.cached(raw, token) {
-            return self.judge(hit);
+        if let Some(hit) = self.cached(token) {
+            return hit;
         }
         let fresh = self.verify_uncached(token)?;
         let mut cache = self.cache.lock().expect("auth cache lock");
@@ -173,43 +162,29 @@ impl Verifier {
         Ok(fresh.verified)
     }
 
-    /// The cached result of the last token when `raw` is the header value it came in.
-    fn last_sent(&self, raw: &[u8]) -> Option<Cached> {
-        let last = self.last.lock().expect("auth cache lock");
-        last.as_ref().filter(|l| *l.raw == *raw).map(|l| l.hit.clone())
-    }
-
-    /// The cached result of `token` (read from the header value `raw`), which becomes the last.
-    fn cached(&self, raw: &[u8], token: &str) -> Option<Cached> {
-        let mut last = self.last.lock().expect("auth cache lock");
-        match &mut *last {
-            Some(l) if *l.token == *token => {
-                // The same token, sent differently (a `Bearer ` prefix, spaces).
-                l.raw = raw.into();
-                Some(l.hit.clone())
+    fn cached(&self, token: &str) -> Option<Result<Verified, AuthError>> {
+        let hit = {
+            let mut last = self.last.lock().expect("auth cache lock");
+            match &*last {
+                Some((t, hit)) if **t == *token => hit.clone(),
+                _ => {
+                    let hit = self.cache.lock().expect("auth cache lock").get(token).cloned()?;
+                    *last = Some((token.into(), hit.clone()));
+                    hit
+                }
             }
-            _ => {
-                let hit = self.cache.lock().expect("auth cache lock").get(token).cloned()?;
-                *last = Some(Last { raw: raw.into(), token: token.into(), hit: hit.clone() });
-                Some(hit)
-            }
-        }
-    }
-
-    /// A cached verification, checked against the clock again when the token has `exp` or
-    /// `nbf`.
-    fn judge(&self, hit: Cached) -> Result<Verified, AuthError> {
+        };
         if hit.exp.is_none() && hit.nbf.is_none() {
-            return Ok(hit.verified);
+            return Some(Ok(hit.verified));
         }
         let now = now();
         if hit.exp.is_some_and(|exp| exp.saturating_add(self.leeway) < now) {
-            return Err(AuthError::Expired);
+            return Some(Err(AuthError::Expired));
         }
         if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway) {
-            return Err(AuthError::NotYetValid);
+            return Some(Err(AuthError::NotYetValid));
         }
-        Ok(hit.verified)
+        Some(Ok(hit.verified))
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Cached, AuthError> {

@@ -15,13 +15,11 @@ use crate::server::error::RequestError;
 use crate::server::webhook::custom_values::CustomValues;
 use crate::sinks::Sink;
 use bytes::Bytes;
-use futures_util::future::Either;
 use http::HeaderName;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -138,11 +136,7 @@ impl State {
 
     /// [`State::route`] for an event whose envelope is made already (its JSON written once by
     /// [`crate::event::normalise_envelope`]).
-    ///
-    /// Routing happens when this is called; only the hand-off to delivery is left to the
-    /// future, which holds neither the envelope nor the route table: an unrouted event is
-    /// answered by a ready value, and a routed one moves straight into delivery's future.
-    pub fn route_envelope(&self, env: Envelope) -> impl Future<Output = Result<Taken, Refused>> + Send + '_ {
+    pub async fn route_envelope(&self, env: Envelope) -> Result<Taken, Refused> {
         let table = self.table();
         let event = &env.event;
         let matched = table.routes.matching(event);
@@ -153,27 +147,24 @@ impl State {
             crate::metrics::event(event_type, shape);
             crate::metrics::unrouted(event_type);
             tracing::debug!(event_id = %event.id, event_type = %event.event_type, "event matched no route");
-            return Either::Left(std::future::ready(Ok(Taken::Accepted { routes: 0 })));
+            return Ok(Taken::Accepted { routes: 0 });
         }
         let sinks = matched.sinks.iter().filter_map(|s| table.sinks.get(*s).cloned()).collect();
         drop(matched);
         let id = tracing::enabled!(tracing::Level::DEBUG).then(|| event.id.clone());
-        let submitted = self.delivery.submit(env, sinks);
-        Either::Right(async move {
-            let id = id.as_deref().unwrap_or_default();
-            match submitted.await? {
-                Accepted::New => {
-                    crate::metrics::event(event_type, shape);
-                    tracing::debug!(event_id = %id, routes, "event accepted");
-                    Ok(Taken::Accepted { routes })
-                }
-                Accepted::Duplicate => {
-                    crate::metrics::duplicate();
-                    tracing::debug!(event_id = %id, "duplicate event acknowledged");
-                    Ok(Taken::Duplicate)
-                }
+        let id = id.as_deref().unwrap_or_default();
+        match self.delivery.submit(env, sinks).await? {
+            Accepted::New => {
+                crate::metrics::event(event_type, shape);
+                tracing::debug!(event_id = %id, routes, "event accepted");
+                Ok(Taken::Accepted { routes })
             }
-        })
+            Accepted::Duplicate => {
+                crate::metrics::duplicate();
+                tracing::debug!(event_id = %id, "duplicate event acknowledged");
+                Ok(Taken::Duplicate)
+            }
+        }
     }
 
     /// Keeps a refused body, with the reason, so that nothing is lost. If even that fails,

@@ -138,24 +138,16 @@ impl Event {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        // Sized for the whole line: one allocation, no regrowth.
-        let mut out = Vec::with_capacity(self.json_capacity());
+        // Sized for the fields and a little more: one allocation, no regrowth.
+        let mut out = Vec::with_capacity(320 + self.text_len());
         json::write_event(&mut out, self, &self.id, &self.received_at, self.extra.json());
         out
-    }
-
-    /// Bytes enough for the event's JSON line (unless a string needs many escapes): the
-    /// member names, quotes, `null`s and a 20-digit status code (at most [`JSON_FIXED`] in all,
-    /// with a 32-digit id), plus the variable text.
-    pub(crate) fn json_capacity(&self) -> usize {
-        JSON_FIXED + self.text_len()
     }
 
     /// Roughly the length of the variable text (for buffer sizes).
     pub(crate) fn text_len(&self) -> usize {
         let opt = |v: &Option<String>| v.as_ref().map_or(0, String::len);
-        self.schema.len()
-            + self.event_type.len()
+        self.event_type.len()
             + self.organisation_id.as_ref().map_or(0, String::len)
             + opt(&self.conversation_id)
             + opt(&self.communication_action_id)
@@ -163,15 +155,9 @@ impl Event {
             + opt(&self.inbound_channel_address)
             + opt(&self.customer_uid)
             + opt(&self.body) * 9 / 8
-            + opt(&self.occurred_at)
-            + self.received_at.len()
             + self.extra.json().len()
     }
 }
-
-/// The event line's fixed text (member names, punctuation, quotes or `null`s, at most 20
-/// characters of status code, the 32 hex digits of the id): 321 bytes, rounded up.
-const JSON_FIXED: usize = 336;
 
 /// What travels from the router to the sinks: the event and the body exactly as Webio sent it.
 #[derive(Debug, Clone)]
@@ -192,12 +178,7 @@ impl Envelope {
     /// With the event's JSON already at hand (read back from the spool): `json` must be
     /// `event` serialised.
     pub(crate) fn with_json(event: Event, raw: Bytes, json: Bytes) -> Self {
-        Self::with_json_and_trace(event, raw, json, trace::TraceParent::generate())
-    }
-
-    /// [`Envelope::with_json`] with its trace context given.
-    pub(crate) fn with_json_and_trace(event: Event, raw: Bytes, json: Bytes, trace: trace::TraceParent) -> Self {
-        Envelope { event, raw, trace, json: json.into() }
+        Envelope { event, raw, trace: trace::TraceParent::generate(), json: json.into() }
     }
 
     /// With `trace` as its trace context (the request's, or the stored one).

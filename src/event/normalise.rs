@@ -12,7 +12,6 @@
 //! - the id hashes the same bytes ([`event_id`]), so ids never change.
 
 use super::time::{format_utc, occurred_at};
-use super::trace::TraceParent;
 use super::{Envelope, Event, Extra, Shape, CORE_TYPES, SCHEMA};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -93,23 +92,7 @@ fn slot_of(key: &str) -> Option<Slot> {
         ("statuscode", Slot::Status),
         ("datecreated", Slot::Date),
     ];
-    // The spellings Webio sends, compared whole first (a length switch and one comparison);
-    // any other casing the slow way.
-    let exact = match key {
-        "type" => Some(Slot::Type),
-        "conversationId" => Some(Slot::Conversation),
-        "communicationActionId" | "comunicationActionId" => Some(Slot::CommunicationAction),
-        "outboundChannelAddress" => Some(Slot::Outbound),
-        "inboundChannelAddress" => Some(Slot::Inbound),
-        "customerUID" | "customerUid" => Some(Slot::Customer),
-        "body" => Some(Slot::Body),
-        "statusCode" => Some(Slot::Status),
-        "dateCreated" => Some(Slot::Date),
-        _ => None,
-    };
-    exact.or_else(|| {
-        SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
-    })
+    SLOTS.iter().find(|(name, _)| name.len() == key.len() && name.eq_ignore_ascii_case(key)).map(|(_, slot)| *slot)
 }
 
 // ------------------------------------------------------------------------------ reading
@@ -139,10 +122,9 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The top-level object's members in body order, values as raw text, whether two of them
-/// name the same slot (a repeated key, or two spellings of one field), and whether no string
-/// value has an escape (known to the flat reader, which saw every byte; `false` when unknown).
-struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool, bool);
+/// The top-level object's members in body order, values as raw text, and whether two of them
+/// name the same slot (a repeated key, or two spellings of one field).
+struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -163,7 +145,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                     }
                     out.push((member.0, member.1.get(), slot));
                 }
-                Ok(Members(out, shared, false))
+                Ok(Members(out, shared))
             }
         }
         d.deserialize_map(MembersVisitor)
@@ -182,18 +164,13 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             *i += 1;
         }
     };
-    // The end of the string starting at `i` (its opening quote), after its closing quote, and
-    // whether it had an escape.
-    let string = |i: usize, escapes: bool| -> Option<(usize, bool)> {
+    // The end of the string starting at `i` (its opening quote), after its closing quote.
+    let string = |i: usize, escapes: bool| -> Option<usize> {
         let mut j = i + 1;
-        let mut escaped = false;
         loop {
             match *b.get(j)? {
-                b'"' => return Some((j + 1, escaped)),
-                b'\\' if escapes => {
-                    escaped = true;
-                    j += 2;
-                }
+                b'"' => return Some(j + 1),
+                b'\\' if escapes => j += 2,
                 b'\\' => return None,
                 c if c < 0x20 => return None,
                 _ => j += 1,
@@ -214,7 +191,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
     }
     i += 1;
     let mut out = Vec::with_capacity(16);
-    let (mut slots, mut shared, mut plain) = (0u16, false, true);
+    let (mut slots, mut shared) = (0u16, false);
     ws(&mut i);
     if b.get(i) == Some(&b'}') {
         i += 1;
@@ -223,7 +200,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             if b.get(i) != Some(&b'"') {
                 return None;
             }
-            let (key_end, _) = string(i, false)?;
+            let key_end = string(i, false)?;
             let key = &text[i + 1..key_end - 1];
             i = key_end;
             ws(&mut i);
@@ -234,11 +211,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             ws(&mut i);
             let start = i;
             match *b.get(i)? {
-                b'"' => {
-                    let (end, escaped) = string(i, true)?;
-                    plain &= !escaped;
-                    i = end;
-                }
+                b'"' => i = string(i, true)?,
                 b'-' | b'0'..=b'9' => {
                     if b[i] == b'-' {
                         i += 1;
@@ -293,7 +266,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
         }
     }
     ws(&mut i);
-    (i == b.len()).then_some(Members(out, shared, plain))
+    (i == b.len()).then_some(Members(out, shared))
 }
 
 /// The refusal for a body the fast reader did not take: the `Value` parser's verdict, so that
@@ -324,13 +297,12 @@ enum Raw<'a> {
     Other,
 }
 
-/// `plain`: the body's string values are known to have no escape (see [`Members`]).
-fn classify(text: &str, plain: bool) -> Raw<'_> {
+fn classify(text: &str) -> Raw<'_> {
     match text.as_bytes()[0] {
         b'n' => Raw::Null,
         b'"' => {
             let inner = &text[1..text.len() - 1];
-            if !plain && inner.as_bytes().contains(&b'\\') {
+            if inner.as_bytes().contains(&b'\\') {
                 // An escape the `Value` parser refuses (a lone surrogate) leaves it unmapped,
                 // where `check_value` refuses the body.
                 match serde_json::from_str::<String>(text) {
@@ -490,22 +462,15 @@ pub fn normalise(
 
 /// [`normalise`], and the event's JSON for the spool and the sinks, written once: the id is
 /// hashed from that same writing (less `id` and `receivedAt`), then put in place.
-///
-/// The envelope carries `trace`. A refused body is handed back with the reason (it is kept in
-/// the rejected file), so the caller need not hold a second handle to it.
 pub fn normalise_envelope(
     body: Bytes,
     organisation_id: Option<String>,
     opts: &NormaliseOptions,
     received_at: DateTime<Utc>,
-    trace: TraceParent,
-) -> Result<Envelope, (BodyError, Bytes)> {
+) -> Result<Envelope, BodyError> {
     const PENDING_ID: &str = "00000000000000000000000000000000";
-    let mut ev = match normalise_fields(&body, organisation_id, opts, received_at) {
-        Ok(ev) => ev,
-        Err(e) => return Err((e, body)),
-    };
-    let mut json = Vec::with_capacity(ev.json_capacity());
+    let mut ev = normalise_fields(&body, organisation_id, opts, received_at)?;
+    let mut json = Vec::with_capacity(320 + ev.text_len());
     let at = super::json::write_event(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json());
     ev.id = if ev.extra.is_canonical() {
         // The hashed bytes: this JSON with `id` and `receivedAt` empty (see `event_id`).
@@ -518,7 +483,7 @@ pub fn normalise_envelope(
         event_id(&ev)
     };
     json[at.id].copy_from_slice(ev.id.as_bytes());
-    Ok(Envelope::with_json_and_trace(ev, body, Bytes::from(json), trace))
+    Ok(Envelope::with_json(ev, body, Bytes::from(json)))
 }
 
 fn normalise_fields(
@@ -532,11 +497,10 @@ fn normalise_fields(
         Ok(text) => text,
         Err(e) => return Err(refusal(body, e)),
     };
-    let (mut members, shared, plain) =
-        match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
-            Ok(Members(m, shared, plain)) => (m, shared, plain),
-            Err(e) => return Err(refusal(body, e)),
-        };
+    let (mut members, shared) = match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
+        Ok(Members(m, shared)) => (m, shared),
+        Err(e) => return Err(refusal(body, e)),
+    };
     // When two members name one slot, which fills it depends on order: take them sorted by
     // key (stable: a repeated key keeps body order), the last of each repeated key kept, as a
     // `Value` map did. Otherwise body order fills the same slots, and only `extra` is sorted.
@@ -595,7 +559,7 @@ fn normalise_fields(
         filled[slot as usize] = true;
         let mapped = match slot {
             Slot::Type => {
-                event_type = Some(match classify(raw, plain) {
+                event_type = Some(match classify(raw) {
                     Raw::Str(s) => Ok(s.into_owned()),
                     _ => {
                         check_value(body, raw)?;
@@ -605,7 +569,7 @@ fn normalise_fields(
                 true
             }
             Slot::Conversation | Slot::CommunicationAction | Slot::Outbound | Slot::Inbound | Slot::Customer => {
-                match id_text(body, raw, plain)? {
+                match id_text(body, raw)? {
                     IdText::Unmapped => false,
                     id => {
                         let id = match id {
@@ -623,7 +587,7 @@ fn normalise_fields(
                     }
                 }
             }
-            Slot::Body => match classify(raw, plain) {
+            Slot::Body => match classify(raw) {
                 Raw::Null => true,
                 Raw::Str(s) => {
                     ev.body = Some(s.into_owned());
@@ -631,7 +595,7 @@ fn normalise_fields(
                 }
                 _ => false,
             },
-            Slot::Status => match status_code(body, raw, plain)? {
+            Slot::Status => match status_code(body, raw)? {
                 Some(code) => {
                     ev.status_code = code;
                     true
@@ -639,7 +603,7 @@ fn normalise_fields(
                 None => false,
             },
             Slot::Date => {
-                let parsed = match classify(raw, plain) {
+                let parsed = match classify(raw) {
                     Raw::Null => Some(None),
                     Raw::Str(s) => occurred_at(&s, opts.source_timezone).map(Some),
                     _ => None,
@@ -755,8 +719,8 @@ fn extra_of(mut members: Vec<(&Cow<'_, str>, &str)>) -> Result<Extra, serde_json
     Extra::from_compact(text, canonical)
 }
 
-fn id_text(body: &[u8], raw: &str, plain: bool) -> Result<IdText, BodyError> {
-    Ok(match classify(raw, plain) {
+fn id_text(body: &[u8], raw: &str) -> Result<IdText, BodyError> {
+    Ok(match classify(raw) {
         Raw::Null => IdText::Null,
         Raw::Str(s) if s.is_empty() => IdText::Null,
         Raw::Str(s) => IdText::Text(s.into_owned()),
@@ -770,8 +734,8 @@ fn id_text(body: &[u8], raw: &str, plain: bool) -> Result<IdText, BodyError> {
 }
 
 /// `Some(code)` when the value maps (`None` inside for null), `None` when it goes to `extra`.
-fn status_code(body: &[u8], raw: &str, plain: bool) -> Result<Option<Option<i64>>, BodyError> {
-    Ok(match classify(raw, plain) {
+fn status_code(body: &[u8], raw: &str) -> Result<Option<Option<i64>>, BodyError> {
+    Ok(match classify(raw) {
         Raw::Null => Some(None),
         Raw::Num { text, canonical: true } => text.parse::<i64>().ok().map(Some),
         Raw::Num { text, canonical: false } => match read_number(text) {
@@ -793,7 +757,7 @@ fn status_code(body: &[u8], raw: &str, plain: bool) -> Result<Option<Option<i64>
 /// serde_json writes the map it reads from it (keys sorted, numbers as f64/i64/u64): what the
 /// first releases hashed, so ids made by any release agree.
 pub fn event_id(ev: &Event) -> String {
-    let mut bytes = Vec::with_capacity(ev.json_capacity());
+    let mut bytes = Vec::with_capacity(320 + ev.text_len());
     super::json::write_event(&mut bytes, ev, "", "", &ev.extra.canonical_json());
     super::json::hex128(&Sha256::digest(&bytes))
 }
