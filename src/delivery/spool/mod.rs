@@ -816,7 +816,7 @@ mod tests {
         assert_eq!(spool.pending()["up"], n as u64);
         assert_eq!(spool.submit(envelope(7), targets.clone()).await, Ok(Accepted::Duplicate), "the old dedup rows");
         assert_eq!(spool.submit(envelope(n), targets.clone()).await, Ok(Accepted::New));
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
 
         // Again: the ids of both dedup tables are read back; then everything drains.
@@ -847,7 +847,7 @@ mod tests {
         assert_eq!(spool.submit(envelope(3), targets.clone()).await, Ok(Accepted::Duplicate));
         wait("the healthy sink", || up.got.lock().unwrap().len() >= n).await;
         assert_eq!(spool.pending()["down"], n as u64);
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_millis(200)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
 
         // Restart: the backlog is only on disk now; more arrives while it is read back.
@@ -865,7 +865,22 @@ mod tests {
             got.len() == total
         })
         .await;
-        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        for _ in 0..1500 {
+            if spool.pending().values().all(|p| *p == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !spool.pending().values().all(|p| *p == 0) {
+            let db = spool.shared.db().unwrap();
+            let rows = store::pending_len(&db).unwrap();
+            let up_got = up.got.lock().unwrap().len();
+            let down_got = down.got.lock().unwrap().len();
+            panic!(
+                "timed out: an empty spool: pending {:?}, rows on disk {rows}, up got {up_got}, down got {down_got}, total {total}, n {n}",
+                spool.pending()
+            );
+        }
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
         drop(spool);
