@@ -64,12 +64,7 @@ fn a_full_spool_disk_answers_503_and_readyz_says_why_then_everything_resumes_wit
     wait_for("/readyz to say ready again", LIMIT, || router.readyz().0 == 200);
     accepted.extend(post_all(&router, "after", 5));
 
-    sink.set_status(200);
-    wait_for("every accepted event at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
-    wait_for("the backlog to be empty", LIMIT, || {
-        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
-    });
-    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+    all_delivered(&setup, &router, &sink, &accepted, LIMIT);
 }
 
 #[test]

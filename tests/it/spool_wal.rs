@@ -207,23 +207,12 @@ fn a_write_ahead_append_on_a_full_disk_answers_503_heals_and_loses_nothing() {
     assert!(log.contains("write-ahead file write") || log.contains("write-ahead file fdatasync"), "{log}");
 
     fs.free();
-    let mut n = 0;
-    wait_for("webhooks accepted again, without a restart", LIMIT, || {
-        n += 1;
-        let a = router.post(&payload("freed", n));
-        (a.status == 202).then(|| accepted.insert(a.id())).is_some()
-    });
-    accepted.extend(post_all(&router, "after", 5));
+    accepted_again(&router, &mut accepted, LIMIT);
     // The heal wrote what the reopen rolled back (acknowledged through the write-ahead file)
     // back into redb: a crash now loses none of it.
     router.kill9();
     let router = setup.start();
-    sink.set_status(200);
-    wait_for("every accepted event at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
-    wait_for("the backlog to be empty", LIMIT, || {
-        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
-    });
-    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+    all_delivered(&setup, &router, &sink, &accepted, LIMIT);
 }
 
 #[test]
@@ -257,21 +246,10 @@ fn a_full_disk_under_a_preallocated_write_ahead_file_fails_the_checkpoint_heals_
     assert!(refused, "the spool never refused on a full disk");
     assert_eq!(router.readyz().0, 503);
     fs.free();
-    let mut n = 0;
-    wait_for("webhooks accepted again, without a restart", LIMIT, || {
-        n += 1;
-        let a = router.post(&payload("freed", n));
-        (a.status == 202).then(|| accepted.insert(a.id())).is_some()
-    });
-    accepted.extend(post_all(&router, "after", 5));
+    accepted_again(&router, &mut accepted, LIMIT);
     router.kill9();
     let router = setup.start();
-    sink.set_status(200);
-    wait_for("every accepted event at the sink", LIMIT, || sink.received_set().is_superset(&accepted));
-    wait_for("the backlog to be empty", LIMIT, || {
-        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
-    });
-    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+    all_delivered(&setup, &router, &sink, &accepted, LIMIT);
 }
 
 /// Deliveries done (rows of `Done` bookkeeping) in the write-ahead file's log, whether `seq`

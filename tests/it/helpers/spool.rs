@@ -591,3 +591,26 @@ pub fn http_routes(sinks: &[(&str, String)]) -> String {
 pub fn assert_path_exists(p: &Path) {
     assert!(p.exists(), "{} should exist", p.display());
 }
+
+/// After a full disk was freed: webhooks are taken again without a restart (each 202 joins
+/// `accepted`), then five more.
+pub fn accepted_again(router: &Router, accepted: &mut BTreeSet<String>, limit: Duration) {
+    let mut n = 0;
+    wait_for("webhooks accepted again, without a restart", limit, || {
+        n += 1;
+        let a = router.post(&payload("freed", n));
+        (a.status == 202).then(|| accepted.insert(a.id())).is_some()
+    });
+    accepted.extend(post_all(router, "after", 5));
+}
+
+/// The sink `crm` comes back: every accepted event reaches it, its backlog empties, and
+/// nothing was dead-lettered.
+pub fn all_delivered(setup: &Setup, router: &Router, sink: &SinkServer, accepted: &BTreeSet<String>, limit: Duration) {
+    sink.set_status(200);
+    wait_for("every accepted event at the sink", limit, || sink.received_set().is_superset(accepted));
+    wait_for("the backlog to be empty", limit, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+    });
+    assert!(setup.dead_letters().is_empty(), "{:?}", setup.dead_letters());
+}
