@@ -890,6 +890,52 @@ mod tests {
         assert_eq!(store::next_seq(&db).unwrap(), total as u64, "seqs are not reused after the checkpoint");
     }
 
+    /// The writer counts an event's pending pairs just after its commit. A drain reading the
+    /// sink's backlog back from disk at that moment sees the new row, and may deliver and
+    /// finish it before it is counted: the count must still come out at the rows on disk (it
+    /// stayed 1 above them for good, and the wait for an empty spool timed out under load).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_read_back_before_the_writer_counts_it_leaves_the_pending_count_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let sink = fake("s", true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        // A backlog on disk for a paused sink: after the restart its drain reads it back.
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        spool.set_paused("s", true).await.unwrap();
+        assert_eq!(spool.submit(envelope(0), t.clone()).await, Ok(Accepted::New));
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let q = spool.registry.queue("s");
+        assert_eq!(q.pending(), 1);
+
+        // The writer commits event 1, then waits for the registry before counting it.
+        let held = spool.registry.hold();
+        let submit = tokio::spawn({
+            let (spool, t) = (spool.clone(), t.clone());
+            async move { spool.submit(envelope(1), t).await }
+        });
+        let rows = || store::pending_len(&spool.shared.db().unwrap()).unwrap();
+        wait("the commit of event 1", || rows() == 2).await;
+        // Meanwhile the drain reads both rows back and delivers them (resumed in memory only:
+        // the writer, which would record the resume, is waiting).
+        q.set_paused(false);
+        wait("both deliveries", || sink.got.lock().unwrap().len() == 2).await;
+        drop(held);
+        assert_eq!(submit.await.unwrap(), Ok(Accepted::New));
+        wait("the deliveries recorded", || rows() == 0).await;
+        assert_eq!(spool.pending()["s"], 0, "the count matches the rows on disk");
+        assert_eq!(*sink.got.lock().unwrap(), [envelope(0).event.id, envelope(1).event.id], "each once");
+        spool.set_paused("s", false).await.unwrap();
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.pending()["s"], 0);
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
     /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.
     pub(super) struct Tmpfs(pub(super) tempfile::TempDir);
 
