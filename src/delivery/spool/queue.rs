@@ -89,7 +89,18 @@ struct QState {
     spilled: bool,
     /// Bumped whenever work goes to disk only; a load that raced with that must not clear `spilled`.
     spill_gen: u64,
-    pending: u64,
+    /// Pending pairs: those on disk at the start, plus those the writer counted since
+    /// ([`SinkQueue::enqueue`], [`SinkQueue::add_on_disk`]), less those finished. Signed: the
+    /// writer counts a pair just after its commit, and a drain reading the backlog back from
+    /// disk in between may deliver and finish it first, so this dips below 0 until the count
+    /// arrives (read as 0; clamping it instead left it 1 above the rows on disk for good).
+    pending: i64,
+}
+
+impl QState {
+    fn pending(&self) -> u64 {
+        self.pending.max(0) as u64
+    }
 }
 
 pub(crate) struct SinkQueue {
@@ -117,7 +128,7 @@ impl SinkQueue {
                 cursor: None,
                 spilled: on_disk > 0,
                 spill_gen: 0,
-                pending: on_disk,
+                pending: on_disk as i64,
             }),
             wake: Notify::new(),
             status: AtomicU8::new(if on_disk > 0 { BUSY } else { IDLE }),
@@ -157,7 +168,7 @@ impl SinkQueue {
         {
             let mut s = self.lock();
             s.pending += 1;
-            crate::metrics::spool_pending(&self.name, s.pending);
+            crate::metrics::spool_pending(&self.name, s.pending());
             let full = !s.mem.is_empty() && (s.mem.len() >= WINDOW || s.mem_bytes + weight > WINDOW_BYTES);
             if s.spilled || full {
                 s.spilled = true;
@@ -176,8 +187,8 @@ impl SinkQueue {
     pub fn add_on_disk(&self, n: u64) {
         {
             let mut s = self.lock();
-            s.pending += n;
-            crate::metrics::spool_pending(&self.name, s.pending);
+            s.pending += n as i64;
+            crate::metrics::spool_pending(&self.name, s.pending());
             s.spilled = true;
             s.spill_gen += 1;
         }
@@ -186,7 +197,7 @@ impl SinkQueue {
     }
 
     pub fn pending(&self) -> u64 {
-        self.lock().pending
+        self.lock().pending()
     }
 
     pub fn status(&self) -> u8 {
@@ -264,8 +275,8 @@ impl SinkQueue {
 
     fn finished(&self, n: u64) {
         let mut s = self.lock();
-        s.pending = s.pending.saturating_sub(n);
-        crate::metrics::spool_pending(&self.name, s.pending);
+        s.pending -= n as i64;
+        crate::metrics::spool_pending(&self.name, s.pending());
     }
 
     /// When work is waiting on disk: (load after this seq, spill generation).
