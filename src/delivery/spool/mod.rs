@@ -261,6 +261,8 @@ const AUDIT_CHUNK: usize = 8192;
 /// records (kept, never delivered, dead-lettered as stored when their sink reaches them) and
 /// records no sink refers to. Gives up quietly when the spool closes.
 fn audit(shared: &Shared, sinks: &[String], end: u64) {
+    #[cfg(test)]
+    tests::late_audit(shared);
     let started = Instant::now();
     let (mut from, mut first, mut unreadable, mut orphans) = (0u64, None, 0usize, 0usize);
     loop {
@@ -934,6 +936,40 @@ mod tests {
         let spool = Spool::open(&cfg, &sinks).await.unwrap();
         assert_eq!(spool.pending()["s"], 0);
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    /// Spool files whose `spool-audit` thread runs late: not before the spool stops (as a
+    /// thread the scheduler left waiting under load), and a little after.
+    static LATE_AUDIT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(super) fn late_audit(shared: &Shared) {
+        if !LATE_AUDIT.lock().unwrap().contains(&shared.path) {
+            return;
+        }
+        while !*shared.stop.borrow() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// Under load the `spool-audit` thread may not run at all before the spool stops, and it
+    /// holds the file until it returns: a shutdown that returned first left the file open, and
+    /// a reopen right after was refused as in use (the tests that restart a spool, in CI and
+    /// in loops under load).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_opens_again_right_after_its_shutdown_even_when_its_audit_runs_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        LATE_AUDIT.lock().unwrap().push(cfg.spool_dir.join(store::FILE_NAME));
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.submit(envelope(0), vec![sink.clone()]).await, Ok(Accepted::New));
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.expect("opens again at once");
+        assert_eq!(spool.pending()["s"], 1);
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
     }
 
     /// A small tmpfs (the tests run as root, as `.ci/run` does), unmounted when dropped.
