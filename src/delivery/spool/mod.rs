@@ -112,6 +112,8 @@ pub struct Spool {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Resolves when the writer thread has returned.
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Resolves when the `spool-audit` thread has returned and let go of the file.
+    audit_done: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 /// Opens the spool under `cfg.spool_dir`, resumes what it holds, and starts a drain task per sink.
@@ -227,9 +229,13 @@ impl Spool {
                 source,
             })?;
         let sh = shared.clone();
-        if let Err(e) =
-            std::thread::Builder::new().name("spool-audit".into()).spawn(move || audit(&sh, &audit_sinks, audited))
-        {
+        let (audit_tx, audit_rx) = oneshot::channel();
+        if let Err(e) = std::thread::Builder::new().name("spool-audit".into()).spawn(move || {
+            audit(&sh, &audit_sinks, audited);
+            // The file is let go of before the shutdown is told.
+            drop(sh);
+            let _ = audit_tx.send(());
+        }) {
             tracing::warn!(error = %e, "spool: cannot start the check of the event records; damaged records are still found when their sink reaches them");
         }
         Ok(Arc::new(Spool {
@@ -238,6 +244,7 @@ impl Spool {
             closing: AtomicBool::new(false),
             writer_thread: Mutex::new(Some(thread)),
             writer_done: Mutex::new(Some(done_rx)),
+            audit_done: Mutex::new(Some(audit_rx)),
         }))
     }
 
@@ -413,6 +420,15 @@ impl Delivery for Spool {
             let _ = self.shared.stop.send(true);
             for task in self.registry.take_tasks() {
                 let _ = tokio::time::timeout_at(deadline, task).await;
+            }
+            // The audit returns at its next snapshot (it may not even have started, on a
+            // loaded machine); until then it holds the file, and a spool opened again on it
+            // right after this returns would find it in use.
+            let audit = self.audit_done.lock().expect("audit done lock").take();
+            if let Some(done) = audit {
+                if tokio::time::timeout_at(deadline, done).await.is_err() {
+                    tracing::warn!(file = %self.shared.path.display(), "spool: the check of the event records did not stop before the shutdown deadline; leaving it");
+                }
             }
             // The writer commits what the drains reported, then stops. A disk that hangs must
             // not hold the process past the deadline: the thread is then left behind (what it
