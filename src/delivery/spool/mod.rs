@@ -930,7 +930,15 @@ mod tests {
         assert_eq!(q.pending(), 1);
 
         // The writer commits event 1, then waits for the registry before counting it.
-        let held = spool.registry.hold();
+        let (release, released) = mpsc::channel::<()>();
+        let (holding, held) = mpsc::channel();
+        let registry = spool.registry.clone();
+        let holder = std::thread::spawn(move || {
+            let _lock = registry.hold();
+            holding.send(()).unwrap();
+            let _ = released.recv();
+        });
+        held.recv().unwrap();
         let submit = tokio::spawn({
             let (spool, t) = (spool.clone(), t.clone());
             async move { spool.submit(envelope(1), t).await }
@@ -941,7 +949,8 @@ mod tests {
         // the writer, which would record the resume, is waiting).
         q.set_paused(false);
         wait("both deliveries", || sink.got.lock().unwrap().len() == 2).await;
-        drop(held);
+        release.send(()).unwrap();
+        holder.join().unwrap();
         assert_eq!(submit.await.unwrap(), Ok(Accepted::New));
         wait("the deliveries recorded", || rows() == 0).await;
         assert_eq!(spool.pending()["s"], 0, "the count matches the rows on disk");
