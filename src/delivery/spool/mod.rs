@@ -900,7 +900,7 @@ mod tests {
             );
         }
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
@@ -1072,7 +1072,7 @@ mod tests {
         wait("everything delivered", || sink.got.lock().unwrap().len() == accepted + 3).await;
         wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
@@ -1142,7 +1142,7 @@ mod tests {
         let st = &spool.sink_states()["s"];
         assert!(st.paused && st.pending == 3 && st.oldest_pending.is_some(), "{st:?}");
         // A paused sink does not hold the shutdown.
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
 
         let spool = Spool::open(&cfg, &sinks).await.unwrap();
@@ -1153,7 +1153,7 @@ mod tests {
         wait("the backlog", || sink.got.lock().unwrap().len() == 3).await;
         wait("an empty spool", || spool.pending()["s"] == 0).await;
         assert_eq!(spool.sink_states()["s"], SinkState::default());
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
         drop(spool);
         let spool = Spool::open(&cfg, &sinks).await.unwrap();
         assert!(!spool.sink_states()["s"].paused, "the resume was kept too");
