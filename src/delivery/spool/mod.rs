@@ -421,15 +421,6 @@ impl Delivery for Spool {
             for task in self.registry.take_tasks() {
                 let _ = tokio::time::timeout_at(deadline, task).await;
             }
-            // The audit returns at its next snapshot (it may not even have started, on a
-            // loaded machine); until then it holds the file, and a spool opened again on it
-            // right after this returns would find it in use.
-            let audit = self.audit_done.lock().expect("audit done lock").take();
-            if let Some(done) = audit {
-                if tokio::time::timeout_at(deadline, done).await.is_err() {
-                    tracing::warn!(file = %self.shared.path.display(), "spool: the check of the event records did not stop before the shutdown deadline; leaving it");
-                }
-            }
             // The writer commits what the drains reported, then stops. A disk that hangs must
             // not hold the process past the deadline: the thread is then left behind (what it
             // did not commit repeats after the restart, which at-least-once allows).
@@ -440,6 +431,16 @@ impl Delivery for Spool {
                     tracing::error!(file = %self.shared.path.display(), "spool writer did not stop before the shutdown deadline; leaving it");
                 } else if let Some(thread) = self.writer_thread.lock().expect("writer thread lock").take() {
                     let _ = thread.join();
+                }
+            }
+            // After the writer's last commit, which comes first: the audit returns at its next
+            // snapshot (on a loaded machine it may not even have started); until then it holds
+            // the file, and a spool opened again on it right after this returns would find it
+            // in use.
+            let audit = self.audit_done.lock().expect("audit done lock").take();
+            if let Some(done) = audit {
+                if tokio::time::timeout_at(deadline, done).await.is_err() {
+                    tracing::warn!(file = %self.shared.path.display(), "spool: the check of the event records did not stop before the shutdown deadline; leaving it");
                 }
             }
             let left: BTreeMap<String, u64> = self.pending().into_iter().filter(|(_, n)| *n > 0).collect();
