@@ -89,7 +89,18 @@ struct QState {
     spilled: bool,
     /// Bumped whenever work goes to disk only; a load that raced with that must not clear `spilled`.
     spill_gen: u64,
-    pending: u64,
+    /// Pending pairs: those on disk at the start, plus those the writer counted since
+    /// ([`SinkQueue::enqueue`], [`SinkQueue::add_on_disk`]), less those finished. Signed: the
+    /// writer counts a pair just after its commit, and a drain reading the backlog back from
+    /// disk in between may deliver and finish it first, so this dips below 0 until the count
+    /// arrives (read as 0; clamping it instead left it 1 above the rows on disk for good).
+    pending: i64,
+}
+
+impl QState {
+    fn pending(&self) -> u64 {
+        self.pending.max(0) as u64
+    }
 }
 
 pub(crate) struct SinkQueue {
@@ -117,7 +128,7 @@ impl SinkQueue {
                 cursor: None,
                 spilled: on_disk > 0,
                 spill_gen: 0,
-                pending: on_disk,
+                pending: on_disk as i64,
             }),
             wake: Notify::new(),
             status: AtomicU8::new(if on_disk > 0 { BUSY } else { IDLE }),
@@ -157,7 +168,7 @@ impl SinkQueue {
         {
             let mut s = self.lock();
             s.pending += 1;
-            crate::metrics::spool_pending(&self.name, s.pending);
+            crate::metrics::spool_pending(&self.name, s.pending());
             let full = !s.mem.is_empty() && (s.mem.len() >= WINDOW || s.mem_bytes + weight > WINDOW_BYTES);
             if s.spilled || full {
                 s.spilled = true;
@@ -176,8 +187,8 @@ impl SinkQueue {
     pub fn add_on_disk(&self, n: u64) {
         {
             let mut s = self.lock();
-            s.pending += n;
-            crate::metrics::spool_pending(&self.name, s.pending);
+            s.pending += n as i64;
+            crate::metrics::spool_pending(&self.name, s.pending());
             s.spilled = true;
             s.spill_gen += 1;
         }
@@ -186,7 +197,7 @@ impl SinkQueue {
     }
 
     pub fn pending(&self) -> u64 {
-        self.lock().pending
+        self.lock().pending()
     }
 
     pub fn status(&self) -> u8 {
@@ -264,8 +275,8 @@ impl SinkQueue {
 
     fn finished(&self, n: u64) {
         let mut s = self.lock();
-        s.pending = s.pending.saturating_sub(n);
-        crate::metrics::spool_pending(&self.name, s.pending);
+        s.pending -= n as i64;
+        crate::metrics::spool_pending(&self.name, s.pending());
     }
 
     /// When work is waiting on disk: (load after this seq, spill generation).
@@ -331,6 +342,13 @@ impl Registry {
 
     pub fn all(&self) -> Vec<Arc<SinkQueue>> {
         self.queues.lock().expect("queues lock").values().cloned().collect()
+    }
+
+    /// Holds the registry's lock: the writer then stops between a commit and counting its
+    /// new pending pairs (for tests of that moment).
+    #[cfg(test)]
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SinkQueue>>> {
+        self.queues.lock().expect("queues lock")
     }
 
     pub fn take_tasks(&self) -> Vec<JoinHandle<()>> {
@@ -753,6 +771,29 @@ mod tests {
         let big = SinkQueue::new("t", 0, false);
         big.enqueue(0, env, WINDOW_BYTES * 4);
         assert_eq!(big.lock().mem.len(), 1);
+    }
+
+    /// The writer counts a new pending pair (`enqueue`) just after its commit; a drain that
+    /// reads the sink's backlog back from disk in between sees the row already, and may
+    /// deliver and finish it first. The count must come out exact all the same (it once
+    /// stayed above 0 for good: a finish below 0 was clamped, the late count was not).
+    #[test]
+    fn a_pair_finished_before_the_writer_counts_it_leaves_the_count_exact() {
+        let body = br#"{"type":"payment"}"#;
+        let ev = crate::event::normalise(body, None, &Default::default(), chrono::Utc::now()).unwrap();
+        let env = Arc::new(Envelope::new(ev, bytes::Bytes::from_static(body)));
+        // One pair on disk at the start; seq 1 committed meanwhile, not counted yet.
+        let q = SinkQueue::new("s", 1, false);
+        let (after, gen) = q.needs_load().unwrap();
+        assert_eq!(after, None);
+        q.loaded(vec![(0, 0), (1, 0)], gen, true);
+        let batch = q.take(CONCURRENCY);
+        assert_eq!(batch.iter().map(|it| it.seq).collect::<Vec<_>>(), [0, 1]);
+        q.finished(batch.len() as u64);
+        // The writer's count of seq 1 arrives now: not queued again, and nothing is left.
+        q.enqueue(1, env, 10);
+        assert_eq!(q.pending(), 0);
+        assert!(q.lock().mem.is_empty() && q.needs_load().is_none());
     }
 
     #[test]
