@@ -92,6 +92,9 @@ struct Queue {
     /// Tests: make every `fdatasync` fail (EIO).
     #[cfg(test)]
     fail_sync: std::sync::atomic::AtomicBool,
+    /// Tests: while `true`, the sync threads wait before each `fdatasync`.
+    #[cfg(test)]
+    hold_syncs: (Mutex<bool>, Condvar),
 }
 
 struct Pending {
@@ -197,6 +200,8 @@ impl FileSink {
             failing: Default::default(),
             #[cfg(test)]
             fail_sync: Default::default(),
+            #[cfg(test)]
+            hold_syncs: Default::default(),
         });
         let (writer, fsync) = (queue.clone(), c.fsync);
         let start_error = |e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e);
@@ -221,6 +226,14 @@ impl FileSink {
     #[cfg(test)]
     pub(crate) fn fail_syncs(&self, fail: bool) {
         self.queue.fail_sync.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes the sync threads wait before each `fdatasync` (or go on again).
+    #[cfg(test)]
+    pub(crate) fn hold_syncs(&self, hold: bool) {
+        let (held, changed) = &self.queue.hold_syncs;
+        *held.lock().unwrap() = hold;
+        changed.notify_all();
     }
 
     /// Appends the line for `env` and its newline to `buf`: the event's JSON as the envelope
@@ -568,6 +581,14 @@ fn write_loop(queue: &Queue, fsync: bool, lanes: Vec<std::sync::mpsc::Sender<Syn
 /// description: sharing one between concurrent syncs could let one of them miss it).
 fn sync_loop(queue: &Queue, jobs: std::sync::mpsc::Receiver<SyncJob>) {
     while let Ok(job) = jobs.recv() {
+        #[cfg(test)]
+        {
+            let (held, changed) = &queue.hold_syncs;
+            let mut h = held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            while *h {
+                h = changed.wait(h).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
         let r = if job.fail { Err(io::Error::from_raw_os_error(libc::EIO)) } else { job.fd.sync_data() };
         complete(queue, job.seq, job.file, r.map_err(|e| SinkError::caused_by(ErrorKind::Retryable, "fdatasync", e)));
     }
@@ -1004,6 +1025,64 @@ mod tests {
                 .collect();
             assert_eq!(ns, (0..60).filter(|n| n % 3 == c).collect::<Vec<_>>(), "c{c}: arrival order");
         }
+    }
+
+    /// Waits (without a deadline of its own) until the sink has written `n` groups.
+    async fn groups_reach(sink: &FileSink, n: u64) {
+        while sink.groups_written() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_are_written_while_earlier_ones_sync_and_a_failed_sync_fails_its_lines_and_the_later_ones_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let sink = Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
+        let deliver = |n: usize| {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
+        };
+        deliver(0).await.unwrap().unwrap();
+        let confirmed = std::fs::read(&path).unwrap();
+
+        sink.hold_syncs(true);
+        let g = sink.groups_written();
+        // Group 1 syncs fine, group 2's sync fails, group 3 (written after it) syncs fine.
+        let one = deliver(1);
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 1)).await.unwrap();
+        sink.fail_syncs(true);
+        let two = deliver(2);
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 2)).await.unwrap();
+        sink.fail_syncs(false);
+        let three = deliver(3);
+        // Written while the syncs before it are held: the writer does not wait for them.
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 3)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4, "all three groups are written");
+        tokio::task::yield_now().await;
+        assert!(!one.is_finished() && !two.is_finished() && !three.is_finished(), "nothing is confirmed before its sync");
+
+        sink.hold_syncs(false);
+        let (one, two, three) = (one.await.unwrap(), two.await.unwrap(), three.await.unwrap());
+        one.expect("the group synced before the failed one is confirmed");
+        let err = two.expect_err("its own sync failed");
+        assert!(!err.is_permanent() && err.message.contains("fdatasync"), "{err}");
+        let err = three.expect_err("written after the failed group: cut back with it");
+        assert!(!err.is_permanent() && err.message.contains("write"), "{err}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ns: Vec<i64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["extra"]["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, [0, 1], "cut back to the failed group's start: the confirmed lines stay, no other");
+        assert!(text.as_bytes().starts_with(&confirmed));
+
+        // The retries land after the confirmed lines.
+        for n in [2, 3] {
+            deliver(n).await.unwrap().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 4);
     }
 
     #[tokio::test]
