@@ -1038,7 +1038,8 @@ mod tests {
     async fn groups_are_written_while_earlier_ones_sync_and_a_failed_sync_fails_its_lines_and_the_later_ones_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let sink = Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
+        let sink =
+            Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
         let deliver = |n: usize| {
             let sink = sink.clone();
             tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
@@ -1060,7 +1061,10 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 3)).await.unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4, "all three groups are written");
         tokio::task::yield_now().await;
-        assert!(!one.is_finished() && !two.is_finished() && !three.is_finished(), "nothing is confirmed before its sync");
+        assert!(
+            !one.is_finished() && !two.is_finished() && !three.is_finished(),
+            "nothing is confirmed before its sync"
+        );
 
         sink.hold_syncs(false);
         let (one, two, three) = (one.await.unwrap(), two.await.unwrap(), three.await.unwrap());
