@@ -423,7 +423,7 @@ struct Slot {
     results: Vec<Option<Result<(), SinkError>>>,
     /// Per file of the group that was written and is being synced: the file and where the
     /// group's bytes start in it.
-    spans: Vec<Option<(Arc<Path>, Arc<File>, u64)>>,
+    spans: Vec<Option<Span>>,
     /// Syncs of this group not ended yet.
     remaining: usize,
 }
@@ -432,6 +432,15 @@ impl Slot {
     fn answer(self) {
         self.done.finish(self.results.into_iter().map(|r| r.unwrap_or_else(|| Err(stopped()))).collect());
     }
+}
+
+/// A group's bytes in one file: the file (the writer's open file description) and where
+/// they start.
+#[derive(Clone)]
+struct Span {
+    path: Arc<Path>,
+    file: Arc<File>,
+    start: u64,
 }
 
 /// One `fdatasync` for a sync thread: file `file` of group `seq`, on that thread's own open
@@ -532,7 +541,7 @@ fn write_loop(queue: &Queue, fsync: bool, lanes: Vec<std::sync::mpsc::Sender<Syn
             match write(&mut files, path, bytes, fsync, lane) {
                 Ok(Some(w)) => {
                     jobs.push(SyncJob { seq, file: i, fd: w.sync, fail: fail_sync });
-                    spans.push(Some((path.clone(), w.file, w.start)));
+                    spans.push(Some(Span { path: path.clone(), file: w.file, start: w.start }));
                     results.push(None);
                 }
                 Ok(None) => {
@@ -607,17 +616,17 @@ fn complete(queue: &Queue, seq: u64, file: usize, r: Result<(), SinkError>) {
         };
         let span = slot.spans.get(file).cloned().flatten();
         let r = r.map_err(|e| match &span {
-            Some((path, _, _)) => SinkError { message: format!("write {}: {}", path.display(), e.message), ..e },
+            Some(span) => SinkError { message: format!("write {}: {}", span.path.display(), e.message), ..e },
             None => e,
         });
         if let Some(res) = slot.results.get_mut(file) {
             *res = Some(r);
         }
         slot.remaining = slot.remaining.saturating_sub(1);
-        if let (true, Some((path, fd, start))) = (failed, span) {
-            let cut = f.failed.entry(path).or_insert((fd, start));
-            if start < cut.1 {
-                cut.1 = start;
+        if let (true, Some(span)) = (failed, span) {
+            let cut = f.failed.entry(span.path).or_insert((span.file, span.start));
+            if span.start < cut.1 {
+                cut.1 = span.start;
             }
             queue.failing.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -660,7 +669,7 @@ fn settle<'a>(
     }
     for mut slot in slots {
         for (res, span) in slot.results.iter_mut().zip(&slot.spans) {
-            let Some((path, _, start)) = span else { continue };
+            let Some(Span { path, start, .. }) = span else { continue };
             let cut = failed.get(path).is_some_and(|(_, len)| start >= len);
             if cut && !matches!(res, Some(Err(_))) {
                 *res = Some(Err(SinkError::retryable(format!(
