@@ -65,8 +65,8 @@ const KEEP_BUFFER: usize = 1 << 20;
 /// one `write` and one `fdatasync` (group commit), and only then confirms every delivery of
 /// the group with that file's result: all of them, or none. Lines that arrive meanwhile form
 /// the next group. With `fsync = true` the `fdatasync`s run on sync threads, up to
-/// [`SYNCS_IN_FLIGHT`] groups at once, so the writer writes the next group while the earlier
-/// ones sync; groups are still confirmed in order (see [`Flight`]).
+/// `SYNCS_IN_FLIGHT` (3) groups at once, so the writer writes the next group while the earlier
+/// ones sync; groups are still confirmed in order.
 pub struct FileSink {
     name: String,
     path: Template,
