@@ -382,8 +382,8 @@ impl Sink for FileSink {
 /// With `fsync = true`, groups whose `fdatasync` may run at the same time, each on its own
 /// sync thread and its own open file description of the file. On this VM's ext4 disk
 /// concurrent `fdatasync`s of one file finished several times as many syncs a second as
-/// one after the other (docs/performance.md, "third round"): while group N syncs, the
-/// writer writes group N+1 and hands it to the next sync thread instead of waiting.
+/// one after the other (docs/performance.md, "Direct mode and the file sink, third round"):
+/// while group N syncs, the writer writes group N+1 and hands it to the next sync thread.
 const SYNCS_IN_FLIGHT: usize = 3;
 
 /// Groups written with `fsync = true` and not answered yet, oldest first. A group is answered
