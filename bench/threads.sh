@@ -18,6 +18,10 @@
 #              for the file sink's table (e.g. "concurrency = 64", the drain's round size),
 #              BENCH_BACKLOG=1: the sink is paused while wrk runs, then resumed; the numbers are
 #              those of draining that backlog (full rounds), with its rate in events/s.
+#              BENCH_MODE=direct: direct mode instead of spool mode (bench/run.sh's direct-file
+#              row; with BENCH_SINK_OPTIONS="fsync = false" its direct-file-os row);
+#              BENCH_MODE=unrouted: direct mode, a route that matches nothing (events = requests).
+# Also printed: every syscall (raw_syscalls:sys_enter) and involuntary switch per event.
 # Loopback only. Needs wrk; perf is optional (for the fdatasync counts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,8 +72,7 @@ control_socket = "$WORK/control.sock"
 [auth]
 secrets = ["$SECRET"]
 [delivery]
-mode = "spool"
-spool_dir = "$WORK/spool"
+$(if [ "${BENCH_MODE:-spool}" = spool ]; then printf 'mode = "spool"\nspool_dir = "%s/spool"' "$WORK"; else echo 'mode = "direct"'; fi)
 dead_letter_file = "$WORK/dead-letter.jsonl"
 shutdown_timeout = "2s"
 [log]
@@ -83,6 +86,7 @@ ${BENCH_SINK_OPTIONS:-}
 
 [[routes]]
 name = "everything"
+$([ "${BENCH_MODE:-spool}" != unrouted ] || echo 'when = { type = "no-such-type" }')
 to = ["out"]
 EOF
 
@@ -100,13 +104,13 @@ sleep 0.5
 
 lines() { if [ -f "$WORK/events.jsonl" ]; then wc -l <"$WORK/events.jsonl"; else echo 0; fi; }
 
-# One line per thread: tid name cpu_ns voluntary_switches
+# One line per thread: tid name cpu_ns voluntary_switches involuntary_switches
 snapshot() {
   local t name cpu vol
   for t in /proc/"$PID"/task/*; do
     name=$(tr ' ' '_' <"$t/comm" 2>/dev/null) || continue
     cpu=$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null) || continue
-    vol=$(awk '/^voluntary_ctxt_switches/ { print $2 }' "$t/status" 2>/dev/null) || continue
+    vol=$(awk '/^voluntary_ctxt_switches/ { v = $2 } /^nonvoluntary_ctxt_switches/ { n = $2 } END { print v, n }' "$t/status" 2>/dev/null) || continue
     echo "${t##*/} $name $cpu $vol"
   done
 }
@@ -118,7 +122,7 @@ start_counting() {
   L0=$(lines)
   snapshot >"$WORK/before.txt"
   if command -v perf >/dev/null; then
-    perf stat --per-thread -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
+    perf stat --per-thread -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync,raw_syscalls:sys_enter \
       -p "$PID" -o "$WORK/perf.txt" >/dev/null 2>&1 &
     PERF=$!
     sleep 0.2
@@ -149,6 +153,9 @@ if [ -n "$PERF" ]; then
   PERF=""
 fi
 EVENTS=$(($(lines) - L0))
+if [ "${BENCH_MODE:-spool}" = unrouted ]; then
+  EVENTS=$(grep '^WEBIO_BENCH' "$WORK/wrk.txt" | tail -1 | tr ' ' '\n' | sed -n 's/^requests=//p')
+fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$EVENTS" -gt 0 ] || { say "no event was delivered: $(tail -3 "$WORK/router.log")"; exit 1; }
 
@@ -156,7 +163,7 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 SYNCS=$WORK/syncs.txt
 : >"$SYNCS"
 if [ -s "$WORK/perf.txt" ]; then
-  awk -F, '$4 ~ /sys_enter_f(data)?sync/ && $2 ~ /^[0-9]+$/ { n = split($1, a, "-"); print a[n], $2 }' \
+  awk -F, '$4 ~ /sys_enter/ && $2 ~ /^[0-9]+$/ { n = split($1, a, "-"); print a[n], $2, ($4 ~ /raw_syscalls/ ? "all" : "sync") }' \
     "$WORK/perf.txt" >"$SYNCS"
 fi
 
@@ -169,20 +176,22 @@ if [ "$BACKLOG" = 1 ]; then
   echo "backlog drained (sink paused during wrk, then resumed): $(awk -v n="$EVENTS" -v us=$((10#$T1 - 10#$T0)) 'BEGIN { printf "%.0f events/s (%.2f s)", n / (us / 1e6), us / 1e6 }')"
 fi
 echo
-echo "| thread | threads | CPU µs/event | voluntary switches/event | fdatasync+fsync/event |"
-echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| thread | threads | CPU µs/event | voluntary switches/event | involuntary/event | syscalls/event | fdatasync+fsync/event |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 awk -v events="$EVENTS" -v perf="$([ -s "$WORK/perf.txt" ] && echo 1 || echo 0)" '
-  FILENAME == ARGV[1] { cpu0[$1] = $3; vol0[$1] = $4; next }
+  FILENAME == ARGV[1] { cpu0[$1] = $3; vol0[$1] = $4; inv0[$1] = $5; next }
   FILENAME == ARGV[2] {
     name = $2
     if (name ~ /^tokio-r/) name = "tokio workers"
-    cpu[name] += $3 - cpu0[$1]; vol[name] += $4 - vol0[$1]; count[name]++; group[$1] = name
+    cpu[name] += $3 - cpu0[$1]; vol[name] += $4 - vol0[$1]; inv[name] += $5 - inv0[$1]; count[name]++; group[$1] = name
     next
   }
-  { syncs[group[$1]] += $2 }
+  $3 == "sync" { syncs[group[$1]] += $2 }
+  $3 == "all" { calls[group[$1]] += $2 }
   END {
     for (name in cpu) {
       s = perf ? sprintf("%.3f", syncs[name] / events) : "-"
-      printf "| %s | %d | %.1f | %.3f | %s |\n", name, count[name], cpu[name] / 1000 / events, vol[name] / events, s
+      c = perf ? sprintf("%.2f", calls[name] / events) : "-"
+      printf "| %s | %d | %.2f | %.3f | %.3f | %s | %s |\n", name, count[name], cpu[name] / 1000 / events, vol[name] / events, inv[name] / events, c, s
     }
   }' "$WORK/before.txt" "$WORK/after.txt" "$SYNCS" | sort -t'|' -k4 -gr

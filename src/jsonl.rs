@@ -86,7 +86,7 @@ impl JsonlFile {
 /// stays behind; the caller should open the file afresh before the next append.
 pub fn append_whole(file: &File, bytes: &[u8], sync: bool) -> io::Result<()> {
     let sync_data: &SyncFn = &File::sync_data;
-    Tail::default().append_reserving(file, bytes, sync.then_some(sync_data), false)
+    Tail::default().append_reserving(file, bytes, sync.then_some(sync_data), false).map(drop)
 }
 
 /// How an append makes its bytes durable: [`File::sync_data`] (tests put a failing one).
@@ -113,14 +113,36 @@ pub struct Tail {
 impl Tail {
     /// [`append_whole`], with blocks reserved ahead, and `sync` (when given) as the sync.
     pub fn append(&mut self, file: &File, bytes: &[u8], sync: Option<&SyncFn>) -> io::Result<()> {
-        self.append_reserving(file, bytes, sync, true)
+        self.append_reserving(file, bytes, sync, true).map(drop)
     }
 
-    fn append_reserving(&mut self, file: &File, bytes: &[u8], sync: Option<&SyncFn>, ahead: bool) -> io::Result<()> {
+    /// [`Tail::append`] without a sync: returns the offset the bytes start at in a regular
+    /// file (the offset to [`Tail::cut`] back to should a later sync fail), `None` in a stream
+    /// (`/dev/stdout`), which can be neither synced nor cut back.
+    pub fn append_unsynced(&mut self, file: &File, bytes: &[u8]) -> io::Result<Option<u64>> {
+        self.append_reserving(file, bytes, None, true)
+    }
+
+    /// Cuts `file` back to `len` (what an append that was not made durable had added, and
+    /// everything after it) and syncs that; the blocks reserved past the end go with it.
+    pub fn cut(&mut self, file: &File, len: u64) -> io::Result<()> {
+        self.reserved = 0;
+        self.len = len;
+        file.set_len(len)?;
+        file.sync_data()
+    }
+
+    fn append_reserving(
+        &mut self,
+        file: &File,
+        bytes: &[u8],
+        sync: Option<&SyncFn>,
+        ahead: bool,
+    ) -> io::Result<Option<u64>> {
         let meta = file.metadata()?;
         if !meta.is_file() {
             // A pipe or a terminal (`/dev/stdout`): a stream can be neither synced nor cut back.
-            return (&*file).write_all(bytes);
+            return (&*file).write_all(bytes).map(|()| None);
         }
         let before = meta.len();
         let end = before.saturating_add(bytes.len() as u64);
@@ -154,7 +176,7 @@ impl Tail {
             return Err(e);
         }
         self.len = end;
-        Ok(())
+        Ok(Some(before))
     }
 }
 

@@ -9,10 +9,10 @@
 use super::{check_template, BoxFuture, ErrorKind, OptionError, Sink, SinkError};
 use crate::event::Envelope;
 use crate::format::Format;
-use crate::jsonl::{open_append, SyncFn, Tail};
+use crate::jsonl::{open_append, Tail};
 use crate::template::{Escape, Template};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::Path;
@@ -64,7 +64,9 @@ const KEEP_BUFFER: usize = 1 << 20;
 /// arrival order); the writer takes the whole group at once, writes each file's buffer with
 /// one `write` and one `fdatasync` (group commit), and only then confirms every delivery of
 /// the group with that file's result: all of them, or none. Lines that arrive meanwhile form
-/// the next group.
+/// the next group. With `fsync = true` the `fdatasync`s run on sync threads, up to
+/// `SYNCS_IN_FLIGHT` (3) groups at once, so the writer writes the next group while the earlier
+/// ones sync; groups are still confirmed in order.
 pub struct FileSink {
     name: String,
     path: Template,
@@ -83,9 +85,18 @@ struct Queue {
     work: Condvar,
     /// Groups written (see [`FileSink::groups_written`]).
     groups: std::sync::atomic::AtomicU64,
+    /// Groups written and being synced (`fsync = true`).
+    flight: Mutex<Flight>,
+    /// Signalled whenever a sync of a group in flight ends.
+    synced: Condvar,
+    /// A sync failed: the writer settles it before it writes anything more.
+    failing: std::sync::atomic::AtomicBool,
     /// Tests: make every `fdatasync` fail (EIO).
     #[cfg(test)]
     fail_sync: std::sync::atomic::AtomicBool,
+    /// Tests: while `true`, the sync threads wait before each `fdatasync`.
+    #[cfg(test)]
+    hold_syncs: (Mutex<bool>, Condvar),
 }
 
 struct Pending {
@@ -186,14 +197,30 @@ impl FileSink {
             }),
             work: Condvar::new(),
             groups: Default::default(),
+            flight: Default::default(),
+            synced: Condvar::new(),
+            failing: Default::default(),
             #[cfg(test)]
             fail_sync: Default::default(),
+            #[cfg(test)]
+            hold_syncs: Default::default(),
         });
         let (writer, fsync) = (queue.clone(), c.fsync);
+        let start_error = |e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e);
+        let mut lanes = Vec::new();
+        for lane in 0..if fsync { SYNCS_IN_FLIGHT } else { 0 } {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let q = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("file-sync-{lane}-{name}"))
+                .spawn(move || sync_loop(&q, rx))
+                .map_err(start_error)?;
+            lanes.push(tx);
+        }
         std::thread::Builder::new()
             .name(format!("file-sink-{name}"))
-            .spawn(move || write_loop(&writer, fsync))
-            .map_err(|e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e))?;
+            .spawn(move || write_loop(&writer, fsync, lanes))
+            .map_err(start_error)?;
         Ok(FileSink { name: name.to_owned(), path, constant, format: c.format, queue, ordering: c.ordering })
     }
 
@@ -201,6 +228,14 @@ impl FileSink {
     #[cfg(test)]
     pub(crate) fn fail_syncs(&self, fail: bool) {
         self.queue.fail_sync.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes the sync threads wait before each `fdatasync` (or go on again).
+    #[cfg(test)]
+    pub(crate) fn hold_syncs(&self, hold: bool) {
+        let (held, changed) = &self.queue.hold_syncs;
+        *held.lock().unwrap() = hold;
+        changed.notify_all();
     }
 
     /// Appends the line for `env` and its newline to `buf`: the event's JSON as the envelope
@@ -344,10 +379,87 @@ impl Sink for FileSink {
     }
 }
 
-/// The writer thread: runs until the sink is dropped and its last group is written.
-fn write_loop(queue: &Queue, fsync: bool) {
-    // Should this thread ever panic, no delivery waits for ever: the group being written and
-    // every later one fail (retryable), as when the writer had stopped.
+/// With `fsync = true`, groups whose `fdatasync` may run at the same time, each on its own
+/// sync thread and its own open file description of the file. On this VM's ext4 disk
+/// concurrent `fdatasync`s of one file finished several times as many syncs a second as
+/// one after the other (docs/performance.md, "Direct mode and the file sink, third round"):
+/// while group N syncs, the writer writes group N+1 and hands it to the next sync thread.
+const SYNCS_IN_FLIGHT: usize = 3;
+
+/// Groups written with `fsync = true` and not answered yet, oldest first. A group is answered
+/// only once its own syncs have ended *and* every older group was answered: its lines were
+/// written after theirs, so a failure of theirs (which cuts the file back to before them)
+/// takes its lines too.
+#[derive(Default)]
+struct Flight {
+    /// The sequence number of `slots[0]`.
+    first: u64,
+    slots: VecDeque<Slot>,
+    /// Files whose sync failed, with the offset to cut each back to (the start of the oldest
+    /// failed group's bytes in it): every line from there on fails. While this is not empty
+    /// no group is answered by the sync threads; the writer waits for every sync in flight,
+    /// cuts the files back and answers them all ([`settle`]).
+    failed: HashMap<Arc<Path>, (Arc<File>, u64)>,
+}
+
+impl Flight {
+    fn lock(queue: &Queue) -> MutexGuard<'_, Flight> {
+        queue.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the groups at the front that can be answered now.
+    fn answerable(&mut self) -> Vec<Slot> {
+        let mut ready = Vec::new();
+        while self.failed.is_empty() && self.slots.front().is_some_and(|s| s.remaining == 0) {
+            ready.extend(self.slots.pop_front());
+            self.first += 1;
+        }
+        ready
+    }
+}
+
+/// A group in flight.
+struct Slot {
+    done: Arc<Done>,
+    /// One per file of the group, once known.
+    results: Vec<Option<Result<(), SinkError>>>,
+    /// Per file of the group that was written and is being synced: the file and where the
+    /// group's bytes start in it.
+    spans: Vec<Option<Span>>,
+    /// Syncs of this group not ended yet.
+    remaining: usize,
+}
+
+impl Slot {
+    fn answer(self) {
+        self.done.finish(self.results.into_iter().map(|r| r.unwrap_or_else(|| Err(stopped()))).collect());
+    }
+}
+
+/// A group's bytes in one file: the file (the writer's open file description) and where
+/// they start.
+#[derive(Clone)]
+struct Span {
+    path: Arc<Path>,
+    file: Arc<File>,
+    start: u64,
+}
+
+/// One `fdatasync` for a sync thread: file `file` of group `seq`, on that thread's own open
+/// file description of it.
+struct SyncJob {
+    seq: u64,
+    file: usize,
+    fd: Arc<File>,
+    fail: bool,
+}
+
+/// The writer thread: runs until the sink is dropped and its last group is written (and, with
+/// `fsync`, synced and answered).
+fn write_loop(queue: &Queue, fsync: bool, lanes: Vec<std::sync::mpsc::Sender<SyncJob>>) {
+    // Should this thread ever panic, no delivery waits for ever: the group being written,
+    // the groups in flight and every later one fail (retryable), as when the writer had
+    // stopped.
     struct Stop<'a>(&'a Queue, Option<Arc<Done>>);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
@@ -359,7 +471,12 @@ fn write_loop(queue: &Queue, fsync: bool) {
                 p.stopped = true;
                 std::mem::take(&mut p.open)
             };
-            for done in self.1.take().into_iter().chain([open.done]) {
+            let slots = {
+                let mut f = Flight::lock(self.0);
+                f.first += f.slots.len() as u64;
+                std::mem::take(&mut f.slots)
+            };
+            for done in self.1.take().into_iter().chain([open.done]).chain(slots.into_iter().map(|s| s.done)) {
                 done.finish(Vec::new());
             }
         }
@@ -367,14 +484,42 @@ fn write_loop(queue: &Queue, fsync: bool) {
     let mut stop = Stop(queue, None);
     let mut files: HashMap<Arc<Path>, Open> = HashMap::new();
     let mut written: Vec<Vec<u8>> = Vec::new();
+    let mut seq: u64 = 0;
     loop {
+        if fsync {
+            // Room for one more group in flight (a failed sync is settled first).
+            let mut f = Flight::lock(queue);
+            loop {
+                if !f.failed.is_empty() {
+                    f = settle(queue, f, &mut files);
+                } else if f.slots.len() < SYNCS_IN_FLIGHT {
+                    break;
+                } else {
+                    f = queue.synced.wait(f).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+            }
+        }
         let group = {
             let mut p = Pending::lock(queue);
             // The buffers of the last group go back for the next ones.
             p.spare.append(&mut written);
             while p.open.files.is_empty() {
                 if p.closed {
+                    drop(p);
+                    // Every group in flight is answered before the thread ends.
+                    let mut f = Flight::lock(queue);
+                    while !f.slots.is_empty() {
+                        f = if f.failed.is_empty() {
+                            queue.synced.wait(f).unwrap_or_else(std::sync::PoisonError::into_inner)
+                        } else {
+                            settle(queue, f, &mut files)
+                        };
+                    }
                     return;
+                }
+                if queue.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                    // A sync failed: settle it (above) without waiting for more lines.
+                    break;
                 }
                 p.writer_idle = true;
                 p = queue.work.wait(p).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -382,15 +527,55 @@ fn write_loop(queue: &Queue, fsync: bool) {
             p.writer_idle = false;
             std::mem::take(&mut p.open)
         };
+        if group.files.is_empty() {
+            continue;
+        }
         stop.1 = Some(group.done.clone());
         #[cfg(test)]
         let fail_sync = queue.fail_sync.load(std::sync::atomic::Ordering::SeqCst);
         #[cfg(not(test))]
         let fail_sync = false;
-        let results =
-            group.files.iter().map(|(path, bytes)| write(&mut files, path, bytes, fsync, fail_sync)).collect();
+        let lane = (seq % SYNCS_IN_FLIGHT as u64) as usize;
+        let mut results = Vec::with_capacity(group.files.len());
+        let mut spans = Vec::with_capacity(group.files.len());
+        let mut jobs = Vec::new();
+        for (i, (path, bytes)) in group.files.iter().enumerate() {
+            match write(&mut files, path, bytes, fsync, lane) {
+                Ok(Some(w)) => {
+                    jobs.push(SyncJob { seq, file: i, fd: w.sync, fail: fail_sync });
+                    spans.push(Some(Span { path: path.clone(), file: w.file, start: w.start }));
+                    results.push(None);
+                }
+                Ok(None) => {
+                    spans.push(None);
+                    results.push(Some(Ok(())));
+                }
+                Err(e) => {
+                    spans.push(None);
+                    results.push(Some(Err(e)));
+                }
+            }
+        }
         queue.groups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        group.done.finish(results);
+        if fsync {
+            let ready = {
+                let mut f = Flight::lock(queue);
+                f.slots.push_back(Slot { done: group.done, results, spans, remaining: jobs.len() });
+                f.answerable()
+            };
+            seq += 1;
+            for job in jobs {
+                if let Err(std::sync::mpsc::SendError(job)) = lanes[lane].send(job) {
+                    // The sync thread is gone (it cannot end on its own): fail the line.
+                    complete(queue, job.seq, job.file, Err(stopped()));
+                }
+            }
+            for slot in ready {
+                slot.answer();
+            }
+        } else {
+            group.done.finish(results.into_iter().map(|r| r.unwrap_or_else(|| Err(stopped()))).collect());
+        }
         stop.1 = None;
         for (_, mut buf) in group.files {
             if buf.capacity() <= KEEP_BUFFER && written.len() < 4 {
@@ -401,6 +586,105 @@ fn write_loop(queue: &Queue, fsync: bool) {
     }
 }
 
+/// A sync thread: `fdatasync`s the groups of its lane, one after the other, each on the
+/// lane's own open file description of the file, so that every writeback error of the file
+/// is reported to this lane's next sync (the kernel reports such an error once per open file
+/// description: sharing one between concurrent syncs could let one of them miss it).
+fn sync_loop(queue: &Queue, jobs: std::sync::mpsc::Receiver<SyncJob>) {
+    while let Ok(job) = jobs.recv() {
+        #[cfg(test)]
+        {
+            let (held, changed) = &queue.hold_syncs;
+            let mut h = held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            while *h {
+                h = changed.wait(h).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        let r = if job.fail { Err(io::Error::from_raw_os_error(libc::EIO)) } else { job.fd.sync_data() };
+        complete(queue, job.seq, job.file, r.map_err(|e| SinkError::caused_by(ErrorKind::Retryable, "fdatasync", e)));
+    }
+}
+
+/// Records the end of a sync of file `file` of group `seq` and answers the groups that can be
+/// answered now; a failure is left to the writer to settle.
+fn complete(queue: &Queue, seq: u64, file: usize, r: Result<(), SinkError>) {
+    let failed = r.is_err();
+    let ready = {
+        let mut f = Flight::lock(queue);
+        let first = f.first;
+        let Some(slot) = seq.checked_sub(first).and_then(|i| f.slots.get_mut(usize::try_from(i).ok()?)) else {
+            // Answered already (the writer stopped).
+            return;
+        };
+        let span = slot.spans.get(file).cloned().flatten();
+        let r = r.map_err(|e| match &span {
+            Some(span) => SinkError { message: format!("write {}: {}", span.path.display(), e.message), ..e },
+            None => e,
+        });
+        if let Some(res) = slot.results.get_mut(file) {
+            *res = Some(r);
+        }
+        slot.remaining = slot.remaining.saturating_sub(1);
+        if let (true, Some(span)) = (failed, span) {
+            let cut = f.failed.entry(span.path).or_insert((span.file, span.start));
+            if span.start < cut.1 {
+                cut.1 = span.start;
+            }
+            queue.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        queue.synced.notify_all();
+        f.answerable()
+    };
+    if failed {
+        // The writer may be waiting for lines: it settles the failure first.
+        let mut p = Pending::lock(queue);
+        p.writer_idle = false;
+        queue.work.notify_one();
+    }
+    for slot in ready {
+        slot.answer();
+    }
+}
+
+/// After a failed sync: waits until every sync in flight has ended, cuts each failed file back
+/// to the start of its oldest failed group's bytes (so nothing unconfirmed stays in it), and
+/// answers every group in flight, oldest first: a line of a failed file from that offset on
+/// fails, whatever its own sync said; every other line gets its own result. The failed files
+/// are opened afresh for the next group.
+fn settle<'a>(
+    queue: &'a Queue,
+    mut f: MutexGuard<'a, Flight>,
+    files: &mut HashMap<Arc<Path>, Open>,
+) -> MutexGuard<'a, Flight> {
+    while f.slots.iter().any(|s| s.remaining > 0) {
+        f = queue.synced.wait(f).unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    let failed = std::mem::take(&mut f.failed);
+    let slots = std::mem::take(&mut f.slots);
+    f.first += slots.len() as u64;
+    queue.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(f);
+    for (path, (file, len)) in &failed {
+        files.remove(path);
+        // If even the cut fails, the next open finds no final newline and adds one.
+        let _ = Tail::default().cut(file, *len);
+    }
+    for mut slot in slots {
+        for (res, span) in slot.results.iter_mut().zip(&slot.spans) {
+            let Some(Span { path, start, .. }) = span else { continue };
+            let cut = failed.get(path).is_some_and(|(_, len)| start >= len);
+            if cut && !matches!(res, Some(Err(_))) {
+                *res = Some(Err(SinkError::retryable(format!(
+                    "write {}: the sync of lines written before these failed; cut back",
+                    path.display()
+                ))));
+            }
+        }
+        slot.answer();
+    }
+    Flight::lock(queue)
+}
+
 /// With `fsync = false`, once this many bytes were appended to a file its write-back is
 /// started (without waiting for it). Left to the kernel's own schedule, dirty pages pile up
 /// to hundreds of MiB; an `fsync` of another file on the same ext4 filesystem (the spool's
@@ -409,48 +693,90 @@ fn write_loop(queue: &Queue, fsync: bool) {
 const WRITEBACK_EVERY: u64 = 4 << 20;
 
 struct Open {
-    file: File,
+    file: Arc<File>,
+    /// With `fsync`: one more open file description of the file per sync lane, opened before
+    /// anything is written through `file` (see [`sync_loop`]).
+    lanes: Vec<Arc<File>>,
     /// Blocks reserved ahead of the file's end (see [`Tail`]).
     tail: Tail,
     unflushed: u64,
 }
 
+/// A group's bytes written to a regular file, to be synced.
+struct Written {
+    file: Arc<File>,
+    /// The lane's own open file description of the file.
+    sync: Arc<File>,
+    /// Where the bytes start.
+    start: u64,
+}
+
+/// Writes `bytes` to the file at `path` (opened when needed), without a sync; with `fsync`
+/// returns what the lane's sync needs (`None` for a stream, which cannot be synced).
 fn write(
     files: &mut HashMap<Arc<Path>, Open>,
     path: &Arc<Path>,
     bytes: &[u8],
     fsync: bool,
-    fail_sync: bool,
-) -> Result<(), SinkError> {
+    lane: usize,
+) -> Result<Option<Written>, SinkError> {
     if !files.contains_key(path) {
         if files.len() >= MAX_OPEN_FILES {
             // A templated path can name many files; keep the descriptor count bounded.
             files.clear();
         }
-        let file = open_append(path, fsync)
+        let open = |path: &Path| -> io::Result<Open> {
+            let file = open_append(path, fsync)?;
+            let lanes = if fsync {
+                (0..SYNCS_IN_FLIGHT).map(|_| reopen(&file, path).map(Arc::new)).collect::<io::Result<_>>()?
+            } else {
+                Vec::new()
+            };
+            Ok(Open { file: Arc::new(file), lanes, tail: Tail::default(), unflushed: 0 })
+        };
+        let o = open(path)
             .map_err(|e| SinkError::caused_by(open_error_kind(&e), format_args!("open {}", path.display()), e))?;
-        files.insert(path.clone(), Open { file, tail: Tail::default(), unflushed: 0 });
+        files.insert(path.clone(), o);
     }
     let Some(f) = files.get_mut(path) else {
         return Err(stopped());
     };
-    let sync =
-        move |file: &File| if fail_sync { Err(io::Error::from_raw_os_error(libc::EIO)) } else { file.sync_data() };
-    if let Err(e) = f.tail.append(&f.file, bytes, fsync.then_some(&sync as &SyncFn)) {
-        // Open afresh next time (the file may have been rotated or the disk remounted).
-        files.remove(path);
-        // A full disk or an I/O error may pass; the batch was rolled back, so the retry
-        // appends whole lines.
-        return Err(SinkError::caused_by(ErrorKind::Retryable, format_args!("write {}", path.display()), e));
-    }
+    let start = match f.tail.append_unsynced(&f.file, bytes) {
+        Ok(start) => start,
+        Err(e) => {
+            // Open afresh next time (the file may have been rotated or the disk remounted).
+            files.remove(path);
+            // A full disk or an I/O error may pass; the write was rolled back, so the retry
+            // appends whole lines.
+            return Err(SinkError::caused_by(ErrorKind::Retryable, format_args!("write {}", path.display()), e));
+        }
+    };
     if !fsync {
         f.unflushed += bytes.len() as u64;
         if f.unflushed >= WRITEBACK_EVERY {
             f.unflushed = 0;
             start_writeback(&f.file);
         }
+        return Ok(None);
     }
-    Ok(())
+    Ok(start.and_then(|start| Some(Written { file: f.file.clone(), sync: f.lanes.get(lane)?.clone(), start })))
+}
+
+/// Another open file description of `file` (not a `dup`, which shares one): on Linux through
+/// `/proc/self/fd`, so it is the same file even if `path` was renamed meanwhile.
+fn reopen(file: &File, path: &Path) -> io::Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.append(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        match opts.open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+    }
+    let _ = file;
+    opts.open(path)
 }
 
 /// Errors that opening this path will give every time: the rendered name is too long or not
@@ -710,6 +1036,68 @@ mod tests {
                 .collect();
             assert_eq!(ns, (0..60).filter(|n| n % 3 == c).collect::<Vec<_>>(), "c{c}: arrival order");
         }
+    }
+
+    /// Waits (without a deadline of its own) until the sink has written `n` groups.
+    async fn groups_reach(sink: &FileSink, n: u64) {
+        while sink.groups_written() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_are_written_while_earlier_ones_sync_and_a_failed_sync_fails_its_lines_and_the_later_ones_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let sink =
+            Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
+        let deliver = |n: usize| {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
+        };
+        deliver(0).await.unwrap().unwrap();
+        let confirmed = std::fs::read(&path).unwrap();
+
+        sink.hold_syncs(true);
+        let g = sink.groups_written();
+        // Group 1 syncs fine, group 2's sync fails, group 3 (written after it) syncs fine.
+        let one = deliver(1);
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 1)).await.unwrap();
+        sink.fail_syncs(true);
+        let two = deliver(2);
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 2)).await.unwrap();
+        sink.fail_syncs(false);
+        let three = deliver(3);
+        // Written while the syncs before it are held: the writer does not wait for them.
+        tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 3)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4, "all three groups are written");
+        tokio::task::yield_now().await;
+        assert!(
+            !one.is_finished() && !two.is_finished() && !three.is_finished(),
+            "nothing is confirmed before its sync"
+        );
+
+        sink.hold_syncs(false);
+        let (one, two, three) = (one.await.unwrap(), two.await.unwrap(), three.await.unwrap());
+        one.expect("the group synced before the failed one is confirmed");
+        let err = two.expect_err("its own sync failed");
+        assert!(!err.is_permanent() && err.message.contains("fdatasync"), "{err}");
+        let err = three.expect_err("written after the failed group: cut back with it");
+        assert!(!err.is_permanent() && err.message.contains("write"), "{err}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ns: Vec<i64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["extra"]["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, [0, 1], "cut back to the failed group's start: the confirmed lines stay, no other");
+        assert!(text.as_bytes().starts_with(&confirmed));
+
+        // The retries land after the confirmed lines.
+        for n in [2, 3] {
+            deliver(n).await.unwrap().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 4);
     }
 
     #[tokio::test]
