@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "bench-secret-0123456789-0123456789-0123456789"
@@ -113,17 +114,15 @@ def one_run(kind, binary, port, duration, extra_env):
         perf = {}
         if os.environ.get("CPU_PERF"):
             time.sleep(2)
-            for who, pid in (("srv", proc.pid), ("wrk", wrk.pid)):
-                perf.update({f"{who}:{k}": v for k, v in perf_counts(pid, os.environ["CPU_PERF"]).items()})
-        wrk_cpu = (0, 0)
-        while wrk.poll() is None:  # wrk's own CPU, read just before it exits
-            try:
-                f = open(f"/proc/{wrk.pid}/stat").read().rsplit(")", 1)[1].split()
-                wrk_cpu = (int(f[11]), int(f[12]))
-            except OSError:
-                pass
-            time.sleep(0.05)
+            with ThreadPoolExecutor(2) as pool:  # both at once, within wrk's run
+                counts = pool.map(lambda pid: perf_counts(pid, os.environ["CPU_PERF"]), (proc.pid, wrk.pid))
+                for who, c in zip(("srv", "wrk"), counts):
+                    perf.update({f"{who}:{k}": v for k, v in c.items()})
         out = wrk.stdout.read().decode()
+        # wrk's own CPU, from its exit status (exact, unlike /proc's clock ticks).
+        _, _, usage = os.wait4(wrk.pid, 0)
+        wrk.returncode = 0
+        wrk_cpu = (usage.ru_utime, usage.ru_stime)
         after = threads(proc.pid)
         hwm = re.search(r"VmHWM:\s+(\d+)", open(f"/proc/{proc.pid}/status").read()).group(1)
     finally:
@@ -152,7 +151,7 @@ def one_run(kind, binary, port, duration, extra_env):
         "rps": float(b["rps"]), "p50_us": int(b["p50_us"]), "p99_us": int(b["p99_us"]),
         "errors": int(b["non2xx"]) + int(b["sockerr"]),
         "cpu_us": total[0] / n / 1000, "user_us": total[4] * 1e6 / TICK / n, "sys_us": total[5] * 1e6 / TICK / n,
-        "wrk_us": sum(wrk_cpu) * 1e6 / TICK / n,
+        "wrk_us": sum(wrk_cpu) * 1e6 / n,
         "workers": worker[3], "wait_us": worker[0] / n / 1000, "vol": worker[1] / n, "nvol": worker[2] / n,
         "peak_kib": int(hwm), "threads": len(after),
         # Per response: the server writes one per request (writev), so it counts the requests
