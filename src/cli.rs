@@ -232,10 +232,11 @@ fn worker_threads(mode: DeliveryMode) -> usize {
 
 /// In direct mode one async worker per core: the request path is the work, and with a single
 /// worker on two cores shared with the load generator, that worker was preempted about once
-/// every four requests with nobody to take its connections over while the load generator
-/// slept and woke once per answer (docs/performance.md, "Request path, fourth round"). In
-/// spool mode one per core but one (at least one): the spool's writer thread commits every
-/// batch and a second worker only competed with it for the cores.
+/// every four requests with nobody to take its connections over, and the load generator ran
+/// dry and slept three times as often as against bare hyper, on the same cores
+/// (docs/performance.md, "Request path, fourth round"). In
+/// spool mode one per core but one (at least one), as before: the spool's writer thread
+/// commits every batch on a core of its own, and a second worker showed no gain there.
 fn default_worker_threads(mode: DeliveryMode, cores: usize) -> usize {
     match mode {
         DeliveryMode::Direct => cores.max(1),
