@@ -1,7 +1,7 @@
 //! The command line. `main.rs` calls [`main`]; each subcommand is a small function here.
 //! Exit codes: 0 ok, 2 bad configuration or usage, 1 runtime failure.
 
-use crate::config::{Config, ConfigError, Loaded, Purpose};
+use crate::config::{Config, ConfigError, DeliveryMode, Loaded, Purpose};
 use crate::event::normalise;
 use crate::routes::Routes;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -196,7 +196,7 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
 fn serve(loaded: Loaded) -> ExitCode {
     crate::logging::init(&loaded.config.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(worker_threads());
+    builder.worker_threads(worker_threads(loaded.config.delivery.mode));
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -220,18 +220,28 @@ fn serve(loaded: Loaded) -> ExitCode {
     }
 }
 
-/// Async worker threads: `TOKIO_WORKER_THREADS` when set, else one per core but one, at
-/// least one. The request path hands work to threads of its own (file writers, broker
-/// clients, the spool's commits); on two cores a second async worker measured slower, not
-/// faster, since it only competes with those for the cores (docs/performance.md).
-fn worker_threads() -> usize {
+/// Async worker threads: `TOKIO_WORKER_THREADS` when set, else [`default_worker_threads`].
+fn worker_threads(mode: DeliveryMode) -> usize {
     if let Some(n) = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
         if n > 0 {
             return n;
         }
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.saturating_sub(1).max(1)
+    default_worker_threads(mode, std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// In direct mode one async worker per core: the request path is the work, and with a single
+/// worker on two cores shared with the load generator, that worker was preempted about once
+/// every four requests with nobody to take its connections over, and the load generator ran
+/// dry and slept three times as often as against bare hyper, on the same cores
+/// (docs/performance.md, "Request path, fourth round"). In
+/// spool mode one per core but one (at least one), as before: the spool's writer thread
+/// commits every batch on a core of its own, and a second worker showed no gain there.
+fn default_worker_threads(mode: DeliveryMode, cores: usize) -> usize {
+    match mode {
+        DeliveryMode::Direct => cores.max(1),
+        DeliveryMode::Spool => cores.saturating_sub(1).max(1),
+    }
 }
 
 fn check(loaded: &Loaded) -> ExitCode {
@@ -740,5 +750,18 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn direct_mode_runs_one_async_worker_per_core_and_spool_mode_leaves_a_core_to_its_writer() {
+        use super::default_worker_threads;
+        use crate::config::DeliveryMode::{Direct, Spool};
+        assert_eq!(default_worker_threads(Direct, 2), 2);
+        assert_eq!(default_worker_threads(Direct, 8), 8);
+        assert_eq!(default_worker_threads(Direct, 1), 1);
+        assert_eq!(default_worker_threads(Direct, 0), 1);
+        assert_eq!(default_worker_threads(Spool, 2), 1);
+        assert_eq!(default_worker_threads(Spool, 8), 7);
+        assert_eq!(default_worker_threads(Spool, 1), 1);
     }
 }
