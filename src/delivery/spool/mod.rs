@@ -25,6 +25,7 @@
 
 pub mod dead;
 mod guard;
+mod memtable;
 pub mod offline;
 mod operate;
 mod ops;
@@ -74,6 +75,8 @@ pub(crate) struct Shared {
     writer: Mutex<Option<mpsc::Sender<Op>>>,
     /// Why the spool cannot commit right now (`None`: it can). Shown by `/readyz`.
     trouble: RwLock<Option<String>>,
+    /// What the writer accepted since the last checkpoint (see [`memtable`]).
+    mem: Mutex<memtable::Memtable>,
 }
 
 impl Shared {
@@ -94,6 +97,12 @@ impl Shared {
     /// Replaces the handle; returns the previous one.
     fn set_db(&self, db: Option<Arc<redb::Database>>) -> Option<Arc<redb::Database>> {
         std::mem::replace(&mut *self.db.write().expect("db lock"), db)
+    }
+
+    /// The memtable (held briefly: the writer and the readers share it). A panic while it
+    /// was held leaves it as it was: every change to it is made after the fallible part.
+    fn mem(&self) -> std::sync::MutexGuard<'_, memtable::Memtable> {
+        self.mem.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn set_trouble(&self, reason: Option<String>) {
@@ -175,6 +184,7 @@ impl Spool {
             stop,
             writer: Mutex::new(Some(tx)),
             trouble: RwLock::new(None),
+            mem: Mutex::new(memtable::Memtable::default()),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
         for (name, since) in &rec.paused {
@@ -198,7 +208,6 @@ impl Spool {
             last_prune: 0,
             last_fsync: Instant::now(),
             unsynced: false,
-            unsynced_ops: Vec::new(),
             closing: None,
             scratch: Default::default(),
             wal,

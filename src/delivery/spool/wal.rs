@@ -658,6 +658,7 @@ impl Wal {
     /// written, no append until [`Wal::probe`] succeeds). Not synced: the writer's replay
     /// reads the log up to `len` only, and after a crash the cut frame is at worst replayed,
     /// as if its transaction had succeeded.
+    #[cfg(test)]
     pub fn cut(&mut self, at: u64) {
         if at >= self.len {
             return;
