@@ -21,8 +21,8 @@
 use super::store::{self, Op as _, StoreError, EVENTS, PENDING};
 use super::wal::Bookkeeping;
 use super::Shared;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use redb::ReadableDatabase as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::MutexGuard;
 
 /// One event accepted since the last checkpoint.
@@ -152,7 +152,12 @@ impl<'a> Snapshot<'a> {
 
 /// Up to `limit` pending (seq, attempts) of `sink` with seq > `after`, in seq order: redb's
 /// rows, then the memtable's (all newer).
-pub fn load_pending(shared: &Shared, sink: &str, after: Option<u64>, limit: usize) -> Result<Vec<(u64, u32)>, StoreError> {
+pub fn load_pending(
+    shared: &Shared,
+    sink: &str,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, u32)>, StoreError> {
     if after == Some(u64::MAX) {
         return Ok(Vec::new());
     }
@@ -171,7 +176,12 @@ pub fn load_pending(shared: &Shared, sink: &str, after: Option<u64>, limit: usiz
 /// The stored record of each seq of `must` (`None` when it is gone), then of `ahead` while
 /// their total stays within `budget` bytes (see [`store::load_events`]), from the memtable
 /// or redb.
-pub fn load_events(shared: &Shared, must: &[u64], ahead: &[u64], budget: u64) -> Result<Vec<store::Loaded>, StoreError> {
+pub fn load_events(
+    shared: &Shared,
+    must: &[u64],
+    ahead: &[u64],
+    budget: u64,
+) -> Result<Vec<store::Loaded>, StoreError> {
     let db = shared.db()?;
     let (tx, mut held) = {
         let snap = Snapshot::take(shared, &db)?;

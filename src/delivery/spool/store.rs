@@ -636,7 +636,12 @@ pub fn load_events(db: &Database, must: &[u64], ahead: &[u64], budget: u64) -> R
 }
 
 /// [`load_events`] in a read transaction of the caller's.
-pub fn load_events_in(tx: &redb::ReadTransaction, must: &[u64], ahead: &[u64], budget: u64) -> Result<Vec<Loaded>, StoreError> {
+pub fn load_events_in(
+    tx: &redb::ReadTransaction,
+    must: &[u64],
+    ahead: &[u64],
+    budget: u64,
+) -> Result<Vec<Loaded>, StoreError> {
     {
         let events = tx.open_table(EVENTS).op("open events")?;
         let mut out = Vec::with_capacity(must.len() + ahead.len());
