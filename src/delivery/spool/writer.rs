@@ -1,20 +1,22 @@
 //! The one writer: a thread that takes every queued change (new events from webhook
-//! requests, deliveries done, attempt counts), applies them in one redb write transaction,
-//! makes the batch durable (one fdatasync), and only then answers the waiting requests —
-//! group commit: N concurrent requests share one flush.
+//! requests, deliveries done, attempt counts), makes the batch durable (one frame of the
+//! write-ahead file, one fdatasync), and only then answers the waiting requests — group
+//! commit: N concurrent requests share one flush.
 //!
-//! A batch that accepts events is made durable by one frame appended to the write-ahead file
-//! ([`super::wal`]) and one `fdatasync` of it, **before** its redb transaction, which is
-//! committed without fsync. About once a second (or when the write-ahead file passes
-//! [`wal::CHECKPOINT_BYTES`]) the commit is durable instead — the checkpoint: it records in
-//! `meta` the seq below which redb holds everything, and the write-ahead file is emptied.
+//! A batch is made durable by one frame appended to the write-ahead file ([`super::wal`])
+//! and one `fdatasync` of it; its effects are then kept in memory, in the memtable
+//! ([`super::memtable`]), with no redb transaction. About once a second (or when the
+//! write-ahead file passes [`wal::CHECKPOINT_BYTES`]) the batch is written to redb with the
+//! whole memtable in one durable commit instead — the checkpoint: it records in `meta` the seq
+//! below which redb holds everything, and the write-ahead file starts again.
 //!
-//! **When a commit fails** (a full disk, an I/O error), redb refuses every later transaction
-//! on that handle until the file is reopened. The writer then turns *broken*: new events are
-//! refused at once (503 + `Retry-After`; `/readyz` says why), bookkeeping waits, and at
-//! growing intervals it tries to heal — close the file, reopen it (redb rolls back to the last
-//! durable commit), apply again what that rollback undid, and prove with a probe commit that
-//! the disk takes writes — so the daemon resumes by itself once space is back. It never spins
+//! **When an append or a commit fails** (a full disk, an I/O error), redb refuses every later
+//! transaction on that handle until the file is reopened. The writer then turns *broken*: new
+//! events are refused at once (503 + `Retry-After`; `/readyz` says why), bookkeeping waits, and
+//! at growing intervals it tries to heal — close the file, reopen it (redb rolls back to the
+//! last checkpoint), apply the memtable's bookkeeping of redb's rows, replay the write-ahead
+//! file (the memtable's events), and prove with a probe commit that the disk takes writes — so
+//! the daemon resumes by itself once space is back. It never spins
 //! on a failing commit: it waits for work or for the next attempt, and stops with the spool.
 
 use super::memtable::Memtable;
@@ -160,8 +162,8 @@ impl Writer {
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
             // broken, not at all when bookkeeping handed back by a failed commit is waiting,
-            // until deferred bookkeeping is due, until the checkpoint is due when commits
-            // without fsync are waiting for one.
+            // until deferred bookkeeping is due, until the checkpoint is due when frames (and
+            // the memtable) are waiting for one.
             let checkpoint_in = self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
