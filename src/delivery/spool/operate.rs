@@ -10,6 +10,7 @@
 //!   whose event is already pending for that sink (or that the same replay already took) is
 //!   skipped and counted, so replaying a file twice does not deliver twice.
 
+use super::memtable;
 use super::ops::{Append, Op, Pause};
 use super::replay::parse_line;
 use super::store::{self, SpoolError, StoreError};
@@ -40,16 +41,12 @@ impl Spool {
     }
 
     pub(super) fn states(&self) -> HashMap<String, SinkState> {
-        let db = self.shared.db().ok();
         self.registry
             .all()
             .into_iter()
             .map(|q| {
                 let pending = q.pending();
-                let oldest = match &db {
-                    Some(db) if pending > 0 => oldest_accepted(db, &q.name),
-                    _ => None,
-                };
+                let oldest = if pending > 0 { oldest_accepted(&self.shared, &q.name) } else { None };
                 let state =
                     SinkState { paused: q.is_paused(), pending, oldest_pending: oldest, last_error: q.last_error() };
                 (q.name.to_string(), state)
@@ -82,8 +79,7 @@ impl Spool {
         let shared = self.shared.clone();
         let mut pending: HashMap<String, HashSet<String>> =
             tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let db = shared.db()?;
-                sinks.into_iter().map(|s| store::pending_ids(&db, &s).map(|ids| (s, ids))).collect()
+                sinks.into_iter().map(|s| memtable::pending_ids(&shared, &s).map(|ids| (s, ids))).collect()
             })
             .await
             .map_err(|e| {
@@ -136,8 +132,8 @@ impl Spool {
 
 /// When `sink`'s oldest pending event was accepted (its `receivedAt`); `None` when it cannot
 /// be read (the drain deals with a damaged record).
-fn oldest_accepted(db: &redb::Database, sink: &str) -> Option<SystemTime> {
-    let rec = store::oldest_pending(db, sink).ok()??;
+fn oldest_accepted(shared: &super::Shared, sink: &str) -> Option<SystemTime> {
+    let rec = memtable::oldest_pending(shared, sink).ok()??;
     let env = super::record::decode(&rec).ok()?;
     let at = chrono::DateTime::parse_from_rfc3339(&env.event.received_at).ok()?;
     Some(SystemTime::from(at.with_timezone(&chrono::Utc)))

@@ -8,6 +8,7 @@
 //! large bodies waits on disk, not in memory.
 
 use super::dead::DeadLetter;
+use super::memtable;
 use super::ops::{Bookkeeping, Op};
 use super::order::{Gate, Key};
 use super::record;
@@ -436,7 +437,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             if let Some((after, gen)) = q.needs_load() {
                 q.status.store(BUSY, Ordering::Release);
                 let (sh, name) = (shared.clone(), q.name.clone());
-                let rows = blocking(move || store::load_pending(&*sh.db()?, &name, after, WINDOW)).await;
+                let rows = blocking(move || memtable::load_pending(&sh, &name, after, WINDOW)).await;
                 match rows {
                     Ok(rows) => {
                         read_failures = 0;
@@ -478,7 +479,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             let must: Vec<u64> = batch.iter().filter(|it| it.env.is_none()).map(|it| it.seq).collect();
             let (ahead, budget) = q.missing_ahead(READ_AHEAD);
             let sh = shared.clone();
-            let loaded = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await;
+            let loaded = blocking(move || memtable::load_events(&sh, &must, &ahead, budget)).await;
             let mut recs: HashMap<u64, Option<Vec<u8>>> = match loaded {
                 Ok(recs) => {
                     read_failures = 0;
@@ -709,7 +710,7 @@ async fn read_ahead(shared: &Arc<Shared>, q: &SinkQueue) {
         return;
     }
     let sh = shared.clone();
-    if let Ok(recs) = blocking(move || store::load_events(&*sh.db()?, &must, &ahead, budget)).await {
+    if let Ok(recs) = blocking(move || memtable::load_events(&sh, &must, &ahead, budget)).await {
         q.fill_records(recs);
     }
 }

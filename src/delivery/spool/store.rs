@@ -539,8 +539,12 @@ pub fn set_paused(
 
 /// The stored record of `sink`'s oldest pending event (lowest seq), if any.
 pub fn oldest_pending(db: &Database, sink: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    guard::catch(|| {
-        let tx = db.begin_read().op("begin read")?;
+    guard::catch(|| oldest_pending_in(&db.begin_read().op("begin read")?, sink))?
+}
+
+/// [`oldest_pending`] in a read transaction of the caller's.
+pub fn oldest_pending_in(tx: &redb::ReadTransaction, sink: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    {
         let pending = tx.open_table(PENDING).op("open pending")?;
         let first = pending.range((sink, 0u64)..=(sink, u64::MAX)).op("read pending")?.next();
         let Some(row) = first else { return Ok(None) };
@@ -548,13 +552,17 @@ pub fn oldest_pending(db: &Database, sink: &str) -> Result<Option<Vec<u8>>, Stor
         let events = tx.open_table(EVENTS).op("open events")?;
         let rec = events.get(seq).op("read events")?.map(|v| v.value().to_vec());
         Ok(rec)
-    })?
+    }
 }
 
 /// The event ids pending for `sink` (records that cannot be read are left out).
 pub fn pending_ids(db: &Database, sink: &str) -> Result<std::collections::HashSet<String>, StoreError> {
-    guard::catch(|| {
-        let tx = db.begin_read().op("begin read")?;
+    guard::catch(|| pending_ids_in(&db.begin_read().op("begin read")?, sink))?
+}
+
+/// [`pending_ids`] in a read transaction of the caller's.
+pub fn pending_ids_in(tx: &redb::ReadTransaction, sink: &str) -> Result<std::collections::HashSet<String>, StoreError> {
+    {
         let pending = tx.open_table(PENDING).op("open pending")?;
         let events = tx.open_table(EVENTS).op("open events")?;
         let mut out = std::collections::HashSet::new();
@@ -567,7 +575,7 @@ pub fn pending_ids(db: &Database, sink: &str) -> Result<std::collections::HashSe
             }
         }
         Ok(out)
-    })?
+    }
 }
 
 /// The next free seq (for `replay`, and the writer after a reopen).
@@ -590,8 +598,20 @@ pub fn load_pending(
     if after == Some(u64::MAX) {
         return Ok(Vec::new());
     }
-    guard::catch(|| {
-        let tx = db.begin_read().op("begin read")?;
+    guard::catch(|| load_pending_in(&db.begin_read().op("begin read")?, sink, after, limit))?
+}
+
+/// [`load_pending`] in a read transaction of the caller's.
+pub fn load_pending_in(
+    tx: &redb::ReadTransaction,
+    sink: &str,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, u32)>, StoreError> {
+    if after == Some(u64::MAX) {
+        return Ok(Vec::new());
+    }
+    {
         let pending = tx.open_table(PENDING).op("open pending")?;
         let start = after.map_or(0, |a| a + 1);
         let mut out = Vec::new();
@@ -603,7 +623,7 @@ pub fn load_pending(
             }
         }
         Ok(out)
-    })?
+    }
 }
 
 /// A seq and its stored record (`None` when the row is gone).
@@ -612,8 +632,17 @@ pub type Loaded = (u64, Option<Vec<u8>>);
 /// The stored record of each seq of `must` (`None` when it is gone), then of `ahead` while
 /// their total stays within `budget` bytes (those left out are simply absent).
 pub fn load_events(db: &Database, must: &[u64], ahead: &[u64], budget: u64) -> Result<Vec<Loaded>, StoreError> {
-    guard::catch(|| {
-        let tx = db.begin_read().op("begin read")?;
+    guard::catch(|| load_events_in(&db.begin_read().op("begin read")?, must, ahead, budget))?
+}
+
+/// [`load_events`] in a read transaction of the caller's.
+pub fn load_events_in(
+    tx: &redb::ReadTransaction,
+    must: &[u64],
+    ahead: &[u64],
+    budget: u64,
+) -> Result<Vec<Loaded>, StoreError> {
+    {
         let events = tx.open_table(EVENTS).op("open events")?;
         let mut out = Vec::with_capacity(must.len() + ahead.len());
         for seq in must {
@@ -629,7 +658,7 @@ pub fn load_events(db: &Database, must: &[u64], ahead: &[u64], budget: u64) -> R
             out.push((*seq, Some(v.value().to_vec())));
         }
         Ok(out)
-    })?
+    }
 }
 
 /// Total of pending rows (for tests and `replay`'s summary).

@@ -1,9 +1,10 @@
 //! The write-ahead file in front of the redb file (`spool.wal` beside `spool.redb`).
 //!
 //! Each writer batch that accepts events or records deliveries (bookkeeping) is made durable by
-//! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's redb
-//! transaction is committed without fsync (`Durability::None`). About once a second (or when
-//! this file passes [`CHECKPOINT_BYTES`]) a durable redb commit is the **checkpoint**: it
+//! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's effects
+//! then wait in memory (the writer's memtable, [`super::memtable`]). About once a second (or
+//! when this file passes [`CHECKPOINT_BYTES`]) a durable redb commit of the memtable is the
+//! **checkpoint**: it
 //! records in the `meta` table the seq below which redb holds everything durably
 //! ([`CHECKPOINT`]) and the next generation ([`GENERATION`]), and the next frame is written at
 //! the start of the file again (nothing is truncated or synced for it: replay takes only the
@@ -658,6 +659,7 @@ impl Wal {
     /// written, no append until [`Wal::probe`] succeeds). Not synced: the writer's replay
     /// reads the log up to `len` only, and after a crash the cut frame is at worst replayed,
     /// as if its transaction had succeeded.
+    #[cfg(test)]
     pub fn cut(&mut self, at: u64) {
         if at >= self.len {
             return;

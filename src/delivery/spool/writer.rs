@@ -1,22 +1,25 @@
 //! The one writer: a thread that takes every queued change (new events from webhook
-//! requests, deliveries done, attempt counts), applies them in one redb write transaction,
-//! makes the batch durable (one fdatasync), and only then answers the waiting requests —
-//! group commit: N concurrent requests share one flush.
+//! requests, deliveries done, attempt counts), makes the batch durable (one frame of the
+//! write-ahead file, one fdatasync), and only then answers the waiting requests — group
+//! commit: N concurrent requests share one flush.
 //!
-//! A batch that accepts events is made durable by one frame appended to the write-ahead file
-//! ([`super::wal`]) and one `fdatasync` of it, **before** its redb transaction, which is
-//! committed without fsync. About once a second (or when the write-ahead file passes
-//! [`wal::CHECKPOINT_BYTES`]) the commit is durable instead — the checkpoint: it records in
-//! `meta` the seq below which redb holds everything, and the write-ahead file is emptied.
+//! A batch is made durable by one frame appended to the write-ahead file ([`super::wal`])
+//! and one `fdatasync` of it; its effects are then kept in memory, in the memtable
+//! ([`super::memtable`]), with no redb transaction. About once a second (or when the
+//! write-ahead file passes [`wal::CHECKPOINT_BYTES`]) the batch is written to redb with the
+//! whole memtable in one durable commit instead — the checkpoint: it records in `meta` the seq
+//! below which redb holds everything, and the write-ahead file starts again.
 //!
-//! **When a commit fails** (a full disk, an I/O error), redb refuses every later transaction
-//! on that handle until the file is reopened. The writer then turns *broken*: new events are
-//! refused at once (503 + `Retry-After`; `/readyz` says why), bookkeeping waits, and at
-//! growing intervals it tries to heal — close the file, reopen it (redb rolls back to the last
-//! durable commit), apply again what that rollback undid, and prove with a probe commit that
-//! the disk takes writes — so the daemon resumes by itself once space is back. It never spins
+//! **When an append or a commit fails** (a full disk, an I/O error), redb refuses every later
+//! transaction on that handle until the file is reopened. The writer then turns *broken*: new
+//! events are refused at once (503 + `Retry-After`; `/readyz` says why), bookkeeping waits, and
+//! at growing intervals it tries to heal — close the file, reopen it (redb rolls back to the
+//! last checkpoint), apply the memtable's bookkeeping of redb's rows, replay the write-ahead
+//! file (the memtable's events), and prove with a probe commit that the disk takes writes — so
+//! the daemon resumes by itself once space is back. It never spins
 //! on a failing commit: it waits for work or for the next attempt, and stops with the spool.
 
+use super::memtable::Memtable;
 use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
 use super::record;
@@ -104,6 +107,9 @@ pub(crate) struct Scratch {
     seqs: Vec<Option<u64>>,
     /// The keys of the events a commit accepted that enter the dedup window.
     ids: Vec<u128>,
+    /// Each append's memory weight (see [`record::weight`]), taken before its record goes
+    /// into the memtable.
+    weights: Vec<u64>,
 }
 
 /// The writer cannot commit: since when, why, and when it tries again.
@@ -129,12 +135,10 @@ pub(crate) struct Writer {
     /// Every sink name that may have pending rows (to know when an event row is free).
     pub names: BTreeSet<String>,
     pub last_prune: u64,
-    /// When the last durable (fsynced) commit happened, and whether one without fsync followed.
+    /// When the last checkpoint (durable redb commit) happened, and whether frames (and the
+    /// memtable) wait for the next one.
     pub last_fsync: Instant,
     pub unsynced: bool,
-    /// Bookkeeping committed without fsync since the last durable commit. A reopen of the
-    /// file rolls it back, so a heal applies it again (its freed bytes were counted already).
-    pub unsynced_ops: Vec<Bookkeeping>,
     /// A handle being closed whose readers had not finished yet.
     pub closing: Option<Arc<Database>>,
     pub scratch: Scratch,
@@ -158,8 +162,8 @@ impl Writer {
         loop {
             // Wait for work: without limit when idle, until the next heal attempt when
             // broken, not at all when bookkeeping handed back by a failed commit is waiting,
-            // until deferred bookkeeping is due, until the checkpoint is due when commits
-            // without fsync are waiting for one.
+            // until deferred bookkeeping is due, until the checkpoint is due when frames (and
+            // the memtable) are waiting for one.
             let checkpoint_in = self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
@@ -232,10 +236,12 @@ impl Writer {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
-            // Nothing new, but commits without fsync wait for their checkpoint: make it now.
+            // Nothing new, but frames wait for their checkpoint: make it now. A pause's commit
+            // is a checkpoint too, so the memtable goes to redb first.
             let checkpoint_due = self.unsynced && self.last_fsync.elapsed() >= ACK_FSYNC_EVERY;
-            if !appends.is_empty() || !book.is_empty() || checkpoint_due {
-                if let Err((e, rest)) = self.apply(&mut appends, book, false) {
+            let force = !pauses.is_empty();
+            if !appends.is_empty() || !book.is_empty() || checkpoint_due || force {
+                if let Err((e, rest)) = self.apply(&mut appends, book, force) {
                     carry = rest;
                     tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
                     let reason = e.to_string();
@@ -277,14 +283,16 @@ impl Writer {
     }
 
     /// Records pauses and resumes, each durably (a rare operator action: no batching); each
-    /// such commit is a checkpoint too.
+    /// such commit is a checkpoint too (the batch before was one: the memtable is empty).
     fn pause(&mut self, pauses: &mut Vec<Pause>) {
         for p in pauses.drain(..) {
-            let checkpoint = Some((self.next_seq, self.gen + 1));
+            // Only with nothing in the memtable may the commit say that redb holds everything.
+            let checkpoint = self.shared.mem().is_empty().then_some((self.next_seq, self.gen + 1));
             let result =
                 self.shared.db().and_then(|db| store::set_paused(&db, &p.sink, p.paused, now_millis(), checkpoint));
             match &result {
-                Ok(()) => self.checkpointed(),
+                Ok(()) if checkpoint.is_some() => self.checkpointed(),
+                Ok(()) => {}
                 Err(_) => crate::metrics::spool_write_error(),
             }
             let _ = p.reply.send(result);
@@ -297,7 +305,6 @@ impl Writer {
         self.gen += 1;
         self.last_fsync = Instant::now();
         self.unsynced = false;
-        self.unsynced_ops.clear();
         if self.wal.len > 0 {
             if let Err(e) = self.wal.reset() {
                 // Its frames are covered by the checkpoint (replay skips them); the next ones
@@ -317,10 +324,12 @@ impl Writer {
         }
     }
 
-    /// One transaction for `appends` and `book` (durable when it holds events, or when
-    /// `force_durable`). On failure every waiting request is refused (nothing was accepted)
-    /// and the bookkeeping is handed back to be applied once the spool heals. Either way
-    /// `appends` is left empty (its buffer is kept for the next batch).
+    /// One batch: `appends` and `book` are made durable by one frame of the write-ahead file
+    /// and kept in the memtable, or — at the checkpoint (about once a second, when the file
+    /// is full, or `force_durable`) — written to redb with the whole memtable in one durable
+    /// commit. On failure every waiting request is refused (nothing was accepted) and the
+    /// bookkeeping is handed back to be applied once the spool heals. Either way `appends` is
+    /// left empty (its buffer is kept for the next batch).
     fn apply(
         &mut self,
         appends: &mut Vec<Append>,
@@ -334,9 +343,9 @@ impl Writer {
         }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
-        let prune = window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let durable =
             force_durable || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY || self.wal.len >= wal::CHECKPOINT_BYTES;
+        let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
         scratch.keys.clear();
@@ -346,12 +355,40 @@ impl Writer {
             self.shared.dedup.contains_keys_at(&scratch.keys, now, &mut scratch.seen);
         }
         self.plan(appends, &mut scratch);
-        // Not a checkpoint: the events and the bookkeeping are made durable by the
-        // write-ahead file first.
-        let mut logged = false;
-        let mut result = Ok(());
-        let log_from = self.wal.len;
-        if !durable && (scratch.seqs.iter().any(Option::is_some) || !book.is_empty()) {
+        let accepted = scratch.seqs.iter().filter(|s| s.is_some()).count() as u64;
+        let (mut added, mut duplicate) = (0u64, 0u64);
+        scratch.weights.clear();
+        for (a, seq) in appends.iter().zip(&scratch.seqs) {
+            match seq {
+                Some(_) => added += a.rec.len() as u64,
+                None => duplicate += a.rec.len() as u64,
+            }
+            scratch.weights.push(record::weight(&a.rec));
+        }
+        let freed = if durable {
+            // The checkpoint. The memtable's lock is held until it is empty again, so that a
+            // reader sees it or redb's new rows, never neither.
+            let shared = self.shared.clone();
+            let mut mem = shared.mem();
+            let result = self.shared.db().and_then(|db| {
+                super::guard::catch(|| self.transaction(&db, &mem, appends, &mut scratch, &book, now, prune))?
+            });
+            match result {
+                Ok(freed) => {
+                    mem.clear();
+                    drop(mem);
+                    self.checkpointed();
+                    crate::metrics::spool_flush(accepted);
+                    freed
+                }
+                Err(e) => {
+                    drop(mem);
+                    return Err(self.failed(e, appends, scratch, book));
+                }
+            }
+        } else if accepted > 0 || !book.is_empty() {
+            // The events and the bookkeeping are made durable by the write-ahead file, and
+            // kept in memory until the checkpoint.
             let mut buf = std::mem::take(&mut self.wal.buf);
             buf.clear();
             let events = appends
@@ -360,55 +397,30 @@ impl Writer {
                 .filter_map(|(a, s)| s.map(|s| (s, a.rec.as_slice(), a.sinks.as_slice())));
             wal::encode(&mut buf, self.gen, now, self.next_seq, &scratch.ids, events, &book);
             self.wal.buf = buf;
-            result = self.wal.append();
-            logged = result.is_ok();
+            let result = self.wal.append();
             // A large batch's buffer is not kept (memory stays flat between bursts).
             if self.wal.buf.capacity() > WAL_BUF_KEEP {
                 self.wal.buf = Vec::new();
             }
-        }
-        let result = result.and_then(|()| {
-            self.shared.db().and_then(|db| {
-                super::guard::catch(|| self.transaction(&db, appends, &mut scratch, &book, now, prune, durable))?
-            })
-        });
-        let freed = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.scratch = scratch;
-                if logged {
-                    // Refused, and its bookkeeping handed back: the frame goes (a heal's
-                    // replay must not apply it, nor count what it frees).
-                    self.wal.cut(log_from);
-                }
-                crate::metrics::spool_write_error();
-                // Not ready before the first refusal is answered: a probe that follows a 503
-                // sees why.
-                self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
-                self.refuse(appends);
-                return Err((e, book));
+            if let Err(e) = result {
+                return Err(self.failed(e, appends, scratch, book));
             }
-        };
-        let seqs = &scratch.seqs;
-        let accepted = seqs.iter().filter(|s| s.is_some()).count() as u64;
-        if durable {
-            self.checkpointed();
             crate::metrics::spool_flush(accepted);
-        } else {
-            if logged {
-                crate::metrics::spool_flush(accepted);
-            }
             self.unsynced = true;
-            self.unsynced_ops.extend(book);
-        }
-        self.last_prune = if prune { now } else { self.last_prune };
-        let (mut added, mut duplicate) = (0u64, 0u64);
-        for (a, seq) in appends.iter().zip(seqs) {
-            match seq {
-                Some(_) => added += a.rec.len() as u64,
-                None => duplicate += a.rec.len() as u64,
+            let mut mem = self.shared.mem();
+            for (a, seq) in appends.iter_mut().zip(&scratch.seqs) {
+                if let Some(seq) = seq {
+                    mem.insert(*seq, std::mem::take(&mut a.rec), &a.sinks);
+                }
             }
-        }
+            if !scratch.ids.is_empty() {
+                mem.dedup.push((now, self.next_seq, scratch.ids.clone()));
+            }
+            mem.apply_book(book)
+        } else {
+            0
+        };
+        self.last_prune = if prune { now } else { self.last_prune };
         self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
         self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
         self.next_seq += accepted;
@@ -416,11 +428,11 @@ impl Writer {
         // Into the window before any request is answered: a re-send that follows its 202 is
         // a duplicate.
         self.shared.dedup.record_keys_at(&scratch.ids, now);
-        for (a, seq) in appends.drain(..).zip(seqs) {
+        for ((a, seq), weight) in appends.drain(..).zip(&scratch.seqs).zip(&scratch.weights) {
             match seq {
                 Some(seq) => {
                     // Queue before answering: once a request has its 202, its work is visible.
-                    let weight = record::weight(&a.rec);
+                    let weight = *weight;
                     for sink in &a.sinks {
                         self.registry.queue(sink).enqueue(*seq, a.env.clone(), weight);
                     }
@@ -433,6 +445,22 @@ impl Writer {
         }
         self.scratch = scratch;
         Ok(())
+    }
+
+    /// A batch that could not be made durable: refused, its bookkeeping handed back.
+    fn failed(
+        &mut self,
+        e: StoreError,
+        appends: &mut Vec<Append>,
+        scratch: Scratch,
+        book: Vec<Bookkeeping>,
+    ) -> (StoreError, Vec<Bookkeeping>) {
+        self.scratch = scratch;
+        crate::metrics::spool_write_error();
+        // Not ready before the first refusal is answered: a probe that follows a 503 sees why.
+        self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
+        self.refuse(appends);
+        (e, book)
     }
 
     /// Fills `scratch.seqs` (for each append its seq, `None`: a duplicate) and `scratch.ids`
@@ -457,24 +485,22 @@ impl Writer {
         }
     }
 
-    /// Writes `appends` (with the seqs [`Writer::plan`] gave them) and `book`; returns the
-    /// bytes freed.
+    /// The checkpoint's commit: the memtable, then `appends` (with the seqs [`Writer::plan`]
+    /// gave them) and `book`; returns the bytes freed (of rows redb held: the memtable's own
+    /// were counted when they went).
     #[allow(clippy::too_many_arguments)]
     fn transaction(
         &self,
         db: &Database,
+        mem: &Memtable,
         appends: &[Append],
         scratch: &mut Scratch,
         book: &[Bookkeeping],
         now: u64,
         prune: bool,
-        durable: bool,
     ) -> Result<u64, StoreError> {
-        let mut tx = db.begin_write().op("begin")?;
-        if !durable {
-            tx.set_durability(redb::Durability::None).op("set durability")?;
-        }
-        let freed;
+        let tx = db.begin_write().op("begin")?;
+        let mut freed = mem.write(&tx, &self.names)?;
         {
             let mut events = tx.open_table(EVENTS).op("open events")?;
             let mut pending = tx.open_table(PENDING).op("open pending")?;
@@ -487,7 +513,7 @@ impl Writer {
                     pending.insert((sink.as_str(), seq), 0u32).op("write pending")?;
                 }
             }
-            if durable {
+            {
                 // The checkpoint: every seq below `next` is in redb once this commit is, and
                 // the frames written so far are of an older generation.
                 let mut meta = tx.open_table(META).op("open meta")?;
@@ -500,7 +526,9 @@ impl Writer {
                 let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
                 dedup.insert((now, self.next_seq), store::dedup_batch(&scratch.ids).as_slice()).op("write dedup")?;
             }
-            freed = if book.is_empty() { 0 } else { apply_book(&mut events, &mut pending, &self.names, book)? };
+            if !book.is_empty() {
+                freed += apply_book(&mut events, &mut pending, &self.names, book)?;
+            }
         }
         if prune {
             store::prune_dedup(&tx, now.saturating_sub(self.shared.dedup.window().as_millis() as u64))?;
@@ -518,10 +546,30 @@ impl Writer {
         }
         self.close_db()?;
         let db = store::reopen_file(&self.shared.path)?;
-        // The reopen rolled redb back to its last checkpoint: the events acknowledged since,
-        // and the bookkeeping applied since, are in the write-ahead file. Write them back
-        // (durably, a new generation) before anything else; the bytes its bookkeeping frees
-        // were counted when it was first applied.
+        // Redb is as of its last checkpoint (every commit is durable; the failed one is rolled
+        // back). The bookkeeping of its rows that waited in the memtable is applied first, in
+        // a durable commit of its own, and the bytes it frees counted (they were not yet).
+        let redo = std::mem::take(&mut self.shared.mem().book);
+        if !redo.is_empty() {
+            let result =
+                super::guard::catch(|| redo_book(&db, &self.names, &redo)).map_err(StoreError::from).and_then(|r| r);
+            match result {
+                Ok(freed) => {
+                    self.committed_bytes = self.committed_bytes.saturating_sub(freed);
+                    self.shared.used.fetch_sub(freed, Ordering::AcqRel);
+                    crate::metrics::spool_bytes(self.committed_bytes);
+                }
+                Err(e) => {
+                    crate::metrics::spool_write_error();
+                    self.shared.mem().book = redo;
+                    return Err(e);
+                }
+            }
+        }
+        // The events acknowledged since the checkpoint, and the bookkeeping of the memtable's
+        // own events, are in the write-ahead file: written back (durably, a new generation)
+        // before anything else; the bytes that bookkeeping frees were counted when it was
+        // applied to the memtable (and the redo above left nothing for it to free again).
         match self.wal.replay_into(&db, self.next_seq) {
             Ok(r) => self.gen = r.generation,
             Err(e) => {
@@ -530,18 +578,6 @@ impl Writer {
             }
         }
         self.reconcile(&db)?;
-        // The same bookkeeping, kept in memory: redundant after the replay (applying it twice
-        // is harmless), kept as a second copy. Its freed bytes were counted the first time.
-        if !self.unsynced_ops.is_empty() {
-            let redo = std::mem::take(&mut self.unsynced_ops);
-            let result =
-                super::guard::catch(|| redo_book(&db, &self.names, &redo)).map_err(StoreError::from).and_then(|r| r);
-            if let Err(e) = result {
-                crate::metrics::spool_write_error();
-                self.unsynced_ops = redo;
-                return Err(e);
-            }
-        }
         if let Err(e) = store::probe(&db) {
             crate::metrics::spool_write_error();
             return Err(e);
@@ -554,6 +590,8 @@ impl Writer {
         }
         self.last_fsync = Instant::now();
         self.unsynced = false;
+        // Redb holds all of it now (the readers wait for the handle meanwhile).
+        self.shared.mem().clear();
         self.shared.set_db(Some(Arc::new(db)));
         for q in self.registry.all() {
             q.wake();
@@ -605,15 +643,17 @@ impl Writer {
     }
 }
 
-/// Applies `book` again in a durable transaction of its own (after a reopen).
-fn redo_book(db: &Database, names: &BTreeSet<String>, book: &[Bookkeeping]) -> Result<(), StoreError> {
+/// Applies `book` in a durable transaction of its own (after a reopen); returns the bytes
+/// of event rows it freed.
+fn redo_book(db: &Database, names: &BTreeSet<String>, book: &[Bookkeeping]) -> Result<u64, StoreError> {
     let tx = db.begin_write().op("begin")?;
-    {
+    let freed = {
         let mut events = tx.open_table(EVENTS).op("open events")?;
         let mut pending = tx.open_table(PENDING).op("open pending")?;
-        apply_book(&mut events, &mut pending, names, book)?;
-    }
-    tx.commit().op("commit")
+        apply_book(&mut events, &mut pending, names, book)?
+    };
+    tx.commit().op("commit")?;
+    Ok(freed)
 }
 
 /// An error and its causes, for a log line: "commit: I/O error: No space left on device …".
