@@ -382,7 +382,7 @@ impl Sink for FileSink {
 /// With `fsync = true`, groups whose `fdatasync` may run at the same time, each on its own
 /// sync thread and its own open file description of the file. On this VM's ext4 disk
 /// concurrent `fdatasync`s of one file finished several times as many syncs a second as
-/// one after the other (docs/performance.md, "Direct mode and the file sink, third round"):
+/// one after the other (docs/performance.md, "Direct mode and the file sink, fourth round: pipelined syncs"):
 /// while group N syncs, the writer writes group N+1 and hands it to the next sync thread.
 const SYNCS_IN_FLIGHT: usize = 3;
 

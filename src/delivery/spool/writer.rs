@@ -42,6 +42,11 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// write-ahead file starts again.
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// The checkpoint comes sooner once the memtable holds this many events (still pending: a
+/// sink behind its load): the checkpoint writes them to redb while every webhook waits, and a
+/// second's worth of them (tens of thousands) held the answers for ~50 ms.
+pub(super) const CHECKPOINT_EVENTS: usize = 512;
+
 /// The write-ahead frame's buffer is kept from one batch to the next up to this size.
 const WAL_BUF_KEEP: usize = 1 << 20;
 
@@ -343,8 +348,10 @@ impl Writer {
         }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
-        let durable =
-            force_durable || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY || self.wal.len >= wal::CHECKPOINT_BYTES;
+        let durable = force_durable
+            || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
+            || self.wal.len >= wal::CHECKPOINT_BYTES
+            || self.shared.mem().events.len() >= CHECKPOINT_EVENTS;
         let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
