@@ -595,9 +595,6 @@ pub fn load_pending(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<(u64, u32)>, StoreError> {
-    if after == Some(u64::MAX) {
-        return Ok(Vec::new());
-    }
     guard::catch(|| load_pending_in(&db.begin_read().op("begin read")?, sink, after, limit))?
 }
 
@@ -611,19 +608,17 @@ pub fn load_pending_in(
     if after == Some(u64::MAX) {
         return Ok(Vec::new());
     }
-    {
-        let pending = tx.open_table(PENDING).op("open pending")?;
-        let start = after.map_or(0, |a| a + 1);
-        let mut out = Vec::new();
-        for row in pending.range((sink, start)..=(sink, u64::MAX)).op("read pending")? {
-            let (k, v) = row.op("read pending")?;
-            out.push((k.value().1, v.value()));
-            if out.len() >= limit {
-                break;
-            }
+    let pending = tx.open_table(PENDING).op("open pending")?;
+    let start = after.map_or(0, |a| a + 1);
+    let mut out = Vec::new();
+    for row in pending.range((sink, start)..=(sink, u64::MAX)).op("read pending")? {
+        let (k, v) = row.op("read pending")?;
+        out.push((k.value().1, v.value()));
+        if out.len() >= limit {
+            break;
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 /// A seq and its stored record (`None` when the row is gone).
