@@ -22,8 +22,9 @@ use std::fmt;
 use std::future::poll_fn;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
+use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -178,6 +179,31 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 /// sender configured with `http://` sees why, instead of a reset connection.
 const PLAIN_HTTP: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 44\r\n\r\nthis listener speaks HTTPS only: use https\r\n";
 
+/// When the last failed handshake was reported at `warn`.
+static FAILURE_WARNING: Throttle = Throttle::new(Duration::from_secs(60));
+
+/// At most one `true` per `every` (the first call is `true`), across threads.
+struct Throttle {
+    every: Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl Throttle {
+    const fn new(every: Duration) -> Throttle {
+        Throttle { every, last: Mutex::new(None) }
+    }
+
+    fn due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
 /// The TLS handshake of a new connection, finished by `deadline`; `None` when the peer is not
 /// speaking TLS, fails the handshake, or is too slow (the connection is then closed).
 pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Instant) -> Option<TlsStream<TcpStream>> {
@@ -196,8 +222,18 @@ pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Insta
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
-            // Debug only: scanners and old clients fail handshakes all day.
-            tracing::debug!(error = %e, "TLS handshake failed");
+            crate::metrics::tls_handshake_failed();
+            // Scanners and old clients fail handshakes all day: a warning at most once a
+            // minute (so that a sender with the wrong trust store or TLS version is seen), every
+            // failure at debug and in the counter.
+            if FAILURE_WARNING.due() {
+                tracing::warn!(
+                    error = %e,
+                    "TLS handshake failed (webio_router_tls_handshake_failures_total counts them all; this warning comes at most once a minute)"
+                );
+            } else {
+                tracing::debug!(error = %e, "TLS handshake failed");
+            }
             None
         }
         Err(_) => None,
