@@ -22,9 +22,8 @@ use std::fmt;
 use std::future::poll_fn;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::Poll;
-use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -179,34 +178,21 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 /// sender configured with `http://` sees why, instead of a reset connection.
 const PLAIN_HTTP: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 44\r\n\r\nthis listener speaks HTTPS only: use https\r\n";
 
-/// When the last failed handshake was reported at `warn`.
-static FAILURE_WARNING: Throttle = Throttle::new(Duration::from_secs(60));
-
-/// At most one `true` per `every` (the first call is `true`), across threads.
-struct Throttle {
-    every: Duration,
-    last: Mutex<Option<std::time::Instant>>,
+/// Why a connection on the TLS listener got no TLS session (it is then closed).
+#[derive(Debug)]
+pub enum NoSession {
+    /// Not TLS (plain HTTP was answered 400), closed, or too slow: nothing to report.
+    Quiet,
+    /// The handshake itself failed (untrusted or unparsable hello, no common version or cipher).
+    Failed(std::io::Error),
 }
 
-impl Throttle {
-    const fn new(every: Duration) -> Throttle {
-        Throttle { every, last: Mutex::new(None) }
-    }
-
-    fn due(&self) -> bool {
-        let now = std::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < self.every) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-}
-
-/// The TLS handshake of a new connection, finished by `deadline`; `None` when the peer is not
-/// speaking TLS, fails the handshake, or is too slow (the connection is then closed).
-pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Instant) -> Option<TlsStream<TcpStream>> {
+/// The TLS handshake of a new connection, finished by `deadline`.
+pub async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<TlsStream<TcpStream>, NoSession> {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == HANDSHAKE_RECORD => {}
@@ -215,28 +201,14 @@ pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Insta
                 tracing::debug!("plain HTTP on the TLS listener; answered 400");
                 let _ = stream.try_write(PLAIN_HTTP);
             }
-            return None;
+            return Err(NoSession::Quiet);
         }
-        _ => return None,
+        _ => return Err(NoSession::Quiet),
     }
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            crate::metrics::tls_handshake_failed();
-            // Scanners and old clients fail handshakes all day: a warning at most once a
-            // minute (so that a sender with the wrong trust store or TLS version is seen), every
-            // failure at debug and in the counter.
-            if FAILURE_WARNING.due() {
-                tracing::warn!(
-                    error = %e,
-                    "TLS handshake failed (webio_router_tls_handshake_failures_total counts them all; this warning comes at most once a minute)"
-                );
-            } else {
-                tracing::debug!(error = %e, "TLS handshake failed");
-            }
-            None
-        }
-        Err(_) => None,
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(NoSession::Failed(e)),
+        Err(_) => Err(NoSession::Quiet),
     }
 }
 
