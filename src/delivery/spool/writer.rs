@@ -42,9 +42,12 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// write-ahead file starts again.
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// The checkpoint comes sooner once the memtable holds this many events (still pending: a
+/// The checkpoint comes sooner once the memtable holds this many events still pending (a
 /// sink behind its load): the checkpoint writes them to redb while every webhook waits, and a
-/// second's worth of them (tens of thousands) held the answers for ~50 ms.
+/// second's worth of them (tens of thousands) held the answers for ~50 ms. The count is taken
+/// after the batch's bookkeeping, and a memtable at its bound first takes the deliveries that
+/// wait for their batch ([`Deferred`]): a sink that keeps up (whose deliveries reach the
+/// writer up to `DEFER_FOR` late) does not reach it.
 pub(super) const CHECKPOINT_EVENTS: usize = 512;
 
 /// The write-ahead frame's buffer is kept from one batch to the next up to this size.
@@ -144,6 +147,10 @@ pub(crate) struct Writer {
     /// memtable) wait for the next one.
     pub last_fsync: Instant,
     pub unsynced: bool,
+    /// The memtable held [`CHECKPOINT_EVENTS`] events after the last batch (its bookkeeping
+    /// applied): the next batch takes the deferred bookkeeping, and is the checkpoint when the
+    /// memtable is still full after that.
+    pub full: bool,
     /// A handle being closed whose readers had not finished yet.
     pub closing: Option<Arc<Database>>,
     pub scratch: Scratch,
@@ -237,7 +244,10 @@ impl Writer {
             let mut book = Vec::new();
             // A pause or resume (an operator at work: `replay` reads the pending rows next)
             // sees every delivery recorded so far.
-            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() {
+            // A memtable at its bound takes the deliveries that wait first (in this batch's
+            // frame): the events they finish leave it, and only those still pending count.
+            let settle = self.full && !deferred.ops.is_empty();
+            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() || settle {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
@@ -307,6 +317,7 @@ impl Writer {
     /// A durable redb commit recorded the checkpoint (and the next generation): everything
     /// before it is in redb.
     fn checkpointed(&mut self) {
+        self.full = false;
         self.gen += 1;
         self.last_fsync = Instant::now();
         self.unsynced = false;
@@ -317,6 +328,38 @@ impl Writer {
                 tracing::warn!(file = %self.wal.path.display(), error = %chain(&e), "spool: cannot empty the write-ahead file after a checkpoint");
             }
         }
+    }
+
+    /// Whether the batch carrying `book` is the checkpoint because the memtable is at its
+    /// bound ([`CHECKPOINT_EVENTS`]).
+    fn full_for(&self, book: &[Bookkeeping]) -> bool {
+        let full = self.full && !self.settles(book);
+        #[cfg(test)]
+        if full {
+            self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
+        }
+        full
+    }
+
+    /// Whether `book` (the deliveries a batch of a full memtable carries) may bring it below
+    /// its bound: then that batch is a frame and the count is taken again after it. Never once
+    /// the memtable holds twice its bound (its size stays bounded whatever the deliveries).
+    fn settles(&self, book: &[Bookkeeping]) -> bool {
+        let mem = self.shared.mem();
+        let held = mem.events.len();
+        if held >= 2 * CHECKPOINT_EVENTS {
+            return false;
+        }
+        let leaving = book
+            .iter()
+            .filter_map(|b| match b {
+                Bookkeeping::Done { seqs, .. } => Some(seqs),
+                Bookkeeping::Attempts { .. } => None,
+            })
+            .flatten()
+            .filter(|seq| mem.events.contains_key(seq))
+            .count();
+        held.saturating_sub(leaving) < CHECKPOINT_EVENTS
     }
 
     fn refuse(&self, appends: &mut Vec<Append>) {
@@ -351,7 +394,7 @@ impl Writer {
         let durable = force_durable
             || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
             || self.wal.len >= wal::CHECKPOINT_BYTES
-            || self.shared.mem().events.len() >= CHECKPOINT_EVENTS;
+            || self.full_for(&book);
         let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
@@ -423,7 +466,9 @@ impl Writer {
             if !scratch.ids.is_empty() {
                 mem.dedup.push((now, self.next_seq, scratch.ids.clone()));
             }
-            mem.apply_book(book)
+            let freed = mem.apply_book(book);
+            self.full = mem.events.len() >= CHECKPOINT_EVENTS;
+            freed
         } else {
             0
         };
@@ -597,6 +642,7 @@ impl Writer {
         }
         self.last_fsync = Instant::now();
         self.unsynced = false;
+        self.full = false;
         // Redb holds all of it now (the readers wait for the handle meanwhile).
         self.shared.mem().clear();
         self.shared.set_db(Some(Arc::new(db)));
