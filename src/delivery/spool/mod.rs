@@ -25,6 +25,7 @@
 
 pub mod dead;
 mod guard;
+mod lanes;
 mod memtable;
 pub mod offline;
 mod operate;
@@ -77,6 +78,12 @@ pub(crate) struct Shared {
     trouble: RwLock<Option<String>>,
     /// What the writer accepted since the last checkpoint (see [`memtable`]).
     mem: Mutex<memtable::Memtable>,
+    /// Checkpoints that came because the memtable reached its bound (tests).
+    #[cfg(test)]
+    pub bound_checkpoints: AtomicU64,
+    /// Held or failed syncs of the write-ahead file (tests).
+    #[cfg(test)]
+    pub wal_faults: Arc<lanes::Faults>,
 }
 
 impl Shared {
@@ -86,6 +93,12 @@ impl Shared {
             Some(tx) => tx.send(op).is_ok(),
             None => false,
         }
+    }
+
+    /// A sender to the writer (for its sync lanes, to wake it when a sync ends), while the
+    /// spool is open. Not to be kept: the writer stops once every sender is gone.
+    fn waker(&self) -> Option<mpsc::Sender<Op>> {
+        self.writer.lock().expect("writer lock").clone()
     }
 
     /// The open file, for one read or one transaction (do not keep it: the writer may need
@@ -187,6 +200,10 @@ impl Spool {
             writer: Mutex::new(Some(tx)),
             trouble: RwLock::new(None),
             mem: Mutex::new(memtable::Memtable::default()),
+            #[cfg(test)]
+            bound_checkpoints: AtomicU64::new(0),
+            #[cfg(test)]
+            wal_faults: Default::default(),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
         for (name, since) in &rec.paused {
@@ -210,6 +227,8 @@ impl Spool {
             last_prune: 0,
             last_fsync: Instant::now(),
             unsynced: false,
+            full: false,
+            pipe: Default::default(),
             closing: None,
             scratch: Default::default(),
             wal,
@@ -474,6 +493,8 @@ mod tests {
         ok: AtomicBool,
         got: Mutex<Vec<String>>,
         calls: AtomicUsize,
+        /// Deliveries wait while this is set.
+        hold: AtomicBool,
     }
 
     impl Sink for Fake {
@@ -483,6 +504,9 @@ mod tests {
         fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::AcqRel);
+                while self.hold.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 if self.ok.load(Ordering::Acquire) {
                     self.got.lock().unwrap().push(env.event.id.clone());
                     Ok(())
@@ -494,7 +518,13 @@ mod tests {
     }
 
     fn fake(name: &str, ok: bool) -> Arc<Fake> {
-        Arc::new(Fake { name: name.into(), ok: AtomicBool::new(ok), got: Mutex::default(), calls: AtomicUsize::new(0) })
+        Arc::new(Fake {
+            name: name.into(),
+            ok: AtomicBool::new(ok),
+            got: Mutex::default(),
+            calls: AtomicUsize::new(0),
+            hold: AtomicBool::new(false),
+        })
     }
 
     fn envelope(n: usize) -> Envelope {
@@ -1199,6 +1229,136 @@ mod tests {
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::load_pending(&db, "down", None, 10_000).unwrap().len(), bound * 3);
+    }
+
+    /// A sink that keeps up reports its deliveries up to `DEFER_FOR` late: at tens of
+    /// thousands of events a second the memtable held more than its bound of events already
+    /// delivered, and a checkpoint came every ~15 ms while the webhooks waited. Only the
+    /// events still pending once the deliveries that wait are applied count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_already_delivered_do_not_count_towards_the_memtables_bound() {
+        let bound = writer::CHECKPOINT_EVENTS;
+        // The memtable filled to its bound with events whose deliveries are held back, all of
+        // them in the memtable (a checkpoint on time while it fills moves some to redb: then
+        // again, with a new spool).
+        let mut attempt = 0;
+        let (spool, s, _dir) = loop {
+            attempt += 1;
+            assert!(attempt <= 10, "a checkpoint on time came during every fill");
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path());
+            let s = fake("s", true);
+            s.hold.store(true, Ordering::Release);
+            let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone() as Arc<dyn Sink>)].into();
+            let spool = Spool::open(&cfg, &sinks).await.unwrap();
+            let t: Vec<Arc<dyn Sink>> = vec![s.clone()];
+            // Below the bound at once (concurrently: fast), then the one that reaches it.
+            let below =
+                futures_util::future::join_all((0..bound - 1).map(|n| spool.submit(envelope(n), t.clone()))).await;
+            assert!(below.iter().all(|r| *r == Ok(Accepted::New)));
+            assert_eq!(spool.submit(envelope(bound), t.clone()).await, Ok(Accepted::New));
+            if spool.shared.mem().events.len() == bound {
+                break (spool, s, dir);
+            }
+            spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        };
+        let before = spool.shared.bound_checkpoints.load(Ordering::Acquire);
+        // Every event is delivered; the writer learns it (up to `DEFER_FOR` later) in a batch
+        // of bookkeeping, which the full memtable made a checkpoint.
+        s.hold.store(false, Ordering::Release);
+        wait("the deliveries", || s.got.lock().unwrap().len() == bound).await;
+        wait("the memtable's bookkeeping", || spool.shared.mem().events.is_empty()).await;
+        assert_eq!(
+            spool.shared.bound_checkpoints.load(Ordering::Acquire),
+            before,
+            "no checkpoint for the memtable's bound: its events were delivered"
+        );
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    }
+
+    /// The frames of the write-ahead file written so far (a new spool's file is zeros).
+    fn frames_written(cfg: &DeliveryConfig) -> usize {
+        wal::decode(&std::fs::read(cfg.spool_dir.join(wal::FILE_NAME)).unwrap()).frames.len()
+    }
+
+    /// The writer writes the next batch's frame while the last one's `fdatasync` is in flight
+    /// (pipelined syncs): a webhook that comes during a sync waits for one sync, not for that
+    /// one and then its own. Neither is answered before its own sync ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_is_written_while_the_last_ones_sync_is_in_flight_and_answered_after_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let s = fake("s", true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone() as Arc<dyn Sink>)].into();
+        let spool = Arc::new(Spool::open(&cfg, &sinks).await.unwrap());
+        let faults = spool.shared.wal_faults.clone();
+        faults.hold.store(true, Ordering::Release);
+        let submit = |n: usize| {
+            let (spool, s) = (spool.clone(), s.clone());
+            tokio::spawn(async move { spool.submit(envelope(n), vec![s as Arc<dyn Sink>]).await })
+        };
+        let first = submit(1);
+        wait("the first frame", || frames_written(&cfg) == 1).await;
+        let second = submit(2);
+        wait("the second frame, written while the first one's sync waits", || frames_written(&cfg) == 2).await;
+        assert!(!first.is_finished() && !second.is_finished(), "answered before its sync");
+        assert!(spool.shared.mem().events.is_empty(), "nothing is visible before its sync");
+        faults.hold.store(false, Ordering::Release);
+        assert_eq!(first.await.unwrap(), Ok(Accepted::New));
+        assert_eq!(second.await.unwrap(), Ok(Accepted::New));
+        wait("the deliveries", || s.got.lock().unwrap().len() == 2).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    }
+
+    /// A failed `fdatasync` fails its frame's batch and every later one in flight (each is
+    /// refused: none was acknowledged), their seqs and dedup keys are given back, and the
+    /// spool heals by itself; the refused events are accepted again when re-sent, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_refuses_its_batch_and_every_later_one_in_flight_and_the_spool_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let s = fake("s", true);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone() as Arc<dyn Sink>)].into();
+        let spool = Arc::new(Spool::open(&cfg, &sinks).await.unwrap());
+        let t: Vec<Arc<dyn Sink>> = vec![s.clone()];
+        assert_eq!(spool.submit(envelope(0), t.clone()).await, Ok(Accepted::New));
+        wait("the first delivery", || s.got.lock().unwrap().len() == 1).await;
+        let written = frames_written(&cfg);
+        let faults = spool.shared.wal_faults.clone();
+        faults.hold.store(true, Ordering::Release);
+        let submit = |n: usize| {
+            let (spool, t) = (spool.clone(), t.clone());
+            tokio::spawn(async move { spool.submit(envelope(n), t).await })
+        };
+        let first = submit(1);
+        wait("the first frame", || frames_written(&cfg) > written).await;
+        let second = submit(2);
+        wait("the second frame", || frames_written(&cfg) > written + 1).await;
+        faults.fail.store(true, Ordering::Release);
+        faults.hold.store(false, Ordering::Release);
+        assert!(first.await.unwrap().is_err(), "the failed sync's batch is refused");
+        assert!(second.await.unwrap().is_err(), "a later batch in flight is refused too");
+        faults.fail.store(false, Ordering::Release);
+        // Healed: the refused events are new (their dedup keys were given back), once.
+        let mut healed = false;
+        for _ in 0..3000 {
+            if spool.submit(envelope(1), t.clone()).await.is_ok() {
+                healed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(healed, "the spool did not heal");
+        assert_eq!(spool.submit(envelope(2), t.clone()).await, Ok(Accepted::New));
+        assert_eq!(spool.submit(envelope(2), t.clone()).await, Ok(Accepted::Duplicate));
+        wait("the deliveries", || s.got.lock().unwrap().len() == 3).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        drop(spool);
+        let got = s.got.lock().unwrap().clone();
+        let ids: Vec<String> = (0..3).map(|n| envelope(n).event.id.clone()).collect();
+        assert_eq!(got, ids, "each event once, in order");
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert!(store::load_pending(&db, "s", None, 100).unwrap().is_empty());
     }
 
     #[tokio::test]

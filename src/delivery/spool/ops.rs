@@ -10,6 +10,9 @@ use tokio::sync::oneshot;
 
 pub(crate) enum Op {
     Append(Append),
+    /// A write-ahead frame's `fdatasync` ended (its result waits in the writer's sync lanes):
+    /// wakes the writer to answer its batch.
+    Synced,
     Book(Bookkeeping),
     Pause(Pause),
 }

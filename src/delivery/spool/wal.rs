@@ -578,8 +578,11 @@ fn log(path: &Path, r: &Replayed) {
 pub(crate) struct Wal {
     file: File,
     pub path: PathBuf,
-    /// End of the last frame made durable (where the next one goes).
+    /// End of the last frame made durable.
     pub len: u64,
+    /// End of the last frame written (where the next one goes): past `len` while frames wait
+    /// for their `fdatasync`.
+    pub tail: u64,
     /// A failed append could not be cut back: no append until [`Wal::probe`] succeeds.
     pub stuck: bool,
     /// The frame being built (kept from one batch to the next).
@@ -619,13 +622,32 @@ impl Wal {
             File::open(dir)?.sync_all()?;
         }
         file.write_all_at(&END, 0)?;
-        Ok(Wal { file, path, len: 0, stuck: false, buf: Vec::new() })
+        Ok(Wal { file, path, len: 0, tail: 0, stuck: false, buf: Vec::new() })
     }
 
     /// Appends `self.buf` (one frame; the end marker is added here) and makes it durable. On
     /// failure the end marker is written back at the last good frame's end; when even that
     /// fails, the file takes no append until [`Wal::probe`] succeeds.
+    #[cfg(test)]
     pub fn append(&mut self) -> Result<(), StoreError> {
+        let end = self.write()?;
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.synced(end);
+                Ok(())
+            }
+            Err(source) => {
+                self.unwrite();
+                Err(StoreError::Wal { op: "fdatasync", source })
+            }
+        }
+    }
+
+    /// Writes `self.buf` (one frame; the end marker is added here) after the frames written
+    /// so far, without syncing it; returns where it ends. It is durable once an `fdatasync`
+    /// that started after this write succeeds ([`Wal::synced`]); until then [`Wal::len`]
+    /// stays where it was. On failure the end marker is written back where the frame began.
+    pub fn write(&mut self) -> Result<u64, StoreError> {
         if self.stuck {
             return Err(StoreError::Wal {
                 op: "append",
@@ -634,23 +656,40 @@ impl Wal {
         }
         let frame = self.buf.len();
         self.buf.extend_from_slice(&END);
-        let written =
-            self.file.write_all_at(&self.buf, self.len).map_err(|source| StoreError::Wal { op: "write", source });
+        let written = self.file.write_all_at(&self.buf, self.tail);
         self.buf.truncate(frame);
-        let synced =
-            written.and_then(|()| self.file.sync_data().map_err(|source| StoreError::Wal { op: "fdatasync", source }));
-        match synced {
+        match written {
             Ok(()) => {
-                self.len += frame as u64;
-                crate::metrics::spool_wal_bytes(self.len);
-                Ok(())
+                self.tail += frame as u64;
+                Ok(self.tail)
             }
-            Err(e) => {
-                if self.file.write_all_at(&END, self.len).is_err() {
+            Err(source) => {
+                if self.file.write_all_at(&END, self.tail).is_err() {
                     self.stuck = true;
                 }
-                Err(e)
+                Err(StoreError::Wal { op: "write", source })
             }
+        }
+    }
+
+    /// `fdatasync` of the file (through the writer's own description).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The frames written up to `end` are durable.
+    pub fn synced(&mut self, end: u64) {
+        self.len = self.len.max(end);
+        crate::metrics::spool_wal_bytes(self.len);
+    }
+
+    /// A sync failed: every frame written after the last durable one is taken back (the end
+    /// marker goes at [`Wal::len`]; when it cannot be written, no append until
+    /// [`Wal::probe`] succeeds).
+    pub fn unwrite(&mut self) {
+        self.tail = self.len;
+        if self.file.write_all_at(&END, self.len).is_err() {
+            self.stuck = true;
         }
     }
 
@@ -665,6 +704,7 @@ impl Wal {
             return;
         }
         self.len = at;
+        self.tail = at;
         crate::metrics::spool_wal_bytes(self.len);
         if self.file.write_all_at(&END, at).is_err() {
             self.stuck = true;
@@ -675,6 +715,7 @@ impl Wal {
     /// needed: replay skips the frames the checkpoint covers).
     pub fn reset(&mut self) -> Result<(), StoreError> {
         self.len = 0;
+        self.tail = 0;
         crate::metrics::spool_wal_bytes(0);
         Ok(())
     }
@@ -688,6 +729,7 @@ impl Wal {
             .and_then(|()| self.file.sync_data())
             .map_err(|source| StoreError::Wal { op: "probe", source })?;
         self.len = 0;
+        self.tail = 0;
         self.stuck = false;
         Ok(())
     }

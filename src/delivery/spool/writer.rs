@@ -19,6 +19,7 @@
 //! the daemon resumes by itself once space is back. It never spins
 //! on a failing commit: it waits for work or for the next attempt, and stops with the spool.
 
+use super::lanes::{self, Lanes};
 use super::memtable::Memtable;
 use super::ops::{Append, Bookkeeping, Op, Pause};
 use super::queue::Registry;
@@ -29,7 +30,7 @@ use super::Shared;
 use crate::dedup::now_millis;
 use crate::delivery::{Accepted, Refused};
 use redb::Database;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -42,9 +43,12 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// write-ahead file starts again.
 const ACK_FSYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// The checkpoint comes sooner once the memtable holds this many events (still pending: a
+/// The checkpoint comes sooner once the memtable holds this many events still pending (a
 /// sink behind its load): the checkpoint writes them to redb while every webhook waits, and a
-/// second's worth of them (tens of thousands) held the answers for ~50 ms.
+/// second's worth of them (tens of thousands) held the answers for ~50 ms. The count is taken
+/// after the batch's bookkeeping, and a memtable at its bound first takes the deliveries that
+/// wait for their batch ([`Deferred`]): a sink that keeps up (whose deliveries reach the
+/// writer up to `DEFER_FOR` late) does not reach it.
 pub(super) const CHECKPOINT_EVENTS: usize = 512;
 
 /// The write-ahead frame's buffer is kept from one batch to the next up to this size.
@@ -117,12 +121,57 @@ pub(crate) struct Scratch {
     weights: Vec<u64>,
 }
 
+/// A batch whose frame is written and whose `fdatasync` is in flight (or that waits for the
+/// frames before it: a batch of duplicates only has no frame). Answered once every frame up
+/// to its own is durable, in order.
+struct Flight {
+    ticket: u64,
+    /// Where its frame ends in the write-ahead file.
+    end: u64,
+    appends: Vec<Append>,
+    /// As [`Scratch`]'s, for this batch.
+    seqs: Vec<Option<u64>>,
+    ids: Vec<u128>,
+    weights: Vec<u64>,
+    book: Vec<Bookkeeping>,
+    now: u64,
+    first_seq: u64,
+    accepted: u64,
+    /// Bytes of the events it accepts, and of the duplicates it refuses.
+    added: u64,
+    duplicate: u64,
+    /// The sync's result, once it ended.
+    result: Option<std::io::Result<()>>,
+}
+
+/// The frames in flight (see [`super::lanes`]).
+#[derive(Default)]
+pub(crate) struct Pipeline {
+    /// `None`: not started yet, or they could not start (each frame is then synced by the
+    /// writer itself).
+    lanes: Option<Lanes>,
+    flights: VecDeque<Flight>,
+    next_ticket: u64,
+    /// The dedup keys of the events in flight: a re-send that comes meanwhile is a duplicate
+    /// (answered after the first one's frame is durable, and refused if it fails).
+    ids: HashSet<u128>,
+}
+
 /// The writer cannot commit: since when, why, and when it tries again.
 struct Broken {
     since: Instant,
     reason: String,
     attempts: u32,
     next_try: Instant,
+}
+
+impl Pipeline {
+    /// The sync of `ticket` ended.
+    fn ended(&mut self, ticket: u64, result: std::io::Result<()>) {
+        if let Some(f) = self.flights.iter_mut().find(|f| f.ticket == ticket) {
+            f.result = Some(result);
+        }
+    }
 }
 
 impl Broken {
@@ -144,6 +193,12 @@ pub(crate) struct Writer {
     /// memtable) wait for the next one.
     pub last_fsync: Instant,
     pub unsynced: bool,
+    /// The memtable held [`CHECKPOINT_EVENTS`] events after the last batch (its bookkeeping
+    /// applied): the next batch takes the deferred bookkeeping, and is the checkpoint when the
+    /// memtable is still full after that.
+    pub full: bool,
+    /// The frames whose `fdatasync` is in flight.
+    pub pipe: Pipeline,
     /// A handle being closed whose readers had not finished yet.
     pub closing: Option<Arc<Database>>,
     pub scratch: Scratch,
@@ -155,6 +210,16 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub fn run(mut self, rx: mpsc::Receiver<Op>) {
+        match Lanes::start(
+            &self.wal.path,
+            #[cfg(test)]
+            self.shared.wal_faults.clone(),
+        ) {
+            Ok(l) => self.pipe.lanes = Some(l),
+            Err(e) => {
+                tracing::warn!(file = %self.wal.path.display(), error = %e, "spool: cannot start the write-ahead file's sync threads; each frame is synced in turn");
+            }
+        }
         let mut carry: Vec<Bookkeeping> = Vec::new();
         // Bookkeeping (deliveries done, attempt counts) waits for a transaction of its own
         // while new events keep coming (at most DEFER_FOR): removing a run of rows at once
@@ -199,11 +264,23 @@ impl Writer {
                     }
                     Op::Book(b) => deferred.push(b),
                     Op::Pause(p) => pauses.push(p),
+                    Op::Synced => {}
                 }
                 if appends.len() + deferred.ops.len() >= MAX_OPS || bytes >= MAX_BATCH_BYTES {
                     break;
                 }
                 next = rx.try_recv().ok();
+            }
+            // Answer the batches whose frames are durable now.
+            if let Err((e, rest)) = self.land(usize::MAX) {
+                carry.extend(rest);
+                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
+                broken = Some(Broken {
+                    since: Instant::now(),
+                    reason: e.to_string(),
+                    attempts: 0,
+                    next_try: Instant::now() + HEAL_FIRST,
+                });
             }
 
             if let Some(b) = &mut broken {
@@ -237,7 +314,10 @@ impl Writer {
             let mut book = Vec::new();
             // A pause or resume (an operator at work: `replay` reads the pending rows next)
             // sees every delivery recorded so far.
-            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() {
+            // A memtable at its bound takes the deliveries that wait first (in this batch's
+            // frame): the events they finish leave it, and only those still pending count.
+            let settle = self.full && !deferred.ops.is_empty();
+            if deferred.due() || (appends.is_empty() && !carry.is_empty()) || !pauses.is_empty() || settle {
                 book = std::mem::take(&mut carry);
                 book.extend(deferred.take());
             }
@@ -247,7 +327,7 @@ impl Writer {
             let force = !pauses.is_empty();
             if !appends.is_empty() || !book.is_empty() || checkpoint_due || force {
                 if let Err((e, rest)) = self.apply(&mut appends, book, force) {
-                    carry = rest;
+                    carry.extend(rest);
                     tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
                     let reason = e.to_string();
                     broken = Some(Broken {
@@ -272,8 +352,17 @@ impl Writer {
 
     /// The spool is closing: record what the drains reported, durably, if the disk lets us —
     /// once, not in a loop (the shutdown deadline waits for this thread).
-    fn finish(&mut self, mut carry: Vec<Bookkeeping>, mut deferred: Deferred, broken: Option<Broken>) {
+    fn finish(&mut self, mut carry: Vec<Bookkeeping>, mut deferred: Deferred, mut broken: Option<Broken>) {
         carry.extend(deferred.take());
+        if let Err((e, rest)) = self.land(0) {
+            carry.extend(rest);
+            broken.get_or_insert(Broken {
+                since: Instant::now(),
+                reason: e.to_string(),
+                attempts: 0,
+                next_try: Instant::now(),
+            });
+        }
         if broken.is_some() {
             if let Err(e) = self.heal() {
                 tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool: still cannot write at shutdown; the last deliveries will repeat after the restart");
@@ -307,6 +396,7 @@ impl Writer {
     /// A durable redb commit recorded the checkpoint (and the next generation): everything
     /// before it is in redb.
     fn checkpointed(&mut self) {
+        self.full = false;
         self.gen += 1;
         self.last_fsync = Instant::now();
         self.unsynced = false;
@@ -317,6 +407,38 @@ impl Writer {
                 tracing::warn!(file = %self.wal.path.display(), error = %chain(&e), "spool: cannot empty the write-ahead file after a checkpoint");
             }
         }
+    }
+
+    /// Whether the batch carrying `book` is the checkpoint because the memtable is at its
+    /// bound ([`CHECKPOINT_EVENTS`]).
+    fn full_for(&self, book: &[Bookkeeping]) -> bool {
+        let full = self.full && !self.settles(book);
+        #[cfg(test)]
+        if full {
+            self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
+        }
+        full
+    }
+
+    /// Whether `book` (the deliveries a batch of a full memtable carries) may bring it below
+    /// its bound: then that batch is a frame and the count is taken again after it. Never once
+    /// the memtable holds twice its bound (its size stays bounded whatever the deliveries).
+    fn settles(&self, book: &[Bookkeeping]) -> bool {
+        let mem = self.shared.mem();
+        let held = mem.events.len();
+        if held >= 2 * CHECKPOINT_EVENTS {
+            return false;
+        }
+        let leaving = book
+            .iter()
+            .filter_map(|b| match b {
+                Bookkeeping::Done { seqs, .. } => Some(seqs),
+                Bookkeeping::Attempts { .. } => None,
+            })
+            .flatten()
+            .filter(|seq| mem.events.contains_key(seq))
+            .count();
+        held.saturating_sub(leaving) < CHECKPOINT_EVENTS
     }
 
     fn refuse(&self, appends: &mut Vec<Append>) {
@@ -346,12 +468,27 @@ impl Writer {
                 self.names.insert(name.clone());
             }
         }
+        // Room for one more frame in flight (the batches of the frames that are durable by now
+        // are answered first).
+        if let Err((e, mut rest)) = self.land(lanes::LANES - 1) {
+            self.refuse(appends);
+            rest.extend(book);
+            return Err((e, rest));
+        }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
         let durable = force_durable
             || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
-            || self.wal.len >= wal::CHECKPOINT_BYTES
-            || self.shared.mem().events.len() >= CHECKPOINT_EVENTS;
+            || self.wal.tail >= wal::CHECKPOINT_BYTES
+            || self.full_for(&book);
+        // The checkpoint covers every frame: none may be in flight.
+        if durable {
+            if let Err((e, mut rest)) = self.land(0) {
+                self.refuse(appends);
+                rest.extend(book);
+                return Err((e, rest));
+            }
+        }
         let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
         let mut scratch = std::mem::take(&mut self.scratch);
         // Each id's key once, and the window asked once for the whole batch.
@@ -393,39 +530,73 @@ impl Writer {
                     return Err(self.failed(e, appends, scratch, book));
                 }
             }
-        } else if accepted > 0 || !book.is_empty() {
-            // The events and the bookkeeping are made durable by the write-ahead file, and
-            // kept in memory until the checkpoint.
-            let mut buf = std::mem::take(&mut self.wal.buf);
-            buf.clear();
-            let events = appends
-                .iter()
-                .zip(&scratch.seqs)
-                .filter_map(|(a, s)| s.map(|s| (s, a.rec.as_slice(), a.sinks.as_slice())));
-            wal::encode(&mut buf, self.gen, now, self.next_seq, &scratch.ids, events, &book);
-            self.wal.buf = buf;
-            let result = self.wal.append();
-            // A large batch's buffer is not kept (memory stays flat between bursts).
-            if self.wal.buf.capacity() > WAL_BUF_KEEP {
-                self.wal.buf = Vec::new();
-            }
-            if let Err(e) = result {
-                return Err(self.failed(e, appends, scratch, book));
-            }
-            crate::metrics::spool_flush(accepted);
-            self.unsynced = true;
-            let mut mem = self.shared.mem();
-            for (a, seq) in appends.iter_mut().zip(&scratch.seqs) {
-                if let Some(seq) = seq {
-                    mem.insert(*seq, std::mem::take(&mut a.rec), &a.sinks);
-                }
-            }
-            if !scratch.ids.is_empty() {
-                mem.dedup.push((now, self.next_seq, scratch.ids.clone()));
-            }
-            mem.apply_book(book)
         } else {
-            0
+            // The events and the bookkeeping are made durable by the write-ahead file, and
+            // kept in memory until the checkpoint: the frame is written here, its sync runs
+            // in a lane while the next batches come, and the batch is answered once it ends
+            // (a batch of duplicates only has no frame: it waits for the frames before it).
+            let end = if accepted > 0 || !book.is_empty() {
+                let mut buf = std::mem::take(&mut self.wal.buf);
+                buf.clear();
+                let events = appends
+                    .iter()
+                    .zip(&scratch.seqs)
+                    .filter_map(|(a, s)| s.map(|s| (s, a.rec.as_slice(), a.sinks.as_slice())));
+                wal::encode(&mut buf, self.gen, now, self.next_seq, &scratch.ids, events, &book);
+                self.wal.buf = buf;
+                let result = self.wal.write();
+                // A large batch's buffer is not kept (memory stays flat between bursts).
+                if self.wal.buf.capacity() > WAL_BUF_KEEP {
+                    self.wal.buf = Vec::new();
+                }
+                match result {
+                    Ok(end) => Some(end),
+                    Err(e) => {
+                        // The frames before it are still answered (or fail) first.
+                        let mut book = book;
+                        if let Err((_, rest)) = self.land(0) {
+                            book.extend(rest);
+                        }
+                        return Err(self.failed(e, appends, scratch, book));
+                    }
+                }
+            } else {
+                None
+            };
+            let ticket = self.pipe.next_ticket;
+            self.pipe.next_ticket += 1;
+            let mut result = None;
+            if end.is_some() {
+                let submitted = match (&mut self.pipe.lanes, self.shared.waker()) {
+                    (Some(lanes), Some(wake)) => lanes.submit(ticket, wake),
+                    _ => false,
+                };
+                // No lane (or the spool is closing): synced here.
+                if !submitted {
+                    result = Some(self.wal.sync());
+                }
+            } else {
+                result = Some(Ok(()));
+            }
+            self.pipe.ids.extend(&scratch.ids);
+            self.pipe.flights.push_back(Flight {
+                ticket,
+                end: end.unwrap_or(self.wal.tail),
+                appends: std::mem::take(appends),
+                seqs: std::mem::take(&mut scratch.seqs),
+                ids: std::mem::take(&mut scratch.ids),
+                weights: std::mem::take(&mut scratch.weights),
+                book,
+                now,
+                first_seq: self.next_seq,
+                accepted,
+                added,
+                duplicate,
+                result,
+            });
+            self.next_seq += accepted;
+            self.scratch = scratch;
+            return self.land(usize::MAX);
         };
         self.last_prune = if prune { now } else { self.last_prune };
         self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
@@ -454,6 +625,120 @@ impl Writer {
         Ok(())
     }
 
+    /// Answers the batches whose frames are durable, oldest first, and waits until at most
+    /// `room` frames are in flight. A failed sync fails its batch and every later one (each
+    /// frame in flight waits for its sync to end first): they are refused, the frames taken
+    /// back, and their bookkeeping handed back (to be applied once the spool heals).
+    fn land(&mut self, room: usize) -> Result<(), (StoreError, Vec<Bookkeeping>)> {
+        loop {
+            while let Some((ticket, result)) = self.pipe.lanes.as_ref().and_then(Lanes::try_result) {
+                self.pipe.ended(ticket, result);
+            }
+            while self.pipe.flights.front().is_some_and(|f| matches!(f.result, Some(Ok(())))) {
+                if let Some(f) = self.pipe.flights.pop_front() {
+                    self.complete(f);
+                }
+            }
+            if self.pipe.flights.front().is_some_and(|f| matches!(f.result, Some(Err(_)))) {
+                return Err(self.fail_flights());
+            }
+            if self.pipe.flights.len() <= room {
+                return Ok(());
+            }
+            let next = self.pipe.lanes.as_ref().and_then(Lanes::result);
+            match next {
+                Some((ticket, result)) => self.pipe.ended(ticket, result),
+                // The lanes are gone: no result will come.
+                None => {
+                    for f in self.pipe.flights.iter_mut().filter(|f| f.result.is_none()) {
+                        f.result = Some(Err(std::io::Error::other("the write-ahead file's sync thread stopped")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The oldest frame in flight failed its sync: waits for every later one to end, then
+    /// refuses them all (see [`Writer::land`]).
+    fn fail_flights(&mut self) -> (StoreError, Vec<Bookkeeping>) {
+        while self.pipe.flights.iter().any(|f| f.result.is_none()) {
+            let next = self.pipe.lanes.as_ref().and_then(Lanes::result);
+            match next {
+                Some((ticket, result)) => self.pipe.ended(ticket, result),
+                None => break,
+            }
+        }
+        let mut flights = std::mem::take(&mut self.pipe.flights);
+        let source = match flights.front_mut().and_then(|f| f.result.take()) {
+            Some(Err(e)) => e,
+            _ => std::io::Error::other("a sync failed"),
+        };
+        let e = StoreError::Wal { op: "fdatasync", source };
+        // Nothing of them was answered, and nothing after them was written: the seqs are
+        // given again, and the file continues after the last durable frame.
+        if let Some(f) = flights.front() {
+            self.next_seq = f.first_seq;
+        }
+        self.wal.unwrite();
+        self.pipe.ids.clear();
+        crate::metrics::spool_write_error();
+        self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
+        let mut book = Vec::new();
+        for mut f in flights {
+            self.refuse(&mut f.appends);
+            book.append(&mut f.book);
+        }
+        (e, book)
+    }
+
+    /// A batch whose frame is durable: its effects go into the memtable and its requests
+    /// are answered.
+    fn complete(&mut self, f: Flight) {
+        let Flight { end, mut appends, seqs, ids, weights, book, now, first_seq, accepted, added, duplicate, .. } = f;
+        self.wal.synced(end);
+        crate::metrics::spool_flush(accepted);
+        let freed = if accepted > 0 || !book.is_empty() {
+            self.unsynced = true;
+            let mut mem = self.shared.mem();
+            for (a, seq) in appends.iter_mut().zip(&seqs) {
+                if let Some(seq) = seq {
+                    mem.insert(*seq, std::mem::take(&mut a.rec), &a.sinks);
+                }
+            }
+            if !ids.is_empty() {
+                mem.dedup.push((now, first_seq, ids.clone()));
+            }
+            let freed = mem.apply_book(book);
+            self.full = mem.events.len() >= CHECKPOINT_EVENTS;
+            freed
+        } else {
+            0
+        };
+        self.committed_bytes = (self.committed_bytes + added).saturating_sub(freed);
+        self.shared.used.fetch_sub(freed + duplicate, Ordering::AcqRel);
+        crate::metrics::spool_bytes(self.committed_bytes);
+        // Into the window before any request is answered: a re-send that follows its 202 is
+        // a duplicate.
+        self.shared.dedup.record_keys_at(&ids, now);
+        for id in &ids {
+            self.pipe.ids.remove(id);
+        }
+        for ((a, seq), weight) in appends.into_iter().zip(&seqs).zip(&weights) {
+            match seq {
+                Some(seq) => {
+                    // Queue before answering: once a request has its 202, its work is visible.
+                    for sink in &a.sinks {
+                        self.registry.queue(sink).enqueue(*seq, a.env.clone(), *weight);
+                    }
+                    let _ = a.reply.send(Ok(Accepted::New));
+                }
+                None => {
+                    let _ = a.reply.send(Ok(Accepted::Duplicate));
+                }
+            }
+        }
+    }
+
     /// A batch that could not be made durable: refused, its bookkeeping handed back.
     fn failed(
         &mut self,
@@ -480,7 +765,12 @@ impl Writer {
         let mut next = self.next_seq;
         for (i, a) in appends.iter().enumerate() {
             let checked = a.dedup && window;
-            if checked && (scratch.seen[i] || !scratch.in_batch.insert(scratch.keys[i])) {
+            // Seen in the window, in a batch in flight, or earlier in this one.
+            if checked
+                && (scratch.seen[i]
+                    || self.pipe.ids.contains(&scratch.keys[i])
+                    || !scratch.in_batch.insert(scratch.keys[i]))
+            {
                 scratch.seqs.push(None);
                 continue;
             }
@@ -597,6 +887,7 @@ impl Writer {
         }
         self.last_fsync = Instant::now();
         self.unsynced = false;
+        self.full = false;
         // Redb holds all of it now (the readers wait for the handle meanwhile).
         self.shared.mem().clear();
         self.shared.set_db(Some(Arc::new(db)));
