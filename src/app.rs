@@ -125,8 +125,13 @@ impl App {
                 // A claimed key blocks other replicas at most this long if this one dies
                 // before the event is taken (a submit lasts at most a request).
                 let pending_ttl = cfg.server.request_timeout + Duration::from_secs(5);
-                let store = crate::dedup::store::DedupStore::start(url, cfg.delivery.dedup_window, pending_ttl)
-                    .map_err(|e| stop_admin(ServeError::DedupStore(e)))?;
+                let store = crate::dedup::store::DedupStore::start(
+                    url,
+                    cfg.delivery.dedup_store_ca_file.as_deref(),
+                    cfg.delivery.dedup_window,
+                    pending_ttl,
+                )
+                .map_err(|e| stop_admin(ServeError::DedupStore(e)))?;
                 Arc::new(crate::delivery::shared::SharedWindow::new(delivery, store))
             }
         };

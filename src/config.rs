@@ -476,6 +476,9 @@ pub struct DeliveryConfig {
     /// keys share the dedup window between replicas; unset or empty: each replica's own
     /// window only. Never logged (it may hold a password).
     pub dedup_store: Option<StoreUrl>,
+    /// PEM CA certificates that a `rediss://` `dedup_store` is verified against instead of the
+    /// public roots (a private CA).
+    pub dedup_store_ca_file: Option<PathBuf>,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
     /// SIGTERM waits, within `shutdown_timeout`, until the spool is empty (for a spool that
@@ -496,6 +499,7 @@ impl Default for DeliveryConfig {
             max_rejected_bytes: 64 << 20,
             dedup_window: Duration::from_secs(600),
             dedup_store: None,
+            dedup_store_ca_file: None,
             shutdown_timeout: Duration::from_secs(20),
             drain_on_shutdown: false,
         }
@@ -819,6 +823,9 @@ impl Config {
         }
         if let Some(e) = d.dedup_store().and_then(|url| dedup_store::check_url(url).err()) {
             err(format!("delivery.dedup_store: {e}"));
+        }
+        if let Err(e) = dedup_store::read_ca(d.dedup_store().unwrap_or(""), d.dedup_store_ca_file.as_deref()) {
+            err(format!("delivery.dedup_store_ca_file: {e}"));
         }
         if self.custom_values.enabled() {
             self.custom_values.validate().into_iter().for_each(&mut err);

@@ -34,6 +34,7 @@ pub const INGESTED_FILES: &str = "webio_router_ingested_files_total";
 pub const CONNECTIONS_OPEN: &str = "webio_router_connections_open";
 pub const CONNECTIONS_SHED: &str = "webio_router_connections_shed_total";
 pub const DEDUP_STORE_ERRORS: &str = "webio_router_dedup_store_errors_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "webio_router_tls_handshake_failures_total";
 
 /// Every metric the daemon exports (deploy artefacts are checked against this list).
 pub const NAMES: &[&str] = &[
@@ -62,6 +63,7 @@ pub const NAMES: &[&str] = &[
     CONNECTIONS_OPEN,
     CONNECTIONS_SHED,
     DEDUP_STORE_ERRORS,
+    TLS_HANDSHAKE_FAILURES,
 ];
 
 /// The histograms among [`NAMES`] (exported with `_bucket`, `_sum`, `_count`).
@@ -151,6 +153,7 @@ fn preregister() {
     counter!(SPOOL_WRITE_ERRORS).absolute(0);
     gauge!(SPOOL_WAL_BYTES).set(0.0);
     counter!(DEDUP_STORE_ERRORS).absolute(0);
+    counter!(TLS_HANDSHAKE_FAILURES).absolute(0);
     gauge!(CONNECTIONS_OPEN).set(0.0);
     for state in ["no_request", "idle", "new"] {
         counter!(CONNECTIONS_SHED, "state" => state).absolute(0);
@@ -181,6 +184,10 @@ fn describe() {
     describe_counter!(
         DEDUP_STORE_ERRORS,
         "Shared dedup store (Redis) calls that failed, timed out or were skipped while it was down; the local window was used."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes on the webhook listener that failed (bad or untrusted client hello, protocol or cipher mismatch)."
     );
     describe_gauge!(SINK_UP, "1 when the sink's connection is up, 0 when it is down.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
@@ -436,6 +443,11 @@ pub fn connections_open(open: usize) {
     } else {
         make().set(open as f64);
     }
+}
+
+/// A TLS handshake on the webhook listener failed.
+pub fn tls_handshake_failed() {
+    counter!(TLS_HANDSHAKE_FAILURES).increment(1);
 }
 
 /// One connection closed to make room; `state` is `no_request`, `idle` or `new`.

@@ -24,6 +24,32 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// The CA certificates of `path` as PEM text (what lapin and the Redis client take), checked to hold at least one
+/// certificate that parses.
+pub fn read_ca_file(path: &std::path::Path) -> Result<String, CaFileError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let text = std::fs::read_to_string(path).map_err(|source| CaFileError::Read { path: path.to_owned(), source })?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CaFileError::NotPem { path: path.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(CaFileError::NoCertificate(path.to_owned()));
+    }
+    Ok(text)
+}
+
+/// Why a CA file (`tls_ca_file`, `delivery.dedup_store_ca_file`) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: not a PEM certificate file: {source}", path.display())]
+    NotPem { path: std::path::PathBuf, source: rustls::pki_types::pem::Error },
+    #[error("{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file", .0.display())]
+    NoCertificate(std::path::PathBuf),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@
 //! - **No secret in the log.** The URL may hold a password: it is never logged; an outage is
 //!   logged once when it starts and once when it ends.
 
-pub use crate::config::dedup_store::{check_url, StoreUrlError};
+pub use crate::config::dedup_store::{check_url, read_ca, StoreUrlError};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,9 +65,28 @@ impl DedupStore {
     /// Starts connecting to `url` in the background (on the current Tokio runtime) and
     /// answers at once: until the first connection, claims are [`Claim::Unavailable`].
     /// `pending_ttl` bounds how long a claimed but unconfirmed key blocks other replicas.
-    pub fn start(url: &str, window: Duration, pending_ttl: Duration) -> Result<Arc<DedupStore>, StoreUrlError> {
+    /// A `rediss://` URL is verified against the public roots, or against `ca_file`'s
+    /// certificates only when it is given.
+    pub fn start(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        window: Duration,
+        pending_ttl: Duration,
+    ) -> Result<Arc<DedupStore>, StoreUrlError> {
         check_url(url)?;
-        let client = redis::Client::open(url).map_err(StoreUrlError::Invalid)?;
+        let ca = read_ca(url, ca_file)?;
+        if crate::config::dedup_store::is_tls(url) {
+            // Before the client builds its rustls configuration, so that it takes this provider.
+            crate::tls::provider();
+        }
+        let client = match ca {
+            None => redis::Client::open(url),
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.into_bytes()) },
+            ),
+        }
+        .map_err(StoreUrlError::Invalid)?;
         let store = Arc::new(DedupStore {
             conn: Mutex::new(None),
             skip_until: Mutex::new(None),

@@ -204,7 +204,14 @@ async fn serve_tls_connection<F, Fut>(
     let deadline = tokio::time::Instant::now() + header_timeout;
     let (mut stream, first) = tokio::select! {
         r = async {
-            let mut stream = tls::handshake(acceptor, stream, deadline).await?;
+            let mut stream = match tls::handshake(acceptor, stream, deadline).await {
+                Ok(stream) => stream,
+                Err(tls::NoSession::Quiet) => return None,
+                Err(tls::NoSession::Failed(e)) => {
+                    handshake_failed(&e);
+                    return None;
+                }
+            };
             let first = tls::read_first_head(&mut stream, deadline).await;
             Some((stream, first))
         } => match r {
@@ -317,6 +324,46 @@ pub fn json(status: http::StatusCode, body: serde_json::Value) -> Response<Body>
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("static response parts are valid")
+}
+
+/// A failed TLS handshake: counted, and reported at `warn` at most once a minute (scanners and
+/// old clients fail handshakes all day; a sender with the wrong trust store or TLS version must
+/// still be seen), every one at `debug`.
+fn handshake_failed(e: &std::io::Error) {
+    crate::metrics::tls_handshake_failed();
+    if FAILURE_WARNING.due() {
+        tracing::warn!(
+            error = %e,
+            "TLS handshake failed (webio_router_tls_handshake_failures_total counts them all; this warning comes at most once a minute)"
+        );
+    } else {
+        tracing::debug!(error = %e, "TLS handshake failed");
+    }
+}
+
+/// When the last failed TLS handshake was reported at `warn`.
+static FAILURE_WARNING: Throttle = Throttle::new(std::time::Duration::from_secs(60));
+
+/// At most one `true` per `every` (the first call is `true`), across threads.
+struct Throttle {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Throttle {
+    const fn new(every: std::time::Duration) -> Throttle {
+        Throttle { every, last: std::sync::Mutex::new(None) }
+    }
+
+    fn due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 #[cfg(test)]

@@ -178,9 +178,21 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 /// sender configured with `http://` sees why, instead of a reset connection.
 const PLAIN_HTTP: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 44\r\n\r\nthis listener speaks HTTPS only: use https\r\n";
 
-/// The TLS handshake of a new connection, finished by `deadline`; `None` when the peer is not
-/// speaking TLS, fails the handshake, or is too slow (the connection is then closed).
-pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Instant) -> Option<TlsStream<TcpStream>> {
+/// Why a connection on the TLS listener got no TLS session (it is then closed).
+#[derive(Debug)]
+pub enum NoSession {
+    /// Not TLS (plain HTTP was answered 400), closed, or too slow: nothing to report.
+    Quiet,
+    /// The handshake itself failed (untrusted or unparsable hello, no common version or cipher).
+    Failed(std::io::Error),
+}
+
+/// The TLS handshake of a new connection, finished by `deadline`.
+pub async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<TlsStream<TcpStream>, NoSession> {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == HANDSHAKE_RECORD => {}
@@ -189,18 +201,14 @@ pub async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, deadline: Insta
                 tracing::debug!("plain HTTP on the TLS listener; answered 400");
                 let _ = stream.try_write(PLAIN_HTTP);
             }
-            return None;
+            return Err(NoSession::Quiet);
         }
-        _ => return None,
+        _ => return Err(NoSession::Quiet),
     }
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            // Debug only: scanners and old clients fail handshakes all day.
-            tracing::debug!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => None,
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(NoSession::Failed(e)),
+        Err(_) => Err(NoSession::Quiet),
     }
 }
 

@@ -182,6 +182,7 @@ const LABELS: &[(&str, &[&str])] = &[
     ("webio_router_connections_open", &[]),
     ("webio_router_connections_shed_total", &["state"]),
     ("webio_router_dedup_store_errors_total", &[]),
+    ("webio_router_tls_handshake_failures_total", &[]),
 ];
 const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "container", "service"];
 

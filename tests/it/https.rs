@@ -418,3 +418,29 @@ fn a_flood_of_half_open_tls_handshakes_does_not_keep_webhooks_out() {
     assert_eq!(r.metric("webio_router_connections_shed_total{state=\"new\"}"), 0.0, "a webhook was refused");
     drop(flood);
 }
+
+#[test]
+fn failed_tls_handshakes_are_counted_and_the_first_of_a_minute_is_logged_as_a_warning() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue_into(dir.path(), "webio-router");
+    let r = router(&tls_config(dir.path()), ARCHIVE).spawn();
+    assert_eq!(r.metric("webio_router_tls_handshake_failures_total"), 0.0);
+
+    // A handshake record that is not a ClientHello rustls can parse: the handshake fails.
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o']).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+    }
+    wait_until("three failed handshakes counted", Duration::from_secs(10), || {
+        r.metric("webio_router_tls_handshake_failures_total") == 3.0
+    });
+    let log = r.log_text();
+    let warnings = log.lines().filter(|l| l.contains("WARN") && l.contains("TLS handshake failed")).count();
+    assert_eq!(warnings, 1, "one warning a minute, not one per failure:\n{log}");
+
+    assert_eq!(ca.connect(r.addr).post(&payload(1)).status, 202, "HTTPS still works");
+}

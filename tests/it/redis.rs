@@ -255,3 +255,111 @@ fn check_names_the_shared_window_without_its_password() {
     assert!(text.contains("shared through redis://:hidden@redis.example:6380/3"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// The local Redis behind TLS: a TLS-terminating proxy whose certificate (for 127.0.0.1 and
+/// localhost) is signed by a CA of the test's own.
+struct TlsRedis {
+    proxy: crate::helpers::brokers::Proxy,
+    ca: crate::helpers::tls::TestCa,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let ca = crate::helpers::tls::TestCa::new();
+        let proxy =
+            runtime.block_on(crate::helpers::brokers::Proxy::start_tls(REDIS.parse().unwrap(), ca.server.clone()));
+        TlsRedis { proxy, ca, _runtime: runtime }
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://{}", self.proxy.addr)
+    }
+
+    fn sessions(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.proxy.stats().sessions.load(SeqCst), self.proxy.stats().failed.load(SeqCst))
+    }
+}
+
+#[test]
+fn replicas_share_the_window_through_rediss_verified_against_a_private_ca() {
+    assert!(redis(&["PING"]).starts_with("+PONG"), "Redis must run on {REDIS}");
+    let tls = TlsRedis::start();
+    let sink = Capture::start(200);
+    let config = format!("{}dedup_store_ca_file = \"{}\"\n", config(&tls.url()), tls.ca.ca_file.display());
+    let spawn = || router(&config, &routes(&sink)).env("WEBIO_ROUTER_DELIVERY__MODE", "spool").spawn();
+    let (a, b) = (spawn(), spawn());
+    for r in [&a, &b] {
+        r.wait_log("dedup store: connected to Redis", Duration::from_secs(20));
+    }
+    let t = tag();
+    let first = a.post(&body(&t));
+    assert_eq!(first.status, 202, "{}", first.body);
+    let id = first.json()["id"].as_str().unwrap().to_owned();
+    assert!(redis(&["GET", &format!("webio-router:dedup:{id}")]).starts_with("$1\r\nt"), "set through TLS");
+    let second = b.post(&body(&t));
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.json()["status"], "duplicate");
+    let (sessions, failed) = tls.sessions();
+    assert!(sessions >= 2, "both replicas talk to Redis through TLS: {sessions}");
+    assert_eq!(failed, 0);
+    assert_eq!(a.metric("webio_router_dedup_store_errors_total"), 0.0);
+    assert_eq!(b.metric("webio_router_dedup_store_errors_total"), 0.0);
+}
+
+#[test]
+fn a_rediss_store_whose_certificate_is_not_trusted_is_refused_and_never_refuses_a_webhook() {
+    let tls = TlsRedis::start();
+    let sink = Capture::start(200);
+    // No dedup_store_ca_file: the public roots do not know the test's CA.
+    let r = spooled(&tls.url(), &sink);
+    r.wait_log("dedup store: Redis is unavailable", Duration::from_secs(20));
+    let t = tag();
+    let first = r.post(&body(&t));
+    assert_eq!(first.status, 202, "{}", first.body);
+    let again = r.post(&body(&t));
+    assert_eq!(again.json()["status"], "duplicate", "the local window answers: {}", again.body);
+    let (sessions, failed) = tls.sessions();
+    assert_eq!(sessions, 0, "no session with an untrusted server");
+    assert!(failed > 0);
+    assert!(r.metric("webio_router_dedup_store_errors_total") >= 1.0);
+    let id = first.json()["id"].as_str().unwrap().to_owned();
+    assert!(redis(&["GET", &format!("webio-router:dedup:{id}")]).starts_with("$-1"), "nothing reached Redis");
+}
+
+#[test]
+fn check_refuses_a_dedup_store_ca_file_without_rediss_and_one_that_is_not_pem() {
+    let sink = Capture::start(200);
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    for (store, file, expected) in [
+        ("redis://127.0.0.1:6379", dir.path().join("missing.pem"), "missing.pem"),
+        ("rediss://127.0.0.1:6379", not_pem.clone(), "no PEM certificate"),
+    ] {
+        let config = format!("{}dedup_store_ca_file = \"{}\"\n", config(store), file.display());
+        let (dir, cfg, _) = router(&config, &routes(&sink)).write();
+        let out = std::process::Command::new(crate::helpers::bin())
+            .args(["--config", cfg.to_str().unwrap(), "check"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(text.contains("delivery.dedup_store_ca_file") && text.contains(expected), "{text}");
+    }
+    let tls = TlsRedis::start();
+    let ca = tls.ca.ca_file.display();
+    let config = format!("{}dedup_store_ca_file = \"{ca}\"\n", config("redis://127.0.0.1:6379"));
+    let (dir, cfg, _) = router(&config, &routes(&sink)).write();
+    let out = std::process::Command::new(crate::helpers::bin())
+        .args(["--config", cfg.to_str().unwrap(), "check"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("only used with a rediss:// URL"), "{text}");
+}

@@ -12,8 +12,10 @@ use lapin::types::ShortString;
 use lapin::uri::AMQPUri;
 use lapin::ExchangeKind;
 use serde::{Deserialize, Deserializer};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub(crate) use crate::tls::read_ca_file;
 
 fn yes() -> bool {
     true
@@ -96,32 +98,6 @@ impl AmqpConfig {
         }
         errs
     }
-}
-
-/// The CA certificates of `path` as PEM text (what lapin takes), checked to hold at least one
-/// certificate that parses.
-pub(crate) fn read_ca_file(path: &Path) -> Result<String, CaFileError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let text = std::fs::read_to_string(path).map_err(|source| CaFileError::Read { path: path.to_owned(), source })?;
-    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CaFileError::NotPem { path: path.to_owned(), source })?;
-    if certs.is_empty() {
-        return Err(CaFileError::NoCertificate(path.to_owned()));
-    }
-    Ok(text)
-}
-
-/// Why `tls_ca_file` cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum CaFileError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: std::path::PathBuf, source: std::io::Error },
-    #[error("{}: not a PEM certificate file: {source}", path.display())]
-    NotPem { path: std::path::PathBuf, source: rustls::pki_types::pem::Error },
-    #[error("{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file", .0.display())]
-    NoCertificate(std::path::PathBuf),
 }
 
 /// Why an AMQP URL is refused.
