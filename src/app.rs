@@ -82,7 +82,7 @@ impl App {
         let shutdown = Shutdown::new(cfg.delivery.shutdown_timeout);
 
         let admin = Arc::new(Admin::new(metrics.clone(), cfg.auth.disabled));
-        let admin_listener = bind(cfg.admin.listen).await?;
+        let admin_listener = bind(cfg.admin.listen)?;
         let admin_addr = local_addr(&admin_listener, cfg.admin.listen);
         // The admin listener outlives the webhook listener: probes read 503 while stopping.
         let admin_stop = CancellationToken::new();
@@ -165,7 +165,7 @@ impl App {
                 Some(path) => Some((crate::control::bind(path)?, path.to_owned())),
                 None => None,
             };
-            Ok::<_, ServeError>((bind(cfg.server.listen).await?, control))
+            Ok::<_, ServeError>((bind(cfg.server.listen)?, control))
         };
         let (webhook, control) = match listeners.await {
             Ok(l) => l,
@@ -268,8 +268,8 @@ fn mode_name(mode: DeliveryMode) -> &'static str {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    server::bind(addr).map_err(|source| ServeError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {

@@ -58,6 +58,23 @@ fn connections() -> &'static Connections {
     conns
 }
 
+/// Connections the kernel may hold completed for a listener before the accept loop takes them
+/// (`listen(2)`'s backlog; Linux caps it at `net.core.somaxconn`, 4096 by default since 5.4).
+/// Tokio's default is 128: a burst of new connections larger than that while the accept loop
+/// waits for a core (a reconnect storm after a network blip, a provider's retry wave) has its
+/// SYNs dropped, and each such client waits for its retransmission (1 s, then 3 s, 7 s, 15 s)
+/// or gives up. As large as the bound on open connections: a full bound's worth of clients
+/// can connect at once without a drop.
+pub const LISTEN_BACKLOG: u32 = limits::MAX_CONNECTIONS as u32;
+
+/// A listener on `addr` (address reuse on, as `TcpListener::bind`) with [`LISTEN_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Sets the gauges read rather than counted (open connections); called on each scrape.
 pub fn refresh_gauges() {
     crate::metrics::connections_open(connections().open());
@@ -346,5 +363,47 @@ impl Throttle {
         }
         *last = Some(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A burst of connections larger than tokio's default backlog (128) completes while
+    /// nothing accepts (an accept loop waiting for a core): the kernel holds them all.
+    /// With the default backlog, connections beyond 129 have their SYNs dropped (the
+    /// `ListenOverflows` counter of `nstat`) and wait for the client's retransmission.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_connections_beyond_the_default_backlog_waits_in_the_kernel_rather_than_being_dropped() {
+        limits::raise_nofile().unwrap();
+        // What the kernel grants: the backlog, capped by net.core.somaxconn (old kernels: 128,
+        // where this cannot tell the difference and checks the cap instead).
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(128);
+        let burst = somaxconn.min(1000);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Generous: a connect the kernel takes completes in well under a millisecond; a dropped
+        // one would wait for the retransmission, which never succeeds since nothing accepts.
+        let patience = Duration::from_secs(20);
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..burst {
+            set.spawn(async move { tokio::time::timeout(patience, TcpStream::connect(addr)).await });
+        }
+        let mut held = Vec::new();
+        let mut failed = 0;
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(Ok(s)) => held.push(s),
+                _ => failed += 1,
+            }
+        }
+        assert_eq!(failed, 0, "{failed} of {burst} connections were not taken in {:?}", started.elapsed());
+        drop(listener);
     }
 }

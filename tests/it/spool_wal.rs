@@ -203,8 +203,11 @@ fn a_write_ahead_append_on_a_full_disk_answers_503_heals_and_loses_nothing() {
     assert!(refused.header("retry-after").is_some(), "{}", refused.head);
     let (code, ready) = router.readyz();
     assert_eq!(code, 503, "{ready}");
-    let log = router.log();
-    assert!(log.contains("write-ahead file write") || log.contains("write-ahead file fdatasync"), "{log}");
+    // The writer logs the failed commit after it answered the refusal: wait for the line.
+    wait_for("the failed write-ahead append in the log", LIMIT, || {
+        let log = router.log();
+        log.contains("write-ahead file write") || log.contains("write-ahead file fdatasync")
+    });
 
     fs.free();
     accepted_again(&router, &mut accepted, LIMIT);

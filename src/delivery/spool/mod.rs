@@ -1383,6 +1383,40 @@ mod tests {
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 
+    /// A webhook accepted while the only sink is down and its drain sleeps in its backoff
+    /// does not hold the shutdown until its deadline: nothing can be delivered before the
+    /// next attempt, so the stop comes at once (the event stays pending, on disk).
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_the_backoff_of_a_sink_that_is_down_when_work_came_in_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        // After its first failure the drain sleeps for a minute.
+        cfg.retry_initial = Duration::from_secs(60);
+        cfg.retry_max = Duration::from_secs(60);
+        let sink = fake("s", false);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone() as Arc<dyn Sink>)].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let t: Vec<Arc<dyn Sink>> = vec![sink.clone()];
+        assert_eq!(spool.submit(envelope(1), t.clone()).await, Ok(Accepted::New));
+        let status = || spool.registry.all().iter().map(|q| q.status()).collect::<Vec<_>>();
+        wait("the drain's backoff", || sink.calls.load(Ordering::Acquire) == 1 && status() == [queue::FAILING]).await;
+        // New work while the drain sleeps (queued before submit answers).
+        assert_eq!(spool.submit(envelope(2), t).await, Ok(Accepted::New));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        spool.shutdown(deadline).await;
+        // Without the fix the stop came when the drains' share of the deadline ran out.
+        assert!(
+            tokio::time::Instant::now() < deadline - LAST_COMMIT,
+            "the shutdown waited for the down sink's backoff until its deadline"
+        );
+        assert_eq!(sink.calls.load(Ordering::Acquire), 1, "no attempt before the backoff ended");
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.registry.queue("s").pending(), 2, "both events stay pending");
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
     #[tokio::test]
     async fn after_max_attempts_the_pair_goes_to_the_dead_letter_file_with_the_last_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -180,7 +180,16 @@ impl SinkQueue {
                 s.cursor = Some(seq);
             }
         }
-        self.status.store(BUSY, Ordering::Release);
+        self.work_arrived();
+    }
+
+    /// Wakes the drain for new work. An idle drain counts as busy from now on, so that a
+    /// shutdown waits for work accepted just before it. A drain in its backoff after a failure
+    /// (or paused, or parked) stays as it is: it takes the new work at its next attempt, and a
+    /// shutdown must not wait for that attempt (it waited its whole deadline when a webhook
+    /// came in while the only sink was down).
+    fn work_arrived(&self) {
+        let _ = self.status.compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire);
         self.wake.notify_one();
     }
 
@@ -193,8 +202,7 @@ impl SinkQueue {
             s.spilled = true;
             s.spill_gen += 1;
         }
-        self.status.store(BUSY, Ordering::Release);
-        self.wake.notify_one();
+        self.work_arrived();
     }
 
     pub fn pending(&self) -> u64 {
