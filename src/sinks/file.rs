@@ -208,7 +208,7 @@ impl FileSink {
         let (writer, fsync) = (queue.clone(), c.fsync);
         let start_error = |e| SinkError::caused_by(ErrorKind::Permanent, "cannot start the writer thread", e);
         let mut lanes = Vec::new();
-        for lane in 0..if fsync { syncs_in_flight() } else { 0 } {
+        for lane in 0..if fsync { SYNCS_IN_FLIGHT } else { 0 } {
             let (tx, rx) = std::sync::mpsc::channel();
             let q = queue.clone();
             std::thread::Builder::new()
@@ -386,14 +386,6 @@ impl Sink for FileSink {
 /// while group N syncs, the writer writes group N+1 and hands it to the next sync thread.
 const SYNCS_IN_FLIGHT: usize = 3;
 
-/// EXPERIMENT (not to be merged): `WEBIO_FILE_SYNCS` overrides [`SYNCS_IN_FLIGHT`], read once.
-fn syncs_in_flight() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("WEBIO_FILE_SYNCS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(SYNCS_IN_FLIGHT)
-    })
-}
-
 /// Groups written with `fsync = true` and not answered yet, oldest first. A group is answered
 /// only once its own syncs have ended *and* every older group was answered: its lines were
 /// written after theirs, so a failure of theirs (which cuts the file back to before them)
@@ -500,7 +492,7 @@ fn write_loop(queue: &Queue, fsync: bool, lanes: Vec<std::sync::mpsc::Sender<Syn
             loop {
                 if !f.failed.is_empty() {
                     f = settle(queue, f, &mut files);
-                } else if f.slots.len() < syncs_in_flight() {
+                } else if f.slots.len() < SYNCS_IN_FLIGHT {
                     break;
                 } else {
                     f = queue.synced.wait(f).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -543,7 +535,7 @@ fn write_loop(queue: &Queue, fsync: bool, lanes: Vec<std::sync::mpsc::Sender<Syn
         let fail_sync = queue.fail_sync.load(std::sync::atomic::Ordering::SeqCst);
         #[cfg(not(test))]
         let fail_sync = false;
-        let lane = (seq % syncs_in_flight() as u64) as usize;
+        let lane = (seq % SYNCS_IN_FLIGHT as u64) as usize;
         let mut results = Vec::with_capacity(group.files.len());
         let mut spans = Vec::with_capacity(group.files.len());
         let mut jobs = Vec::new();
@@ -736,7 +728,7 @@ fn write(
         let open = |path: &Path| -> io::Result<Open> {
             let file = open_append(path, fsync)?;
             let lanes = if fsync {
-                (0..syncs_in_flight()).map(|_| reopen(&file, path).map(Arc::new)).collect::<io::Result<_>>()?
+                (0..SYNCS_IN_FLIGHT).map(|_| reopen(&file, path).map(Arc::new)).collect::<io::Result<_>>()?
             } else {
                 Vec::new()
             };
