@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Runs each cargo-fuzz target (normalise, jwt, routes) for a bounded time.
+# Runs each cargo-fuzz target for a bounded time: normalise, jwt, routes (request input) and
+# wal, record, dead (the spool's on-disk decoders: write-ahead frames, event records, dead
+# letters).
 #
-#   fuzz/run.sh [SECONDS] [TARGET...]     (default: 30 s each, all three targets)
+#   fuzz/run.sh [SECONDS] [TARGET...]     (default: 30 s each, every target)
 #
 # cargo-fuzz needs nightly-only compiler flags (-Zsanitizer=address). With a nightly
 # toolchain: `cargo +nightly fuzz run normalise`. With only a stable toolchain, this script
 # sets RUSTC_BOOTSTRAP=1, which lets stable accept them. New inputs go to fuzz/corpus/TARGET
-# (git-ignored), seeded from fuzz/seeds/TARGET; crashes land in fuzz/artifacts/TARGET.
+# (git-ignored), seeded from fuzz/seeds/TARGET; crashes land in fuzz/artifacts/TARGET. The
+# seeds of wal, record and dead are made by the real encoders (fuzz/make_seeds.rs) at each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-30}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(normalise jwt routes)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(normalise jwt routes wal record dead)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 TOOLCHAIN=()
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
@@ -20,6 +23,9 @@ if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
 else
   export RUSTC_BOOTSTRAP=1
 fi
+cargo "${TOOLCHAIN[@]}" fuzz build
+TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+"fuzz/target/$TRIPLE/release/make-seeds" fuzz/seeds
 for t in "${TARGETS[@]}"; do
   echo "== fuzz $t for ${SECS}s"
   mkdir -p "fuzz/corpus/$t"
