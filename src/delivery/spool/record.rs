@@ -317,9 +317,17 @@ mod codec {
         })
     }
 
+    /// More than zstd's format can expand a frame by (see [`decompress`]).
+    const MAX_RATIO: usize = 1 << 16;
+
     /// The raw body then the event JSON, from a frame (less its magic) of `head`'s record.
     pub(super) fn decompress(head: &V4Head, frame: &[u8]) -> Result<Vec<u8>, RecordError> {
-        let want = head.plain_len().ok_or(RecordError::Head)?;
+        // A zstd block yields at most 128 KiB and takes at least 3 bytes, so a frame can never
+        // give more than ~43,700 bytes per byte of it: a head asking for more is damaged (up to
+        // 8 GiB for a damaged length varint), and is refused before its buffer is allocated
+        // (`stored_id` reads heads before any checksum).
+        let most = (frame.len() + FRAME_MAGIC.len()).saturating_mul(MAX_RATIO);
+        let want = head.plain_len().filter(|n| *n <= most).ok_or(RecordError::Head)?;
         let mut src = Vec::with_capacity(FRAME_MAGIC.len() + frame.len());
         src.extend_from_slice(&FRAME_MAGIC);
         src.extend_from_slice(frame);
@@ -462,6 +470,17 @@ mod tests {
         let body = format!(r#"{{"type":"payment","amount":{n},"body":"hello {n}"}}"#);
         let ev = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
         Envelope::new(ev, body.into())
+    }
+
+    #[test]
+    fn a_damaged_head_asking_for_more_than_its_frame_can_hold_is_refused_before_allocating() {
+        let rec = encode(&env(7));
+        let mut head = V4Head::parse(&rec).unwrap();
+        let frame = &rec[head.frame_at..head.trace_at().unwrap()];
+        assert!(codec::decompress(&head, frame).is_ok());
+        // A damaged varint: 4 GiB of JSON claimed by a frame of a few hundred bytes.
+        head.json_len = u32::MAX as usize;
+        assert!(matches!(codec::decompress(&head, frame), Err(RecordError::Head)));
     }
 
     /// A version-1 record, as older builds wrote them.

@@ -243,7 +243,13 @@ pub fn decode(bytes: &[u8]) -> Decoded {
                 return out;
             }
             Some((f, used)) if !f.events.is_empty() || !f.book.is_empty() => {
-                next_seq = f.events.last().map_or(next_seq, |e| e.seq + 1);
+                // The writer never reaches seq u64::MAX (it would take 2^64 events): a frame
+                // that claims it is damage behind a matching CRC, and ends the log as torn.
+                let Some(next) = f.events.last().map_or(Some(next_seq), |e| e.seq.checked_add(1)) else {
+                    out.torn = true;
+                    return out;
+                };
+                next_seq = next;
                 out.frames.push(f);
                 at += used;
             }
@@ -415,7 +421,7 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
             let mut dedup = tx.open_table(DEDUP_BATCHES).op("open dedup")?;
             let mut next = checkpoint.max(at_least);
             if let Some((k, _)) = events.last().op("read events")? {
-                next = next.max(k.value() + 1);
+                next = next.max(k.value().saturating_add(1));
             }
             let mut names: Option<BTreeSet<String>> = None;
             for f in &decoded.frames {
@@ -425,7 +431,7 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
                 if f.events.last().is_some_and(|e| e.seq >= checkpoint) {
                     for e in f.events.iter().filter(|e| e.seq >= checkpoint) {
                         r.newer += 1;
-                        next = next.max(e.seq + 1);
+                        next = next.max(e.seq.saturating_add(1));
                         if events.get(e.seq).op("read events")?.is_some() {
                             continue;
                         }
@@ -1162,6 +1168,22 @@ mod tests {
             assert_eq!(&again[..], &bytes[..d.good as usize]);
         }
         d
+    }
+
+    #[test]
+    fn a_frame_that_claims_the_largest_seq_ends_the_log_as_torn_instead_of_overflowing() {
+        let body = r#"{"type":"payment","amount":1}"#;
+        let ev = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        let rec = super::super::record::encode(&crate::event::Envelope::new(ev, body.into()));
+        let sinks = vec!["a".to_string()];
+        let mut bytes = real_frame_with(4, 1, 2, &["a"], &[]);
+        let good = bytes.len() as u64;
+        let last = std::iter::once((u64::MAX, rec.as_slice(), sinks.as_slice()));
+        encode(&mut bytes, 4, 6000, u64::MAX, &[], last, &[]);
+        let d = decode(&bytes);
+        assert_eq!(d.frames.len(), 1, "the first, whole frame is kept");
+        assert!(d.torn, "the frame claiming seq u64::MAX is damage");
+        assert_eq!(d.good, good);
     }
 
     #[test]
