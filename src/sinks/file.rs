@@ -1116,6 +1116,29 @@ mod tests {
     }
 
     /// Waits (without a deadline of its own) until the sink has written `n` groups.
+    /// A sink writing `out.jsonl` in `dir` with `syncs` groups in flight, and that file's path.
+    fn sink_in(dir: &tempfile::TempDir, syncs: usize) -> (Arc<FileSink>, std::path::PathBuf) {
+        let path = dir.path().join("out.jsonl");
+        let c = config(&format!("path = {:?}", path.display().to_string()));
+        (Arc::new(FileSink::with_syncs("out", &c, syncs).unwrap()), path)
+    }
+
+    /// Delivers event `n` in a task of its own.
+    fn spawn_deliver(sink: &Arc<FileSink>, n: usize) -> tokio::task::JoinHandle<Result<(), SinkError>> {
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
+    }
+
+    /// Delivers events `ns` as one round in a task of its own.
+    fn spawn_round(
+        sink: &Arc<FileSink>,
+        ns: std::ops::RangeInclusive<usize>,
+    ) -> tokio::task::JoinHandle<Vec<Result<(), SinkError>>> {
+        let sink = sink.clone();
+        let envs: Vec<Envelope> = ns.map(|n| envelope(n, 10)).collect();
+        tokio::spawn(async move { sink.deliver_many(&envs.iter().collect::<Vec<_>>()).await })
+    }
+
     async fn groups_reach(sink: &FileSink, n: u64) {
         while sink.groups_written() < n {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -1125,15 +1148,9 @@ mod tests {
     #[tokio::test]
     async fn groups_are_written_while_earlier_ones_sync_and_a_failed_sync_fails_its_lines_and_the_later_ones_only() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
         // Three groups in flight (the default is two: see the next test).
-        let sink = Arc::new(
-            FileSink::with_syncs("out", &config(&format!("path = {:?}", path.display().to_string())), 3).unwrap(),
-        );
-        let deliver = |n: usize| {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
-        };
+        let (sink, path) = sink_in(&dir, 3);
+        let deliver = |n: usize| spawn_deliver(&sink, n);
         deliver(0).await.unwrap().unwrap();
         let confirmed = std::fs::read(&path).unwrap();
 
@@ -1182,14 +1199,9 @@ mod tests {
     #[tokio::test]
     async fn with_the_default_syncs_in_flight_a_group_written_after_a_failed_one_is_cut_back_with_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let sink =
-            Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
+        let (sink, path) = sink_in(&dir, SYNCS_IN_FLIGHT);
         const _: () = assert!(SYNCS_IN_FLIGHT >= 2, "this test needs two groups in flight");
-        let deliver = |n: usize| {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
-        };
+        let deliver = |n: usize| spawn_deliver(&sink, n);
         deliver(0).await.unwrap().unwrap();
         let confirmed = std::fs::read(&path).unwrap();
 
@@ -1222,23 +1234,14 @@ mod tests {
     #[tokio::test]
     async fn while_a_group_syncs_the_next_one_gathers_half_as_many_lines_before_it_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let sink =
-            Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
-        let deliver = |n: usize| {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver(&envelope(n, 10)).await })
-        };
+        let (sink, path) = sink_in(&dir, SYNCS_IN_FLIGHT);
+        let deliver = |n: usize| spawn_deliver(&sink, n);
         deliver(0).await.unwrap().unwrap();
         let g = sink.groups_written();
 
         sink.hold_syncs(true);
         // A group of eight lines in flight: the next one gathers four.
-        let first: Vec<Envelope> = (1..=8).map(|n| envelope(n, 10)).collect();
-        let round = {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver_many(&first.iter().collect::<Vec<_>>()).await })
-        };
+        let round = spawn_round(&sink, 1..=8);
         tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, g + 1)).await.unwrap();
         // One line, then (a moment later, so that a writer that takes whatever is open would
         // have taken it alone) three more: written together, as one group of four.
@@ -1259,22 +1262,13 @@ mod tests {
     #[tokio::test]
     async fn a_gathering_group_is_written_once_the_sync_in_flight_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let sink =
-            Arc::new(FileSink::new("out", &config(&format!("path = {:?}", path.display().to_string()))).unwrap());
+        let (sink, path) = sink_in(&dir, SYNCS_IN_FLIGHT);
         sink.hold_syncs(true);
-        let first: Vec<Envelope> = (1..=4).map(|n| envelope(n, 10)).collect();
-        let round = {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver_many(&first.iter().collect::<Vec<_>>()).await })
-        };
+        let round = spawn_round(&sink, 1..=4);
         tokio::time::timeout(std::time::Duration::from_secs(10), groups_reach(&sink, 1)).await.unwrap();
         // One line, fewer than half the group in flight: it waits for that group's sync, not
         // longer.
-        let single = {
-            let sink = sink.clone();
-            tokio::spawn(async move { sink.deliver(&envelope(5, 10)).await })
-        };
+        let single = spawn_deliver(&sink, 5);
         tokio::task::yield_now().await;
         sink.hold_syncs(false);
         assert!(round.await.unwrap().iter().all(Result::is_ok));
