@@ -222,7 +222,10 @@ impl Dedup {
             Vec::new()
         } else {
             (0..GENERATIONS)
-                .map(|_| Generation { map: HashMap::with_capacity_and_hasher(PER_GENERATION, KeyState::default()), newest: 0 })
+                .map(|_| Generation {
+                    map: HashMap::with_capacity_and_hasher(PER_GENERATION, KeyState::default()),
+                    newest: 0,
+                })
                 .collect()
         };
         Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { gens, cur: 0, last_prune: 0 }) }

@@ -317,7 +317,8 @@ mod tests {
         let mut m = Memtable::default();
         m.insert(5, vec![7; 10], vec!["a".into(), "b".into(), "c".into()]);
         m.insert(6, vec![8; 10], vec!["b".into()]);
-        let attempts = |sink: &str, items: &[(u64, u32)]| Bookkeeping::Attempts { sink: Arc::from(sink), items: items.to_vec() };
+        let attempts =
+            |sink: &str, items: &[(u64, u32)]| Bookkeeping::Attempts { sink: Arc::from(sink), items: items.to_vec() };
         m.apply_book(vec![attempts("c", &[(5, 3)]), attempts("a", &[(5, 1)]), attempts("x", &[(5, 9)])]);
         assert_eq!(m.events[&5].pending().collect::<Vec<_>>(), vec![("a", 1), ("b", 0), ("c", 3)]);
         assert_eq!(m.events[&6].pending().collect::<Vec<_>>(), vec![("b", 0)], "no count made: none kept");

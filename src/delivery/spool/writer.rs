@@ -767,8 +767,20 @@ impl Writer {
     /// A batch whose frame is durable: its effects go into the memtable and its requests
     /// are answered.
     fn complete(&mut self, f: Flight) {
-        let Flight { end, mut appends, mut seqs, mut ids, mut weights, book, now, first_seq, accepted, added, duplicate, .. } =
-            f;
+        let Flight {
+            end,
+            mut appends,
+            mut seqs,
+            mut ids,
+            mut weights,
+            book,
+            now,
+            first_seq,
+            accepted,
+            added,
+            duplicate,
+            ..
+        } = f;
         self.wal.synced(end);
         crate::metrics::spool_flush(accepted);
         // Each accepted append's queues, before its sink list moves into the memtable: from
