@@ -6,8 +6,83 @@
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The hasher of the maps and sets keyed by event-id [`key`]s (the dedup window, the spool
+/// writer's sets of ids in flight): std's SipHash-1-3 took ~1.5 % of the spool writer's time
+/// (docs/performance.md, "The spool writer, seventh round"). A key is already the first half
+/// of a SHA-256, so it needs no mixing for spread, only against an adversary who grinds ids
+/// for bucket collisions: each 64-bit word is folded into the state with a 64×64→128-bit
+/// multiply by a per-process random seed (the "folded multiply" of foldhash and ahash), so
+/// that which bits collide cannot be known from outside. Two multiplies per key instead of
+/// SipHash's rounds; no crate for it.
+#[derive(Clone, Copy)]
+pub struct KeyState {
+    seed: [u64; 2],
+}
+
+impl Default for KeyState {
+    fn default() -> Self {
+        static SEED: OnceLock<[u64; 2]> = OnceLock::new();
+        let seed = *SEED.get_or_init(|| {
+            // std's RandomState is seeded from the OS's random source.
+            let r = std::collections::hash_map::RandomState::new();
+            [r.hash_one(0x5eed_u64) | 1, r.hash_one(0xf01d_u64)]
+        });
+        KeyState { seed }
+    }
+}
+
+impl BuildHasher for KeyState {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher { acc: self.seed[1], mul: self.seed[0] }
+    }
+}
+
+/// See [`KeyState`].
+pub struct KeyHasher {
+    acc: u64,
+    mul: u64,
+}
+
+impl KeyHasher {
+    fn fold(&mut self, word: u64) {
+        let m = u128::from(self.acc ^ word) * u128::from(self.mul);
+        self.acc = (m >> 64) as u64 ^ m as u64;
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.acc
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not the keys' path (they hash as u64 / u128 words); any other input still hashes.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.fold(u64::from_le_bytes(word));
+        }
+        self.fold(bytes.len() as u64);
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.fold(word);
+    }
+
+    fn write_u128(&mut self, word: u128) {
+        self.fold(word as u64);
+        self.fold((word >> 64) as u64);
+    }
+}
+
+/// A set of [`key`]s with the cheap hasher.
+pub type KeySet = std::collections::HashSet<u128, KeyState>;
 
 pub fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -47,7 +122,7 @@ fn slot(k: u128) -> Slot {
 #[derive(Default)]
 struct Generation {
     /// Key → when it was last recorded (unix millis).
-    map: HashMap<Slot, u64>,
+    map: HashMap<Slot, u64, KeyState>,
     /// The newest time recorded in `map` (the whole generation expires after it).
     newest: u64,
 }
@@ -146,7 +221,12 @@ impl Dedup {
         let gens = if window.is_zero() {
             Vec::new()
         } else {
-            (0..GENERATIONS).map(|_| Generation { map: HashMap::with_capacity(PER_GENERATION), newest: 0 }).collect()
+            (0..GENERATIONS)
+                .map(|_| Generation {
+                    map: HashMap::with_capacity_and_hasher(PER_GENERATION, KeyState::default()),
+                    newest: 0,
+                })
+                .collect()
         };
         Dedup { window_ms: window.as_millis() as u64, seen: Mutex::new(Seen { gens, cur: 0, last_prune: 0 }) }
     }
@@ -309,6 +389,31 @@ mod tests {
         d.contains_keys_at(&[1, 2, 3, 4], 11_000, &mut out);
         assert_eq!(out, [true, false, true, false], "2 was recorded at 1000 only");
         assert!(d.contains_key_at(3, 14_999) && !d.contains_key_at(3, 15_000));
+    }
+
+    #[test]
+    fn the_key_hasher_is_one_function_per_process_and_spreads_keys_that_differ_in_any_bits() {
+        use std::hash::BuildHasher as _;
+        let (a, b) = (KeyState::default(), KeyState::default());
+        let k: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+        assert_eq!(a.hash_one(k), b.hash_one(k), "every map and set of keys hashes alike");
+        assert_eq!(a.hash_one(slot(k)), b.hash_one(slot(k)));
+        assert_ne!(a.hash_one(k), a.hash_one(k ^ 1));
+        // Keys that differ only in their high word, only in their low word, or count up: the
+        // bucket bits (low) and the control bits (top 7) still vary.
+        for keys in [
+            (0..4096u128).map(|i| i << 64).collect::<Vec<_>>(),
+            (0..4096u128).collect(),
+            (0..4096u128).map(|i| i * 4096).collect(),
+        ] {
+            let low: std::collections::HashSet<u64> = keys.iter().map(|k| a.hash_one(*k) & 4095).collect();
+            let top: std::collections::HashSet<u64> = keys.iter().map(|k| a.hash_one(*k) >> 57).collect();
+            // Random hashes would fill ~2,589 of 4,096 buckets and all 128 control values.
+            assert!(low.len() > 2300, "{} buckets", low.len());
+            assert_eq!(top.len(), 128);
+        }
+        // Bytes (not the keys' path) hash too, their length included.
+        assert_ne!(a.hash_one("ab"), a.hash_one("ab\0"));
     }
 
     #[test]

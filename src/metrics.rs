@@ -329,14 +329,41 @@ struct SinkSeries {
 
 static SINK_SERIES: OnceLock<RwLock<HashMap<Arc<str>, Arc<SinkSeries>>>> = OnceLock::new();
 
+/// Per thread, the series of the last few sinks looked up: the spool writer sets a sink's
+/// pending gauge for every event it queues, and the shared map's lock and string hash were a
+/// measurable part of its time (docs/performance.md, "The spool writer, seventh round").
+/// Entries are never replaced in [`SINK_SERIES`], so a copy here never goes stale.
+const RECENT_SERIES: usize = 4;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Vec<(Arc<str>, Arc<SinkSeries>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The cached handles of `sink`'s series, once the recorder is installed.
 fn sink_series(sink: &str) -> Option<Arc<SinkSeries>> {
     if !installed() {
         return None;
     }
+    let hit = RECENT.with(|r| r.borrow().iter().find(|(name, _)| **name == *sink).map(|(_, s)| s.clone()));
+    if hit.is_some() {
+        return hit;
+    }
+    let series = shared_sink_series(sink);
+    RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() >= RECENT_SERIES {
+            r.remove(0);
+        }
+        r.push((Arc::from(sink), series.clone()));
+    });
+    Some(series)
+}
+
+/// `sink`'s series from the process-wide map (made on first use).
+fn shared_sink_series(sink: &str) -> Arc<SinkSeries> {
     let map = SINK_SERIES.get_or_init(Default::default);
     if let Some(s) = map.read().expect("sink series lock").get(sink) {
-        return Some(s.clone());
+        return s.clone();
     }
     let name = sink.to_owned();
     let series = Arc::new(SinkSeries {
@@ -346,7 +373,7 @@ fn sink_series(sink: &str) -> Option<Arc<SinkSeries>> {
         duration: histogram!(DELIVERY_DURATION, "sink" => name),
         pending: OnceLock::new(),
     });
-    map.write().expect("sink series lock").entry(Arc::from(sink)).or_insert(series).clone().into()
+    map.write().expect("sink series lock").entry(Arc::from(sink)).or_insert(series).clone()
 }
 
 /// Outcome of one delivery attempt: `ok`, `retry` or `dead`.
@@ -375,19 +402,38 @@ pub fn spool_pending(sink: &str, pending: u64) {
     }
 }
 
+// The spool writer's series, set once or twice per batch: handles kept as the request path's
+// are (a `gauge!` or `counter!` builds the key and looks it up in the recorder's registry
+// each time: ~0.3 µs per event of the writer's CPU, docs/performance.md "The spool writer,
+// seventh round").
+static SPOOL_BYTES_GAUGE: OnceLock<Gauge> = OnceLock::new();
+static SPOOL_WAL_BYTES_GAUGE: OnceLock<Gauge> = OnceLock::new();
+static SPOOL_FLUSHES_COUNTER: OnceLock<Counter> = OnceLock::new();
+static SPOOL_APPENDS_COUNTER: OnceLock<Counter> = OnceLock::new();
+
+/// `slot`'s handle once the recorder is installed (made on first use); before, a new handle
+/// each time (it reaches whichever recorder is current, as the macros do).
+fn cached<T: Clone>(slot: &'static OnceLock<T>, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
+    if installed() {
+        f(slot.get_or_init(make));
+    } else {
+        f(&make());
+    }
+}
+
 pub fn spool_bytes(bytes: u64) {
-    gauge!(SPOOL_BYTES).set(bytes as f64);
+    cached(&SPOOL_BYTES_GAUGE, || gauge!(SPOOL_BYTES), |g| g.set(bytes as f64));
 }
 
 /// Bytes in the spool's write-ahead file since its last checkpoint.
 pub fn spool_wal_bytes(bytes: u64) {
-    gauge!(SPOOL_WAL_BYTES).set(bytes as f64);
+    cached(&SPOOL_WAL_BYTES_GAUGE, || gauge!(SPOOL_WAL_BYTES), |g| g.set(bytes as f64));
 }
 
 /// One durable commit that made `appends` events durable at once (group commit).
 pub fn spool_flush(appends: u64) {
-    counter!(SPOOL_FLUSHES).increment(1);
-    counter!(SPOOL_APPENDS).increment(appends);
+    cached(&SPOOL_FLUSHES_COUNTER, || counter!(SPOOL_FLUSHES), |c| c.increment(1));
+    cached(&SPOOL_APPENDS_COUNTER, || counter!(SPOOL_APPENDS), |c| c.increment(appends));
 }
 
 /// One spool commit that failed (full disk, I/O error).

@@ -354,3 +354,29 @@ fn an_event_delivered_to_one_sink_before_a_crash_goes_to_the_other_after_it_and_
     wait_for("the HTTP sink's last event", LIMIT, || sink.received_set().is_superset(&more));
     router.terminate();
 }
+
+#[test]
+fn the_writers_series_count_every_event_and_frame_and_follow_the_write_ahead_file() {
+    // The writer keeps its metric handles (made once, not per batch): the series still move
+    // with every event, every frame and every checkpoint, and two sinks' pending gauges each
+    // follow their own queue.
+    const N: usize = 40;
+    let (a, b) = (SinkServer::start(200), SinkServer::start(200));
+    let setup = Setup::new(&http_routes(&[("crm", a.url("/hook")), ("erp", b.url("/hook"))]), "");
+    let router = setup.start();
+    assert_eq!(router.metric("webio_router_spool_appends_total"), Some(0.0));
+    let ids = post_all(&router, "series", N);
+    wait_for("every event at both sinks", LIMIT, || {
+        a.received_set().is_superset(&ids) && b.received_set().is_superset(&ids)
+    });
+    assert_eq!(router.metric("webio_router_spool_appends_total"), Some(N as f64));
+    let flushes = router.metric("webio_router_spool_flushes_total").unwrap_or(0.0);
+    assert!((1.0..=N as f64 + 50.0).contains(&flushes), "{flushes}");
+    wait_for("both sinks' pending gauges at zero", LIMIT, || {
+        router.metric(r#"webio_router_spool_pending{sink="crm"}"#) == Some(0.0)
+            && router.metric(r#"webio_router_spool_pending{sink="erp"}"#) == Some(0.0)
+    });
+    wait_for("an empty write-ahead file after the checkpoint", LIMIT, || wal_bytes(&router) == 0.0);
+    wait_for("the spool's bytes back to zero", LIMIT, || router.metric("webio_router_spool_bytes") == Some(0.0));
+    router.terminate();
+}

@@ -28,8 +28,43 @@ use std::sync::MutexGuard;
 /// One event accepted since the last checkpoint.
 pub(crate) struct MemEvent {
     pub rec: Vec<u8>,
-    /// The sinks it is still pending for, with the attempts made so far.
-    pub sinks: Vec<(String, u32)>,
+    /// The sinks it is still pending for (the request's own list, moved here: no copy).
+    pub sinks: Vec<String>,
+    /// The attempts made so far for each of `sinks`, in the same order; empty while every one
+    /// is 0 (most events are delivered at the first attempt: no allocation for them).
+    pub attempts: Vec<u32>,
+}
+
+impl MemEvent {
+    /// `sinks[i]`'s attempts so far.
+    fn attempts_of(&self, i: usize) -> u32 {
+        self.attempts.get(i).copied().unwrap_or(0)
+    }
+
+    /// The sinks it is pending for, with their attempts.
+    fn pending(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.sinks.iter().enumerate().map(|(i, s)| (s.as_str(), self.attempts_of(i)))
+    }
+
+    /// Not pending for `sink` any more.
+    fn done(&mut self, sink: &str) {
+        while let Some(i) = self.sinks.iter().position(|s| s == sink) {
+            self.sinks.remove(i);
+            if i < self.attempts.len() {
+                self.attempts.remove(i);
+            }
+        }
+    }
+
+    /// `sink`'s attempts so far are `n` (when it is pending for it).
+    fn set_attempts(&mut self, sink: &str, n: u32) {
+        if let Some(i) = self.sinks.iter().position(|s| s == sink) {
+            if self.attempts.len() < self.sinks.len() {
+                self.attempts.resize(self.sinks.len(), 0);
+            }
+            self.attempts[i] = n;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -52,9 +87,9 @@ impl Memtable {
         self.book.clear();
     }
 
-    pub fn insert(&mut self, seq: u64, rec: Vec<u8>, sinks: &[String]) {
-        let sinks = sinks.iter().map(|s| (s.clone(), 0)).collect();
-        self.events.insert(seq, MemEvent { rec, sinks });
+    /// A new event, pending for `sinks` (no attempt made yet).
+    pub fn insert(&mut self, seq: u64, rec: Vec<u8>, sinks: Vec<String>) {
+        self.events.insert(seq, MemEvent { rec, sinks, attempts: Vec::new() });
     }
 
     /// Applies `book`: to the events held here at once (returns the bytes of the events it
@@ -72,7 +107,7 @@ impl Memtable {
                             rest.push(seq);
                             continue;
                         };
-                        ev.sinks.retain(|(s, _)| **s != *sink);
+                        ev.done(&sink);
                         if ev.sinks.is_empty() {
                             if let Some(ev) = self.events.remove(&seq) {
                                 freed += ev.rec.len() as u64;
@@ -90,9 +125,7 @@ impl Memtable {
                             rest.push((seq, n));
                             continue;
                         };
-                        if let Some((_, a)) = ev.sinks.iter_mut().find(|(s, _)| **s == *sink) {
-                            *a = n;
-                        }
+                        ev.set_attempts(&sink, n);
                     }
                     if !rest.is_empty() {
                         self.book.push(Bookkeeping::Attempts { sink, items: rest });
@@ -110,8 +143,8 @@ impl Memtable {
         let mut pending = tx.open_table(PENDING).op("open pending")?;
         for (seq, ev) in &self.events {
             events.insert(*seq, ev.rec.as_slice()).op("write event")?;
-            for (sink, attempts) in &ev.sinks {
-                pending.insert((sink.as_str(), *seq), *attempts).op("write pending")?;
+            for (sink, attempts) in ev.pending() {
+                pending.insert((sink, *seq), attempts).op("write pending")?;
             }
         }
         if !self.dedup.is_empty() {
@@ -129,7 +162,7 @@ impl Memtable {
     fn pending_of<'a>(&'a self, sink: &'a str, after: Option<u64>) -> impl Iterator<Item = (u64, &'a MemEvent, u32)> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         self.events.range(start..).filter_map(move |(seq, ev)| {
-            ev.sinks.iter().find(|(s, _)| s == sink).map(|(_, attempts)| (*seq, ev, *attempts))
+            ev.pending().find(|(s, _)| *s == sink).map(|(_, attempts)| (*seq, ev, attempts))
         })
     }
 }
@@ -254,6 +287,7 @@ pub fn pending_ids(shared: &Shared, sink: &str) -> Result<HashSet<String>, Store
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTable as _;
     use std::sync::Arc;
 
     fn done(sink: &str, seqs: &[u64]) -> Bookkeeping {
@@ -263,16 +297,54 @@ mod tests {
     #[test]
     fn an_event_every_sink_has_done_leaves_the_memtable_and_other_rows_wait_for_redb() {
         let mut m = Memtable::default();
-        m.insert(10, vec![1; 100], &["a".into(), "b".into()]);
-        m.insert(11, vec![2; 50], &["a".into()]);
+        m.insert(10, vec![1; 100], vec!["a".into(), "b".into()]);
+        m.insert(11, vec![2; 50], vec!["a".into()]);
         assert_eq!(m.apply_book(vec![done("a", &[3, 10, 11])]), 50);
         assert!(m.events.contains_key(&10) && !m.events.contains_key(&11));
         assert_eq!(m.book, vec![done("a", &[3])], "seq 3 is redb's: applied at the checkpoint");
         m.apply_book(vec![Bookkeeping::Attempts { sink: Arc::from("b"), items: vec![(10, 4), (11, 2), (2, 1)] }]);
-        assert_eq!(m.events[&10].sinks, vec![("b".to_owned(), 4)]);
+        assert_eq!(m.events[&10].pending().collect::<Vec<_>>(), vec![("b", 4)]);
         assert_eq!(m.book.len(), 2);
         assert_eq!(m.apply_book(vec![done("b", &[10]), done("b", &[10])]), 100, "twice is harmless");
         assert!(m.events.is_empty());
         assert_eq!(m.pending_of("b", None).count(), 0);
+    }
+
+    #[test]
+    fn each_sinks_attempts_stay_with_it_when_another_sink_finishes_and_reach_redb_at_the_checkpoint() {
+        // The sinks' list is the request's own, the attempts are kept beside it only once one
+        // is made: a sink that finishes takes its count with it, the others keep theirs.
+        let mut m = Memtable::default();
+        m.insert(5, vec![7; 10], vec!["a".into(), "b".into(), "c".into()]);
+        m.insert(6, vec![8; 10], vec!["b".into()]);
+        let attempts =
+            |sink: &str, items: &[(u64, u32)]| Bookkeeping::Attempts { sink: Arc::from(sink), items: items.to_vec() };
+        m.apply_book(vec![attempts("c", &[(5, 3)]), attempts("a", &[(5, 1)]), attempts("x", &[(5, 9)])]);
+        assert_eq!(m.events[&5].pending().collect::<Vec<_>>(), vec![("a", 1), ("b", 0), ("c", 3)]);
+        assert_eq!(m.events[&6].pending().collect::<Vec<_>>(), vec![("b", 0)], "no count made: none kept");
+        assert!(m.events[&6].attempts.is_empty());
+        assert_eq!(m.apply_book(vec![done("a", &[5])]), 0);
+        assert_eq!(m.events[&5].pending().collect::<Vec<_>>(), vec![("b", 0), ("c", 3)]);
+        m.apply_book(vec![attempts("b", &[(5, 2), (6, 4)])]);
+        assert_eq!(m.pending_of("b", None).map(|(s, _, a)| (s, a)).collect::<Vec<_>>(), vec![(5, 2), (6, 4)]);
+        assert_eq!(m.pending_of("c", Some(5)).count(), 0);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = store::open_db(dir.path()).unwrap();
+        let tx = db.begin_write().unwrap();
+        m.write(&tx, &BTreeSet::new()).unwrap();
+        tx.commit().unwrap();
+        let tx = db.begin_read().unwrap();
+        let pending = tx.open_table(PENDING).unwrap();
+        let mut rows: Vec<(String, u64, u32)> = pending
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value().0.to_owned(), k.value().1, v.value())
+            })
+            .collect();
+        rows.sort();
+        assert_eq!(rows, vec![("b".into(), 5, 2), ("b".into(), 6, 4), ("c".into(), 5, 3)]);
     }
 }

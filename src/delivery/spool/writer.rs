@@ -22,15 +22,15 @@
 use super::lanes::{self, Lanes};
 use super::memtable::Memtable;
 use super::ops::{Append, Bookkeeping, Op, Pause};
-use super::queue::Registry;
+use super::queue::{Registry, SinkQueue};
 use super::record;
 use super::store::{self, Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
 use super::wal::{self, apply_book, Wal};
 use super::Shared;
-use crate::dedup::now_millis;
+use crate::dedup::{now_millis, KeySet};
 use crate::delivery::{Accepted, Refused};
 use redb::Database;
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -53,6 +53,9 @@ pub(super) const CHECKPOINT_EVENTS: usize = 512;
 
 /// The write-ahead frame's buffer is kept from one batch to the next up to this size.
 const WAL_BUF_KEEP: usize = 1 << 20;
+/// A landed batch's buffers are kept for a later one while they hold at most this many
+/// appends (a burst's larger ones are freed: memory stays flat between bursts).
+const SPARE_KEEP: usize = 1024;
 
 /// Bookkeeping ops applied together once this many rows are waiting, or this long after the
 /// first one (each such batch is a frame and an fdatasync: at most about 1 / DEFER_FOR a
@@ -111,13 +114,58 @@ pub(crate) struct Scratch {
     /// Each append's dedup key (when the window is on), and whether the window holds it.
     keys: Vec<u128>,
     seen: Vec<bool>,
-    in_batch: HashSet<u128>,
+    in_batch: KeySet,
     /// Each append's seq (`None`: a duplicate).
     seqs: Vec<Option<u64>>,
     /// The keys of the events a commit accepted that enter the dedup window.
     ids: Vec<u128>,
     /// Each append's memory weight (see [`record::weight`]), taken before its record goes
     /// into the memtable.
+    weights: Vec<u64>,
+    /// The sink queues the writer fills, by name (looked up in the [`Registry`] once: it
+    /// never drops a queue), and for a landing batch the queues of each accepted append
+    /// (indices into `queues`, `targets_end[i]`: where append i's end in `targets`).
+    queues: Vec<(String, Arc<SinkQueue>)>,
+    targets: Vec<u32>,
+    targets_end: Vec<u32>,
+}
+
+impl Scratch {
+    /// Fills `targets` and `targets_end` with the queues of each accepted append of
+    /// `appends`; a queue not known yet is taken from `registry` (which may wait for its lock)
+    /// and kept. Without a registry, false as soon as one is not known (`targets` is then
+    /// incomplete).
+    fn targets_for(&mut self, appends: &[Append], seqs: &[Option<u64>], registry: Option<&Registry>) -> bool {
+        self.targets.clear();
+        self.targets_end.clear();
+        for (a, seq) in appends.iter().zip(seqs) {
+            if seq.is_some() {
+                for sink in &a.sinks {
+                    let i = match self.queues.iter().position(|(n, _)| n == sink) {
+                        Some(i) => i,
+                        None => match registry {
+                            Some(r) => {
+                                self.queues.push((sink.clone(), r.queue(sink)));
+                                self.queues.len() - 1
+                            }
+                            None => return false,
+                        },
+                    };
+                    self.targets.push(i as u32);
+                }
+            }
+            self.targets_end.push(self.targets.len() as u32);
+        }
+        true
+    }
+}
+
+/// A landed batch's buffers, kept for a later one (see [`SPARE_KEEP`]).
+#[derive(Default)]
+struct Spare {
+    appends: Vec<Append>,
+    seqs: Vec<Option<u64>>,
+    ids: Vec<u128>,
     weights: Vec<u64>,
 }
 
@@ -154,7 +202,13 @@ pub(crate) struct Pipeline {
     next_ticket: u64,
     /// The dedup keys of the events in flight: a re-send that comes meanwhile is a duplicate
     /// (answered after the first one's frame is durable, and refused if it fails).
-    ids: HashSet<u128>,
+    ids: KeySet,
+    /// The buffers of landed batches, for the next ones.
+    spare: Vec<Spare>,
+    /// The writer's queue, for the sync lanes to wake it: taken from [`Shared`] (under the
+    /// lock the webhooks' sends hold) when a frame goes out with none in flight, and let go
+    /// once none is (the writer stops when every sender is gone).
+    wake: Option<mpsc::Sender<Op>>,
 }
 
 /// The writer cannot commit: since when, why, and when it tries again.
@@ -235,6 +289,10 @@ impl Writer {
             // until deferred bookkeeping is due, until the checkpoint is due when frames (and
             // the memtable) are waiting for one.
             let checkpoint_in = self.unsynced.then(|| ACK_FSYNC_EVERY.saturating_sub(self.last_fsync.elapsed()));
+            if self.pipe.flights.is_empty() {
+                // No sync to wake us: the queue must be able to close.
+                self.pipe.wake = None;
+            }
             let wait = match &broken {
                 Some(b) => Some(b.next_try.saturating_duration_since(Instant::now())),
                 None if !carry.is_empty() => Some(Duration::ZERO),
@@ -481,6 +539,8 @@ impl Writer {
             || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
             || self.wal.tail >= wal::CHECKPOINT_BYTES
             || self.full_for(&book);
+        // How long the batch's webhooks wait for a checkpoint (logged at debug level).
+        let started = durable.then(Instant::now);
         // The checkpoint covers every frame: none may be in flight.
         if durable {
             if let Err((e, mut rest)) = self.land(0) {
@@ -519,10 +579,19 @@ impl Writer {
             });
             match result {
                 Ok(freed) => {
+                    let held = mem.events.len();
                     mem.clear();
                     drop(mem);
                     self.checkpointed();
                     crate::metrics::spool_flush(accepted);
+                    if let Some(t) = started {
+                        tracing::debug!(
+                            took_us = t.elapsed().as_micros() as u64,
+                            memtable_events = held,
+                            waiting = appends.len(),
+                            "spool: checkpoint"
+                        );
+                    }
                     freed
                 }
                 Err(e) => {
@@ -567,8 +636,11 @@ impl Writer {
             self.pipe.next_ticket += 1;
             let mut result = None;
             if end.is_some() {
-                let submitted = match (&mut self.pipe.lanes, self.shared.waker()) {
-                    (Some(lanes), Some(wake)) => lanes.submit(ticket, wake),
+                if self.pipe.wake.is_none() && self.pipe.lanes.is_some() {
+                    self.pipe.wake = self.shared.waker();
+                }
+                let submitted = match (&mut self.pipe.lanes, &self.pipe.wake) {
+                    (Some(lanes), Some(wake)) => lanes.submit(ticket, wake.clone()),
                     _ => false,
                 };
                 // No lane (or the spool is closing): synced here.
@@ -579,13 +651,14 @@ impl Writer {
                 result = Some(Ok(()));
             }
             self.pipe.ids.extend(&scratch.ids);
+            let spare = self.pipe.spare.pop().unwrap_or_default();
             self.pipe.flights.push_back(Flight {
                 ticket,
                 end: end.unwrap_or(self.wal.tail),
-                appends: std::mem::take(appends),
-                seqs: std::mem::take(&mut scratch.seqs),
-                ids: std::mem::take(&mut scratch.ids),
-                weights: std::mem::take(&mut scratch.weights),
+                appends: std::mem::replace(appends, spare.appends),
+                seqs: std::mem::replace(&mut scratch.seqs, spare.seqs),
+                ids: std::mem::replace(&mut scratch.ids, spare.ids),
+                weights: std::mem::replace(&mut scratch.weights, spare.weights),
                 book,
                 now,
                 first_seq: self.next_seq,
@@ -694,15 +767,34 @@ impl Writer {
     /// A batch whose frame is durable: its effects go into the memtable and its requests
     /// are answered.
     fn complete(&mut self, f: Flight) {
-        let Flight { end, mut appends, seqs, ids, weights, book, now, first_seq, accepted, added, duplicate, .. } = f;
+        let Flight {
+            end,
+            mut appends,
+            mut seqs,
+            mut ids,
+            mut weights,
+            book,
+            now,
+            first_seq,
+            accepted,
+            added,
+            duplicate,
+            ..
+        } = f;
         self.wal.synced(end);
         crate::metrics::spool_flush(accepted);
+        // Each accepted append's queues, before its sink list moves into the memtable: from
+        // the writer's own list when it knows them all. A sink it meets for the first time is
+        // looked up (or its queue made) in the registry only once the batch is in the
+        // memtable, as before (the registry's lock may be held meanwhile).
+        let known = self.scratch.targets_for(&appends, &seqs, None);
         let freed = if accepted > 0 || !book.is_empty() {
             self.unsynced = true;
             let mut mem = self.shared.mem();
             for (a, seq) in appends.iter_mut().zip(&seqs) {
                 if let Some(seq) = seq {
-                    mem.insert(*seq, std::mem::take(&mut a.rec), &a.sinks);
+                    let sinks = if known { std::mem::take(&mut a.sinks) } else { a.sinks.clone() };
+                    mem.insert(*seq, std::mem::take(&mut a.rec), sinks);
                 }
             }
             if !ids.is_empty() {
@@ -723,12 +815,21 @@ impl Writer {
         for id in &ids {
             self.pipe.ids.remove(id);
         }
-        for ((a, seq), weight) in appends.into_iter().zip(&seqs).zip(&weights) {
+        if !known {
+            self.scratch.targets_for(&appends, &seqs, Some(&self.registry));
+        }
+        let Scratch { queues, targets, targets_end, .. } = &self.scratch;
+        let mut start = 0usize;
+        for (((a, seq), weight), end) in appends.drain(..).zip(&seqs).zip(&weights).zip(targets_end) {
+            let end = *end as usize;
             match seq {
                 Some(seq) => {
                     // Queue before answering: once a request has its 202, its work is visible.
-                    for sink in &a.sinks {
-                        self.registry.queue(sink).enqueue(*seq, a.env.clone(), *weight);
+                    if let Some((last, rest)) = targets[start..end].split_last() {
+                        for q in rest {
+                            queues[*q as usize].1.enqueue(*seq, a.env.clone(), *weight);
+                        }
+                        queues[*last as usize].1.enqueue(*seq, a.env, *weight);
                     }
                     let _ = a.reply.send(Ok(Accepted::New));
                 }
@@ -736,6 +837,14 @@ impl Writer {
                     let _ = a.reply.send(Ok(Accepted::Duplicate));
                 }
             }
+            start = end;
+        }
+        // Its buffers serve a later batch.
+        if self.pipe.spare.len() <= lanes::LANES && appends.capacity() <= SPARE_KEEP {
+            seqs.clear();
+            ids.clear();
+            weights.clear();
+            self.pipe.spare.push(Spare { appends, seqs, ids, weights });
         }
     }
 
