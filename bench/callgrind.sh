@@ -9,9 +9,11 @@
 # (inclusive). Note: valgrind does not emulate SHA-NI, so SHA-256 runs sha2's portable code
 # here (~21 000 instructions per event) where the real CPU uses its SHA instructions.
 #
-# Usage: bench/callgrind.sh [ROW]   rows: bare unrouted (default) direct-file
+# Usage: bench/callgrind.sh [ROW]   rows: bare unrouted (default) direct-file (the file sink
+#              with fsync = true, its default) direct-file-os (the same with fsync = false)
 # Environment: CALLGRIND_SECONDS (20: measured load), CALLGRIND_OUT (output file; default a
-#              temp file, printed), CALLGRIND_TOP (30), BENCH_PORT (18180), LOG_LEVEL (info).
+#              temp file, printed), CALLGRIND_TOP (30), BENCH_PORT (18180), LOG_LEVEL (info),
+#              BENCH_BIN (the router binary; default target/release/webio-router).
 # Needs valgrind (apt-get install valgrind) and wrk. Builds nothing: run `cargo build
 # --release --bin webio-router --example bare` first (bench/run.sh does).
 set -euo pipefail
@@ -21,7 +23,7 @@ ROW=${1:-unrouted}
 SECS=${CALLGRIND_SECONDS:-20}
 PORT=${BENCH_PORT:-18180}
 TOP=${CALLGRIND_TOP:-30}
-BIN=$ROOT/target/release/webio-router
+BIN=${BENCH_BIN:-$ROOT/target/release/webio-router}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/webio-callgrind.XXXXXX")
 OUT=${CALLGRIND_OUT:-$DIR/callgrind.out}
 SECRET="bench-secret-0123456789-0123456789-0123456789"
@@ -48,6 +50,7 @@ cat >"$DIR/routes.toml" <<TOML
 [sinks.out]
 type = "file"
 path = "$DIR/events.jsonl"
+$([ "$ROW" != direct-file-os ] || echo 'fsync = false')
 
 [[routes]]
 name = "everything"
@@ -57,10 +60,10 @@ TOML
 
 case $ROW in
   bare) CMD=("$ROOT/target/release/examples/bare" "127.0.0.1:$PORT" 202); TOKEN=unused ;;
-  unrouted | direct-file)
+  unrouted | direct-file | direct-file-os)
     CMD=("$BIN" --config "$DIR/webio-router.toml" serve)
     TOKEN=$("$BIN" --config "$DIR/webio-router.toml" token --ttl 0 --org 1234) ;;
-  *) echo "unknown row $ROW (bare unrouted direct-file)" >&2; exit 2 ;;
+  *) echo "unknown row $ROW (bare unrouted direct-file direct-file-os)" >&2; exit 2 ;;
 esac
 
 valgrind --tool=callgrind --callgrind-out-file="$OUT" "${CMD[@]}" >"$DIR/server.log" 2>&1 &
@@ -85,7 +88,7 @@ NON2XX=$(echo "$RESULT" | sed -n 's/.* non2xx=\([0-9]*\).*/\1/p')
 # The dump after zeroing is the newest file with the pid suffix.
 DUMP=$(ls -t "$OUT"* | head -1)
 TOTAL=$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
-echo "row=$ROW requests=$REQS non2xx=$NON2XX instructions=$TOTAL per_request=$((TOTAL / REQS))"
+echo "row=$ROW binary=${CMD[0]} requests=$REQS non2xx=$NON2XX instructions=$TOTAL per_request=$((TOTAL / REQS))"
 if [ "$TOP" -gt 0 ]; then
   echo
   echo "== inclusive, per request (callgrind_annotate --inclusive=yes)"

@@ -93,7 +93,7 @@ pub fn append_whole(file: &File, bytes: &[u8], sync: bool) -> io::Result<()> {
 pub type SyncFn = dyn Fn(&File) -> io::Result<()>;
 
 /// Blocks reserved past a file's end at most: an eighth of its length, up to this.
-const RESERVE_AHEAD: u64 = 1 << 20;
+pub(crate) const RESERVE_AHEAD: u64 = 1 << 20;
 
 /// The appends to one open file that reserve blocks *ahead* of its end: an eighth of the
 /// file's length, at most 1 MiB, so that a write seldom needs a new allocation (and the
@@ -183,7 +183,7 @@ impl Tail {
 /// Allocates the blocks that `len` bytes written at `offset` will need, without changing the
 /// file's length (`FALLOC_FL_KEEP_SIZE`). Filesystems that cannot do it are let through.
 #[cfg(target_os = "linux")]
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Ok(());
@@ -203,7 +203,7 @@ fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn reserve(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+pub(crate) fn reserve(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
     Ok(())
 }
 

@@ -182,3 +182,47 @@ fn rejected_jsonl_is_rotated_at_max_rejected_bytes() {
     assert!(newest.last().unwrap()["body"].as_str().unwrap().starts_with("not json 199 "));
     assert!(parsed_lines(&previous).len() > 20);
 }
+
+#[test]
+fn a_file_cut_by_copytruncate_then_a_full_disk_loses_no_event_and_leaves_no_torn_line() {
+    // The sink counts its file's length itself (no `fstat` per write): after a copytruncate
+    // it believes the file long and its blocks reserved ahead, so its next writes meet the full
+    // disk unreserved, and one lands in part; that part must be cut off again.
+    let fs = Tmpfs::mount("12m");
+    let out = fs.path().join("events.jsonl");
+    // 8 MiB of whole lines before the router starts: the sink reserves 1 MiB ahead of them.
+    let old = "{\"old\":true}\n";
+    std::fs::write(&out, old.repeat((8 << 20) / old.len())).unwrap();
+    let setup = Setup::new(&file_routes(&out), "");
+    let router = setup.start();
+    let a = router.post(&big_payload(0, 3000));
+    assert_eq!(a.status, 202, "{}", a.body);
+    wait_for("the first line", LIMIT, || parsed_lines(&out).last().is_some_and(|l| l["id"] == a.id()));
+    // copytruncate (the copy goes elsewhere: this filesystem is small).
+    std::fs::OpenOptions::new().write(true).open(&out).unwrap().set_len(0).unwrap();
+    fill_leaving(&fs, 8192);
+
+    let n = 40;
+    let ids: BTreeSet<String> = (1..=n)
+        .map(|i| {
+            let a = router.post(&big_payload(i, 3000));
+            assert_eq!(a.status, 202, "{}", a.body);
+            a.id()
+        })
+        .collect();
+    wait_for("the sink to fail for want of space", LIMIT, || {
+        router.metric(r#"webio_router_deliveries_total{sink="out",outcome="retry"}"#).unwrap_or(0.0) >= 3.0
+    });
+    let before = parsed_lines(&out).len();
+    assert!(before < n, "{before} of {n} lines fit in 8 KiB");
+
+    fs.free();
+    wait_for("every event in the file", LIMIT, || {
+        std::fs::read_to_string(&out).unwrap_or_default().lines().count() >= n
+    });
+    let lines = parsed_lines(&out);
+    let got: BTreeSet<String> = lines.iter().map(|l| l["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got, ids, "every event after the cut arrived, from the start of the cut file");
+    assert_eq!(lines.len(), n, "and each exactly once");
+    assert!(setup.dead_letters().is_empty());
+}
