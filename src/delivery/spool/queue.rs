@@ -554,6 +554,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if !unwritten.is_empty() {
             q.put_back(unwritten);
             if batch.is_empty() {
+                report(&shared, &q, &mut held);
                 sleep_or_stop(Duration::from_secs(1), &mut stop).await;
             }
         }
