@@ -11,6 +11,7 @@
 #
 # Usage: bench/callgrind.sh [ROW]   rows: bare unrouted (default) direct-file (the file sink
 #              with fsync = true, its default) direct-file-os (the same with fsync = false)
+#              spool-file (spool mode, one file sink; counted once every event is in the file)
 # Environment: CALLGRIND_SECONDS (20: measured load), CALLGRIND_OUT (output file; default a
 #              temp file, printed), CALLGRIND_TOP (30), BENCH_PORT (18180), LOG_LEVEL (info),
 #              BENCH_BIN (the router binary; default target/release/webio-router).
@@ -63,7 +64,11 @@ case $ROW in
   unrouted | direct-file | direct-file-os)
     CMD=("$BIN" --config "$DIR/webio-router.toml" serve)
     TOKEN=$("$BIN" --config "$DIR/webio-router.toml" token --ttl 0 --org 1234) ;;
-  *) echo "unknown row $ROW (bare unrouted direct-file direct-file-os)" >&2; exit 2 ;;
+  spool-file) # spool mode (bench/run.sh's spool-file row): the events go through the spool
+    sed -i "s|^mode = \"direct\"\$|mode = \"spool\"\nspool_dir = \"$DIR/spool\"|" "$DIR/webio-router.toml"
+    CMD=("$BIN" --config "$DIR/webio-router.toml" serve)
+    TOKEN=$("$BIN" --config "$DIR/webio-router.toml" token --ttl 0 --org 1234) ;;
+  *) echo "unknown row $ROW (bare unrouted direct-file direct-file-os spool-file)" >&2; exit 2 ;;
 esac
 
 valgrind --tool=callgrind --callgrind-out-file="$OUT" "${CMD[@]}" >"$DIR/server.log" 2>&1 &
@@ -81,6 +86,9 @@ load 5 >/dev/null # warm up: caches, connection pools, lazily made metric handle
 callgrind_control -z "$PID" >/dev/null
 RESULT=$(load "$SECS")
 sleep 1
+# Spool mode delivers after the 202: counted once every accepted event is in the file.
+lines() { wc -l <"$DIR/events.jsonl" 2>/dev/null || echo 0; }
+[ "$ROW" != spool-file ] || { n=-1; while [ "$(lines)" != "$n" ]; do n=$(lines); sleep 1; done; }
 callgrind_control -d "$PID" >/dev/null
 sleep 1
 REQS=$(echo "$RESULT" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')

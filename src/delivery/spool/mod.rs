@@ -73,11 +73,18 @@ pub(crate) struct Shared {
     pub sinks: RwLock<HashMap<String, Arc<dyn Sink>>>,
     pub dead: JsonlFile,
     pub stop: watch::Sender<bool>,
-    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    /// The writer's queue (`None` once the spool closes). A read lock to send: the webhooks
+    /// and the drains send at once, and a send may wake the writer, which can take the CPU
+    /// from the sender right there; under a mutex every other sender then waited for it
+    /// (docs/performance.md, "Spool mode on the tokio workers, seventh round").
+    writer: RwLock<Option<mpsc::Sender<Op>>>,
     /// Why the spool cannot commit right now (`None`: it can). Shown by `/readyz`.
     trouble: RwLock<Option<String>>,
     /// What the writer accepted since the last checkpoint (see [`memtable`]).
     mem: Mutex<memtable::Memtable>,
+    /// Reports of deliveries done sent by the drains (tests).
+    #[cfg(test)]
+    pub done_reports: AtomicU64,
     /// Checkpoints that came because the memtable reached its bound (tests).
     #[cfg(test)]
     pub bound_checkpoints: AtomicU64,
@@ -89,7 +96,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Hands `op` to the writer; false once the spool is closed.
     pub fn send(&self, op: Op) -> bool {
-        match &*self.writer.lock().expect("writer lock") {
+        match &*self.writer.read().expect("writer lock") {
             Some(tx) => tx.send(op).is_ok(),
             None => false,
         }
@@ -98,7 +105,7 @@ impl Shared {
     /// A sender to the writer (for its sync lanes, to wake it when a sync ends), while the
     /// spool is open. Not to be kept: the writer stops once every sender is gone.
     fn waker(&self) -> Option<mpsc::Sender<Op>> {
-        self.writer.lock().expect("writer lock").clone()
+        self.writer.read().expect("writer lock").clone()
     }
 
     /// The open file, for one read or one transaction (do not keep it: the writer may need
@@ -197,9 +204,11 @@ impl Spool {
             sinks: RwLock::new(sinks.clone()),
             dead: JsonlFile::new(&cfg.dead_letter_file),
             stop,
-            writer: Mutex::new(Some(tx)),
+            writer: RwLock::new(Some(tx)),
             trouble: RwLock::new(None),
             mem: Mutex::new(memtable::Memtable::default()),
+            #[cfg(test)]
+            done_reports: AtomicU64::new(0),
             #[cfg(test)]
             bound_checkpoints: AtomicU64::new(0),
             #[cfg(test)]
@@ -452,7 +461,7 @@ impl Delivery for Spool {
             // The writer commits what the drains reported, then stops. A disk that hangs must
             // not hold the process past the deadline: the thread is then left behind (what it
             // did not commit repeats after the restart, which at-least-once allows).
-            self.shared.writer.lock().expect("writer lock").take();
+            self.shared.writer.write().expect("writer lock").take();
             let done = self.writer_done.lock().expect("writer done lock").take();
             if let Some(done) = done {
                 if tokio::time::timeout_at(deadline, done).await.is_err() {
@@ -1513,6 +1522,78 @@ mod tests {
         wait("the replayed event", || bad.got.lock().unwrap().len() == 1).await;
         assert_eq!(*bad.got.lock().unwrap(), vec![id]);
         wait("no error once delivered", || spool.sink_states()["bad"].last_error.is_none()).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+
+    /// A webhook's send to the writer can be taken off the CPU in the middle (the writer it
+    /// wakes may take its core): the other webhooks' and the drains' sends must not queue
+    /// behind it (they did, behind a mutex around the writer's queue).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_to_the_writer_does_not_wait_for_another_send_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let spool = Spool::open(&cfg, &HashMap::new()).await.unwrap();
+        let shared = spool.shared.clone();
+        let (sent_tx, sent) = mpsc::channel();
+        {
+            // Another sender, in the middle of its send.
+            let _sending = shared.writer.read().unwrap();
+            let sh = shared.clone();
+            std::thread::spawn(move || sent_tx.send(sh.send(Op::Synced)).unwrap());
+            assert_eq!(sent.recv_timeout(Duration::from_secs(60)), Ok(true), "the second send went through meanwhile");
+        }
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        assert!(!shared.send(Op::Synced), "closed: nothing reaches the writer any more");
+    }
+
+    /// A sink that takes four events a round.
+    struct Small(Arc<Fake>);
+
+    impl Sink for Small {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn round(&self) -> Option<usize> {
+            Some(4)
+        }
+        fn deliver<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            self.0.deliver(env)
+        }
+    }
+
+    /// Rounds that follow each other with every event confirmed are reported to the writer
+    /// together (one send, which may wake it, instead of one per round); all of them are
+    /// recorded once the drain runs out of work, and nothing is delivered again after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deliveries_of_rounds_that_follow_each_other_are_reported_together_and_all_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let inner = fake("s", true);
+        inner.hold.store(true, Ordering::Release);
+        let sink: Arc<dyn Sink> = Arc::new(Small(inner.clone()));
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), sink.clone())].into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        // Within the memory window: the rounds are taken from memory, one after the other.
+        let n = queue::WINDOW - 2;
+        for i in 0..n {
+            assert_eq!(spool.submit(envelope(i), vec![sink.clone()]).await, Ok(Accepted::New));
+        }
+        wait("the first round in flight", || inner.calls.load(Ordering::Acquire) > 0).await;
+        inner.hold.store(false, Ordering::Release);
+        wait("every delivery", || inner.got.lock().unwrap().len() == n).await;
+        // Pending pairs as the writer records them (the memtable's and redb's).
+        wait("every delivery recorded", || memtable::pending_ids(&spool.shared, "s").unwrap().is_empty()).await;
+        let reports = spool.shared.done_reports.load(Ordering::Acquire);
+        // At least 7 rounds of 4 (one report each before); the reports: one per HOLD_DONE
+        // deliveries, and one when the drain runs out of work (a round that began before the
+        // last event came may end it early).
+        assert!(reports <= 3, "{reports} reports for {n} deliveries in rounds of 4");
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
+        drop(spool);
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        assert_eq!(spool.pending()["s"], 0, "every delivery was recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inner.got.lock().unwrap().len(), n, "nothing delivered again");
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(1)).await;
     }
 }

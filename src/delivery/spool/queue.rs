@@ -45,6 +45,12 @@ pub const WINDOW_BYTES: u64 = 32 << 10;
 /// they may take beyond the batch being delivered.
 pub const READ_AHEAD: usize = 256;
 pub const READ_AHEAD_BYTES: u64 = WINDOW_BYTES / 2;
+/// Deliveries done that a drain may hold before it tells the writer, while its rounds follow
+/// each other with every event confirmed: each report is a send that may wake the writer (one
+/// per round cost the webhooks' workers ~0.6 µs an event, docs/performance.md "Spool mode on the
+/// tokio workers, seventh round"). Small beside the memtable's bound
+/// ([`super::writer::CHECKPOINT_EVENTS`]), whose count includes the deliveries not reported yet.
+pub const HOLD_DONE: usize = 64;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -393,12 +399,16 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
     // With `ordering = "conversation"`: which conversations have an event in flight or
     // waiting for its retry.
     let mut gate: Gate<Item> = Gate::new();
+    // Deliveries done and not reported to the writer yet (see [`HOLD_DONE`]): reported before
+    // the drain waits for anything but its next round's delivery, and when it stops.
+    let mut held: Vec<u64> = Vec::new();
     loop {
         if *stop.borrow() {
             break;
         }
         let sink = shared.sinks.read().expect("sinks lock").get(&*q.name).cloned();
         let Some(sink) = sink else {
+            report(&shared, &q, &mut held);
             if !parked_warned && q.pending() > 0 {
                 tracing::warn!(sink = %q.name, pending = q.pending(), "sink is not in routes.toml any more; its pending deliveries stay in the spool until it comes back");
                 parked_warned = true;
@@ -413,6 +423,9 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if parked_warned {
             tracing::info!(sink = %q.name, pending = q.pending(), "sink is back in routes.toml; delivering its pending work");
             parked_warned = false;
+        }
+        if q.is_paused() {
+            report(&shared, &q, &mut held);
         }
         if held_paused(&q, &mut stop).await {
             continue;
@@ -442,6 +455,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             q.take(limit)
         };
         if batch.is_empty() {
+            report(&shared, &q, &mut held);
             if let Some((after, gen)) = q.needs_load() {
                 q.status.store(BUSY, Ordering::Release);
                 let (sh, name) = (shared.clone(), q.name.clone());
@@ -522,6 +536,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             q.fill_records(recs);
         }
         let mut unwritten = Vec::new();
+        let unreadable_done = !unreadable.is_empty();
         for (it, rec, e) in unreadable {
             tracing::error!(sink = %q.name, seq = it.seq, file = %shared.path.display(), error = %e, "damaged spool record: not delivered; moving it to the dead-letter file as stored");
             let letter = DeadLetter::unreadable(&q.name, &e.to_string(), it.attempts, &rec);
@@ -539,6 +554,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         if !unwritten.is_empty() {
             q.put_back(unwritten);
             if batch.is_empty() {
+                report(&shared, &q, &mut held);
                 sleep_or_stop(Duration::from_secs(1), &mut stop).await;
             }
         }
@@ -556,7 +572,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                     q.put_back(batch);
                     if !done.is_empty() {
                         q.finished(done.len() as u64);
-                        shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
+                        held.append(&mut done);
                     }
                     break;
                 }
@@ -569,6 +585,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut batch_error = None;
         let mut attempts_update = Vec::new();
         let mut confirmed = 0usize;
+        let attempted = batch.len();
         // A sink that answered for fewer events than it was given has lost the others: they
         // are retried, never taken as delivered.
         let outcomes = outcomes
@@ -624,7 +641,12 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         q.note_outcome(batch_error, confirmed > 0);
         if !done.is_empty() {
             q.finished(done.len() as u64);
-            shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: done }));
+            held.append(&mut done);
+        }
+        // Held only while every event of the round was confirmed (and no damaged record was
+        // dead-lettered): a failure, a dead letter or a retry is reported at once.
+        if confirmed < attempted || unreadable_done || held.len() >= HOLD_DONE {
+            report(&shared, &q, &mut held);
         }
         if confirmed > 0 && retry_after.is_none() && !retry.is_empty() {
             // The sink is up and only these events fail: each waits for its own retry in the
@@ -661,7 +683,20 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         q.status.store(FAILING, Ordering::Release);
         sleep_or_stop(delay, &mut stop).await;
     }
+    // The writer records what was delivered before it stops (the shutdown waits for the
+    // drains first).
+    report(&shared, &q, &mut held);
     tracing::debug!(sink = %q.name, "drain stopped");
+}
+
+/// Tells the writer about the deliveries done that `held` holds (see [`HOLD_DONE`]).
+fn report(shared: &Shared, q: &SinkQueue, held: &mut Vec<u64>) {
+    if held.is_empty() {
+        return;
+    }
+    #[cfg(test)]
+    shared.done_reports.fetch_add(1, Ordering::AcqRel);
+    shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: std::mem::take(held) }));
 }
 
 /// The gate before an attempt: while the sink is paused, waits (for a resume, new work or
