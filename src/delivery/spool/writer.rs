@@ -468,14 +468,10 @@ impl Writer {
     }
 
     /// Whether the batch carrying `book` is the checkpoint because the memtable is at its
-    /// bound ([`CHECKPOINT_EVENTS`]).
-    fn full_for(&self, book: &[Bookkeeping]) -> bool {
-        let full = self.full && !self.settles(book);
-        #[cfg(test)]
-        if full {
-            self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
-        }
-        full
+    /// bound ([`CHECKPOINT_EVENTS`]), as of the frames answered so far ([`Writer::apply`]
+    /// asks again once every frame in flight is).
+    fn at_bound(&self, book: &[Bookkeeping]) -> bool {
+        self.full && !self.settles(book)
     }
 
     /// Whether `book` (the deliveries a batch of a full memtable carries) may bring it below
@@ -535,10 +531,9 @@ impl Writer {
         }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
-        let durable = force_durable
-            || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
-            || self.wal.tail >= wal::CHECKPOINT_BYTES
-            || self.full_for(&book);
+        let due =
+            force_durable || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY || self.wal.tail >= wal::CHECKPOINT_BYTES;
+        let mut durable = due || self.at_bound(&book);
         // How long the batch's webhooks wait for a checkpoint (logged at debug level).
         let started = durable.then(Instant::now);
         // The checkpoint covers every frame: none may be in flight.
@@ -547,6 +542,16 @@ impl Writer {
                 self.refuse(appends);
                 rest.extend(book);
                 return Err((e, rest));
+            }
+            // The frames that were in flight are answered now and their bookkeeping is in the
+            // memtable: the bound is taken again (their deliveries often emptied it), and a
+            // memtable below it makes this batch an ordinary frame.
+            if !due {
+                durable = self.at_bound(&book);
+                #[cfg(test)]
+                if durable {
+                    self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
+                }
             }
         }
         let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
