@@ -249,7 +249,8 @@ pub(crate) struct Writer {
     pub unsynced: bool,
     /// The memtable held [`CHECKPOINT_EVENTS`] events after the last batch (its bookkeeping
     /// applied): the next batch takes the deferred bookkeeping, and is the checkpoint when the
-    /// memtable is still full after that.
+    /// memtable is still full after that and after the frames in flight are answered (their
+    /// bookkeeping applied).
     pub full: bool,
     /// The frames whose `fdatasync` is in flight.
     pub pipe: Pipeline,
