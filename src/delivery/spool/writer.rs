@@ -249,7 +249,8 @@ pub(crate) struct Writer {
     pub unsynced: bool,
     /// The memtable held [`CHECKPOINT_EVENTS`] events after the last batch (its bookkeeping
     /// applied): the next batch takes the deferred bookkeeping, and is the checkpoint when the
-    /// memtable is still full after that.
+    /// memtable is still full after that and after the frames in flight are answered (their
+    /// bookkeeping applied).
     pub full: bool,
     /// The frames whose `fdatasync` is in flight.
     pub pipe: Pipeline,
@@ -468,14 +469,10 @@ impl Writer {
     }
 
     /// Whether the batch carrying `book` is the checkpoint because the memtable is at its
-    /// bound ([`CHECKPOINT_EVENTS`]).
-    fn full_for(&self, book: &[Bookkeeping]) -> bool {
-        let full = self.full && !self.settles(book);
-        #[cfg(test)]
-        if full {
-            self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
-        }
-        full
+    /// bound ([`CHECKPOINT_EVENTS`]), as of the frames answered so far ([`Writer::apply`]
+    /// asks again once every frame in flight is).
+    fn at_bound(&self, book: &[Bookkeeping]) -> bool {
+        self.full && !self.settles(book)
     }
 
     /// Whether `book` (the deliveries a batch of a full memtable carries) may bring it below
@@ -535,10 +532,9 @@ impl Writer {
         }
         let now = now_millis();
         let window = self.shared.dedup.window().as_millis() as u64;
-        let durable = force_durable
-            || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY
-            || self.wal.tail >= wal::CHECKPOINT_BYTES
-            || self.full_for(&book);
+        let due =
+            force_durable || self.last_fsync.elapsed() >= ACK_FSYNC_EVERY || self.wal.tail >= wal::CHECKPOINT_BYTES;
+        let mut durable = due || self.at_bound(&book);
         // How long the batch's webhooks wait for a checkpoint (logged at debug level).
         let started = durable.then(Instant::now);
         // The checkpoint covers every frame: none may be in flight.
@@ -547,6 +543,16 @@ impl Writer {
                 self.refuse(appends);
                 rest.extend(book);
                 return Err((e, rest));
+            }
+            // The frames that were in flight are answered now and their bookkeeping is in the
+            // memtable: the bound is taken again (their deliveries often emptied it), and a
+            // memtable below it makes this batch an ordinary frame.
+            if !due {
+                durable = self.at_bound(&book);
+                #[cfg(test)]
+                if durable {
+                    self.shared.bound_checkpoints.fetch_add(1, Ordering::AcqRel);
+                }
             }
         }
         let prune = durable && window > 0 && now.saturating_sub(self.last_prune) >= (window / 10).max(1000);
@@ -1099,4 +1105,114 @@ pub fn append_offline(db: &Database, next_seq: u64, records: &[(Vec<u8>, Vec<Str
         tx.commit().op("commit")?;
         Ok(seq)
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{wal, Spool};
+    use super::*;
+    use crate::config::DeliveryConfig;
+    use crate::delivery::Delivery;
+    use crate::event::Envelope;
+    use crate::sinks::{BoxFuture, Sink, SinkError};
+    use std::collections::HashMap;
+
+    /// A sink whose deliveries never end (its events stay pending until the test reports them).
+    struct Stuck;
+
+    impl Sink for Stuck {
+        fn name(&self) -> &str {
+            "s"
+        }
+        fn deliver<'a>(&'a self, _env: &'a Envelope) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn envelope(n: usize) -> Envelope {
+        let body = format!(r#"{{"type":"payment","n":{n}}}"#);
+        let event = crate::event::normalise(body.as_bytes(), None, &Default::default(), chrono::Utc::now()).unwrap();
+        Envelope::new(event, body.into())
+    }
+
+    fn frames_written(cfg: &DeliveryConfig) -> usize {
+        wal::decode(&std::fs::read(cfg.spool_dir.join(wal::FILE_NAME)).unwrap()).frames.len()
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..6000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out: {what}");
+    }
+
+    /// At full rate about half the checkpoints for the memtable's bound committed only a few
+    /// dozen events: the bound was taken before the frames in flight were answered, and their
+    /// deliveries (applied to the memtable once their syncs end) had emptied it. The batch that
+    /// finds the memtable at its bound waits for those frames anyway: the bound is taken again
+    /// then, and the batch is an ordinary frame.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_memtable_at_its_bound_emptied_by_the_frames_in_flight_is_not_checkpointed() {
+        let bound = CHECKPOINT_EVENTS;
+        let s: Arc<dyn Sink> = Arc::new(Stuck);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone())].into();
+        // The memtable filled to its bound (a checkpoint on time while it fills moves some to
+        // redb: then again, with a new spool).
+        let mut attempt = 0;
+        let (spool, cfg, _dir) = loop {
+            attempt += 1;
+            assert!(attempt <= 10, "a checkpoint on time came during every fill");
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = DeliveryConfig {
+                spool_dir: dir.path().join("spool"),
+                dead_letter_file: dir.path().join("dead.jsonl"),
+                ..Default::default()
+            };
+            let spool = Spool::open(&cfg, &sinks).await.unwrap();
+            let t = vec![s.clone()];
+            let below =
+                futures_util::future::join_all((0..bound - 1).map(|n| spool.submit(envelope(n), t.clone()))).await;
+            assert!(below.iter().all(|r| *r == Ok(Accepted::New)));
+            assert_eq!(spool.submit(envelope(bound), t.clone()).await, Ok(Accepted::New));
+            if spool.shared.mem().events.len() == bound {
+                break (spool, cfg, dir);
+            }
+            spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        };
+        let before = spool.shared.bound_checkpoints.load(Ordering::Acquire);
+        // Every event delivered, in one report, whose frame's sync is held: the memtable is
+        // still at its bound for the writer until that frame is answered.
+        let faults = spool.shared.wal_faults.clone();
+        faults.hold.store(true, Ordering::Release);
+        let written = frames_written(&cfg);
+        let seqs: Vec<u64> = spool.shared.mem().events.keys().copied().collect();
+        assert!(spool.shared.send(Op::Book(Bookkeeping::Done { sink: "s".into(), seqs })));
+        wait("the deliveries' frame", || frames_written(&cfg) > written).await;
+        // A new event meanwhile: its batch finds the memtable at its bound and waits for the
+        // frame in flight. (Before the change the writer counted the bound checkpoint before
+        // that wait: seen here at once. Now there is nothing to see: a short while, then on.)
+        let next = {
+            let spool = spool.clone();
+            let t = vec![s.clone()];
+            tokio::spawn(async move { spool.submit(envelope(bound + 1), t).await })
+        };
+        for _ in 0..50 {
+            if spool.shared.bound_checkpoints.load(Ordering::Acquire) != before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        faults.hold.store(false, Ordering::Release);
+        assert_eq!(next.await.unwrap(), Ok(Accepted::New));
+        assert_eq!(
+            spool.shared.bound_checkpoints.load(Ordering::Acquire),
+            before,
+            "no checkpoint for the memtable's bound: the frame in flight emptied it"
+        );
+        assert!(spool.shared.mem().events.len() <= 1, "only the new event waits in the memtable");
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    }
 }
