@@ -1146,14 +1146,7 @@ mod tests {
     #[tokio::test]
     async fn every_line_is_whole_past_the_write_back_threshold() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let config = FileConfig {
-            path: path.display().to_string(),
-            format: Format::Event,
-            fsync: false,
-            ordering: Default::default(),
-        };
-        let sink = FileSink::new("out", &config).unwrap();
+        let (sink, path) = unsynced_sink_in(&dir);
         // ~6 MiB in lines of ~8 KiB: write-back is started at least once on the way.
         let n = (WRITEBACK_EVERY as usize * 3 / 2) / 8192;
         let envs: Vec<_> = (0..n).map(|i| envelope(i, 8000)).collect();
@@ -1306,6 +1299,13 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let c = config(&format!("path = {:?}", path.display().to_string()));
         (Arc::new(FileSink::with_syncs("out", &c, syncs).unwrap()), path)
+    }
+
+    /// A sink writing `out.jsonl` in `dir` with `fsync = false`.
+    fn unsynced_sink_in(dir: &tempfile::TempDir) -> (FileSink, std::path::PathBuf) {
+        let path = dir.path().join("out.jsonl");
+        let c = config(&format!("path = {:?}\nfsync = false", path.display().to_string()));
+        (FileSink::new("out", &c).unwrap(), path)
     }
 
     /// Delivers event `n` in a task of its own.
@@ -1464,14 +1464,8 @@ mod tests {
     #[tokio::test]
     async fn lines_that_the_same_worker_delivers_before_it_idles_are_written_as_one_group() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let config = FileConfig {
-            path: path.display().to_string(),
-            format: Format::Event,
-            fsync: false,
-            ordering: Default::default(),
-        };
-        let sink = Arc::new(FileSink::new("out", &config).unwrap());
+        let (sink, path) = unsynced_sink_in(&dir);
+        let sink = Arc::new(sink);
         spawn_deliver(&sink, 0).await.unwrap().unwrap();
         while !Pending::lock(&sink.queue).writer_idle {
             tokio::task::yield_now().await;
@@ -1573,14 +1567,7 @@ mod tests {
     #[tokio::test]
     async fn without_fsync_a_file_cut_by_copytruncate_takes_whole_lines_from_its_start() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let config = FileConfig {
-            path: path.display().to_string(),
-            format: Format::Event,
-            fsync: false,
-            ordering: Default::default(),
-        };
-        let sink = FileSink::new("out", &config).unwrap();
+        let (sink, path) = unsynced_sink_in(&dir);
         for n in 0..40 {
             sink.deliver(&envelope(n, 1000)).await.unwrap();
         }

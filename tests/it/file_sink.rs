@@ -34,6 +34,38 @@ fn parsed_lines(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// A distinct event with about `pad` bytes of padding.
+/// Posts `payloads` (each accepted: the spool takes the event whatever the sink's disk) while
+/// the sink's disk is full, waits until the sink fails for want of space with whole lines only
+/// in the file (fewer than all of them), frees the space and waits until the file holds as
+/// many lines as were posted. Returns the accepted ids and the file's lines.
+fn post_through_a_full_disk(
+    router: &Router,
+    fs: &Tmpfs,
+    out: &Path,
+    payloads: impl Iterator<Item = usize>,
+) -> (BTreeSet<String>, Vec<serde_json::Value>) {
+    let ids: BTreeSet<String> = payloads
+        .map(|i| {
+            let a = router.post(&big_payload(i, 3000));
+            assert_eq!(a.status, 202, "the spool takes the event whatever the sink's disk: {}", a.body);
+            a.id()
+        })
+        .collect();
+    let n = ids.len();
+    wait_for("the sink to fail for want of space", LIMIT, || {
+        router.metric(r#"webio_router_deliveries_total{sink="out",outcome="retry"}"#).unwrap_or(0.0) >= 3.0
+    });
+    // While the disk is full, the file holds whole lines only.
+    let before = parsed_lines(out).len();
+    assert!(before < n, "{before} of {n} lines fit in 8 KiB");
+
+    fs.free();
+    wait_for("every event in the file", LIMIT, || {
+        std::fs::read_to_string(out).unwrap_or_default().lines().count() >= n
+    });
+    (ids, parsed_lines(out))
+}
+
 fn big_payload(n: usize, pad: usize) -> String {
     format!(r#"{{"type":"inboundMessage","conversationId":"c-{n}","body":"{}","n":{n}}}"#, "x".repeat(pad))
 }
@@ -60,25 +92,7 @@ fn a_full_sink_disk_loses_no_event_and_leaves_no_torn_line() {
     fill_leaving(&fs, 8192);
 
     let n = 40;
-    let ids: BTreeSet<String> = (0..n)
-        .map(|i| {
-            let a = router.post(&big_payload(i, 3000));
-            assert_eq!(a.status, 202, "the spool takes the event whatever the sink's disk: {}", a.body);
-            a.id()
-        })
-        .collect();
-    wait_for("the sink to fail for want of space", LIMIT, || {
-        router.metric(r#"webio_router_deliveries_total{sink="out",outcome="retry"}"#).unwrap_or(0.0) >= 3.0
-    });
-    // While the disk is full, the file holds whole lines only.
-    let before = parsed_lines(&out).len();
-    assert!(before < n, "{before} of {n} lines fit in 8 KiB");
-
-    fs.free();
-    wait_for("every event in the file", LIMIT, || {
-        std::fs::read_to_string(&out).unwrap_or_default().lines().count() >= n
-    });
-    let lines = parsed_lines(&out);
+    let (ids, lines) = post_through_a_full_disk(&router, &fs, &out, 0..n);
     let got: BTreeSet<String> = lines.iter().map(|l| l["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(got, ids, "every event arrived once space was freed, without a restart");
     assert_eq!(lines.len(), n, "and each exactly once");
@@ -203,24 +217,7 @@ fn a_file_cut_by_copytruncate_then_a_full_disk_loses_no_event_and_leaves_no_torn
     fill_leaving(&fs, 8192);
 
     let n = 40;
-    let ids: BTreeSet<String> = (1..=n)
-        .map(|i| {
-            let a = router.post(&big_payload(i, 3000));
-            assert_eq!(a.status, 202, "{}", a.body);
-            a.id()
-        })
-        .collect();
-    wait_for("the sink to fail for want of space", LIMIT, || {
-        router.metric(r#"webio_router_deliveries_total{sink="out",outcome="retry"}"#).unwrap_or(0.0) >= 3.0
-    });
-    let before = parsed_lines(&out).len();
-    assert!(before < n, "{before} of {n} lines fit in 8 KiB");
-
-    fs.free();
-    wait_for("every event in the file", LIMIT, || {
-        std::fs::read_to_string(&out).unwrap_or_default().lines().count() >= n
-    });
-    let lines = parsed_lines(&out);
+    let (ids, lines) = post_through_a_full_disk(&router, &fs, &out, 1..=n);
     let got: BTreeSet<String> = lines.iter().map(|l| l["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(got, ids, "every event after the cut arrived, from the start of the cut file");
     assert_eq!(lines.len(), n, "and each exactly once");
