@@ -392,8 +392,9 @@ fn in_direct_mode_a_failing_sink_answers_503_with_retry_after_and_the_retry_goes
     assert_eq!(r.metric("webio_router_deliveries_total{sink=\"crm\",outcome=\"ok\"}"), 1.0);
 
     // A sink nobody listens on.
+    let dead = dead_addr();
     let routes =
-        format!("[sinks.crm]\ntype = \"http\"\nurl = \"http://{}/x\"\n[[routes]]\nto = [\"crm\"]\n", dead_addr());
+        format!("[sinks.crm]\ntype = \"http\"\nurl = \"http://{}/x\"\n[[routes]]\nto = [\"crm\"]\n", dead.addr);
     let r = spawn_router(&routes);
     let resp = r.post(INBOUND);
     assert_eq!(resp.status, 503);

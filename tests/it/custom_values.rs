@@ -193,7 +193,8 @@ fn an_upstream_error_status_answers_502_and_is_not_cached() {
 
 #[test]
 fn an_unreachable_or_oversized_upstream_answers_502() {
-    let app = spawn_app(&custom_values(&format!("http://{}/v", dead_addr()), ""), ARCHIVE);
+    let dead = dead_addr();
+    let app = spawn_app(&custom_values(&format!("http://{}/v", dead.addr), ""), ARCHIVE);
     let resp = get_values(app.addr, QUERY, Some(&token()));
     assert_eq!(resp.status, 502, "{}", resp.body);
     assert_eq!(resp.json()["error"], "custom value upstream unreachable");

@@ -95,7 +95,8 @@ fn a_refused_webhook_leaves_no_key_so_the_retry_is_taken_on_another_replica() {
 #[test]
 fn with_redis_unreachable_webhooks_are_taken_and_the_error_counter_rises() {
     let sink = Capture::start(200);
-    let store = format!("redis://{}", dead_addr());
+    let dead = dead_addr();
+    let store = format!("redis://{}", dead.addr);
     let r = spooled(&store, &sink);
     assert_eq!(r.metric("webio_router_dedup_store_errors_total"), 0.0, "pre-registered at 0");
     let t = tag();
@@ -142,18 +143,40 @@ struct OwnRedis {
 }
 
 impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = std::process::Command::new("redis-server")
+    /// On a port that was free a moment before; another one if someone took it meanwhile.
+    fn start_on_a_free_port() -> OwnRedis {
+        for _ in 0..5 {
+            // Released just before redis-server binds it: the one unavoidable window.
+            let port = dead_addr().port();
+            if let Some(own) = OwnRedis::try_start(port) {
+                return own;
+            }
+        }
+        panic!("redis-server found no free port in 5 tries");
+    }
+
+    /// Again on `port` (after [`OwnRedis::stop`]): `None` if the port was taken meanwhile.
+    fn try_start(port: u16) -> Option<OwnRedis> {
+        // A name of its own to tell it from whatever else may listen there (nothing is saved).
+        let name = format!("own-{}.rdb", fastrand_u64());
+        let mut child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dbfilename", &name])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is required (.ci/run installs it)");
         let up = std::time::Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                return None; // could not bind
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                assert!(redis_at(port, &["CONFIG", "GET", "dbfilename"]).contains(&name), "another server on {port}");
+                return Some(OwnRedis { port, child });
+            }
             assert!(up.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnRedis { port, child }
     }
 
     fn stop(mut self) {
@@ -171,8 +194,8 @@ impl Drop for OwnRedis {
 
 #[test]
 fn a_redis_that_goes_away_and_comes_back_never_refuses_a_webhook() {
-    let port = dead_addr().port();
-    let own = OwnRedis::start(port);
+    let own = OwnRedis::start_on_a_free_port();
+    let port = own.port;
     let sink = Capture::start(200);
     let r = spooled(&format!("redis://127.0.0.1:{port}"), &sink);
     let errors = || r.metric("webio_router_dedup_store_errors_total");
@@ -193,7 +216,7 @@ fn a_redis_that_goes_away_and_comes_back_never_refuses_a_webhook() {
     assert!(errors() >= 1.0);
 
     // Back: the window is shared again.
-    let own = OwnRedis::start(port);
+    let own = OwnRedis::try_start(port).unwrap_or_else(|| panic!("port {port} was taken while Redis was down"));
     let t = tag();
     crate::helpers::wait_until("the window shared again", Duration::from_secs(30), || {
         let a = r.post(&body(&format!("{t}-{}", fastrand_u64())));

@@ -429,10 +429,31 @@ fn serve_capture(conn: TcpStream, requests: Arc<Mutex<Vec<Captured>>>, status: A
     }
 }
 
-/// A free TCP port on 127.0.0.1 nobody listens on (connection refused).
-pub fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// An address on 127.0.0.1 nobody listens on (connection refused), for as long as the returned
+/// guard lives: the port stays bound (without `listen`, without `SO_REUSEADDR`), so no other
+/// test or process can take it meanwhile, as it could if the socket were dropped on return.
+/// Hold the guard for the whole test (`let dead = dead_addr();`), not just one expression.
+#[must_use = "the port is free again once the guard is dropped"]
+pub fn dead_addr() -> DeadAddr {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().ok().and_then(|a| a.as_socket()).expect("bound address");
+    DeadAddr { addr, _socket: socket }
+}
+
+/// [`dead_addr`]'s guard: derefs to its address. (Not `Display`, so that `format!("{}", dead_addr())`,
+/// which would free the port at once, does not compile.)
+pub struct DeadAddr {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl std::ops::Deref for DeadAddr {
+    type Target = SocketAddr;
+    fn deref(&self) -> &SocketAddr {
+        &self.addr
+    }
 }
 
 /// `promtool check metrics` on a `/metrics` text: the exposition format is valid.
@@ -453,4 +474,12 @@ pub fn promtool_check_metrics(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn dead_addr_stays_taken_while_held_and_refuses_connections() {
+    let dead = dead_addr();
+    assert!(TcpListener::bind(*dead).is_err(), "nobody else may take {} while the test holds it", dead.addr);
+    let refused = TcpStream::connect(*dead).expect_err("nothing listens there");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
 }
