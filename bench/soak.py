@@ -12,6 +12,10 @@
       The HTTP sink: answers POSTs 200 after appending the x-webio-event-id header to OUT_IDS
       (flushed before the answer), or 503 to a random FAIL_RATIO of them.
 
+  soak.py free PORT COUNT
+      Exits 0 if the COUNT ports from PORT on 127.0.0.1 can all be bound by a listener (as
+      the daemon and the sink bind them: SO_REUSEADDR), 1 if one of them is taken.
+
   soak.py ledger DRIVER_JSON ACCEPTED_IDS DEAD_LETTERS PENDING_JSON SINK=KIND:PATH...
       Compares the ids the daemon accepted with what each sink holds (KIND "file": JSON Lines
       files whose objects carry "id", PATH a glob; KIND "ids": one id per line) and the dead
@@ -194,6 +198,22 @@ def sink(argv):
     Server(("127.0.0.1", port), Handler).serve_forever()
 
 
+def free(argv):
+    import socket
+
+    port, count = int(argv[0]), int(argv[1])
+    for p in range(port, port + count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return 1
+        finally:
+            s.close()
+    return 0
+
+
 def ledger(argv):
     driver_json, accepted_path, dead_path, pending_json = argv[:4]
     sinks = []
@@ -292,6 +312,8 @@ def main():
         drive(argv)
     elif cmd == "sink":
         sink(argv)
+    elif cmd == "free":
+        return free(argv)
     elif cmd == "ledger":
         return ledger(argv)
     else:

@@ -33,10 +33,13 @@
 #   SOAK_DRAIN_TIMEOUT=120 after the load, how long the spool may go without draining any
 #                          further before the script gives up waiting (it waits as long as
 #                          the backlog keeps shrinking)
-#   SOAK_PORT=18380        webhook port; admin +1, HTTP sink +2
+#   SOAK_PORT              webhook port; admin +1, HTTP sink +2 (default: BENCH_PORT if set,
+#                          as bench/run.sh takes it, else the first free range of three from
+#                          18380 up that no other soak run holds (a lock file per range under
+#                          TMPDIR, held for the run) and nothing else has bound)
 #   SOAK_BIN=path          use that binary, build nothing
 #   SOAK_KEEP=1            keep the work directory (configs, logs, sink output, ids)
-# Needs: bash, python3 (standard library), curl, awk.
+# Needs: bash, python3 (standard library), curl, awk, flock (util-linux).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,15 +60,14 @@ HTTP_DOWN=${SOAK_HTTP_DOWN:-15}
 HTTP_CYCLE=${SOAK_HTTP_CYCLE:-45}
 HTTP_FAIL=${SOAK_HTTP_FAIL:-0.02}
 DRAIN_TIMEOUT=${SOAK_DRAIN_TIMEOUT:-120}
-PORT=${SOAK_PORT:-18380}
-HOOK=$PORT ADMIN=$((PORT + 1)) SINK_PORT=$((PORT + 2))
+PORT=${SOAK_PORT:-${BENCH_PORT:-}}
 SECRET="soak-secret-0123456789-0123456789-0123456789"
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "soak: $*"; exit 2; }
 
 [[ $SECONDS_TOTAL =~ ^[0-9]+$ ]] && [ "$SECONDS_TOTAL" -gt 0 ] || die "duration must be seconds (or Ns / Nm), got '${1:-$SOAK_SECONDS}'"
-for tool in python3 curl awk; do command -v "$tool" >/dev/null || die "$tool is needed"; done
+for tool in python3 curl awk flock; do command -v "$tool" >/dev/null || die "$tool is needed"; done
 
 if [ -z "${SOAK_BIN:-}" ]; then
   say "== cargo build --release"
@@ -74,12 +76,26 @@ fi
 BIN=${SOAK_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/webio-router}
 [ -x "$BIN" ] || die "no binary at $BIN"
 
-for p in $HOOK $ADMIN $SINK_PORT; do
-  if { exec 3<>"/dev/tcp/127.0.0.1/$p"; } 2>/dev/null; then
-    exec 3>&-
-    die "port $p is in use; set SOAK_PORT to a free range"
-  fi
-done
+# The three ports are kept for the whole run (the daemon and the sink start again on them), so
+# a range is taken under a lock (fd 9, held until the script exits) that another soak run respects.
+take_ports() {
+  mkdir -p "${TMPDIR:-/tmp}"
+  exec 9>"${TMPDIR:-/tmp}/webio-soak-port-$1.lock"
+  flock -n 9 && python3 "$ROOT/bench/soak.py" free "$1" 3 && return 0
+  exec 9>&-
+  return 1
+}
+if [ -n "$PORT" ]; then
+  [[ $PORT =~ ^[0-9]+$ ]] || die "SOAK_PORT / BENCH_PORT must be a port number, got '$PORT'"
+  take_ports "$PORT" || die "a port of $PORT..$((PORT + 2)) is in use (or another soak run has them); set SOAK_PORT to a free range"
+else
+  PORT=18380
+  until take_ports "$PORT"; do
+    PORT=$((PORT + 3))
+    [ "$PORT" -lt 18680 ] || die "no free range of three ports in 18380..18679; set SOAK_PORT"
+  done
+fi
+HOOK=$PORT ADMIN=$((PORT + 1)) SINK_PORT=$((PORT + 2))
 
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/webio-soak.XXXXXX")
 PID="" SINK_PID="" DRIVER_PID=""
@@ -100,6 +116,9 @@ routes_file = "$WORK/routes.toml"
 listen = "127.0.0.1:$HOOK"
 [admin]
 listen = "127.0.0.1:$ADMIN"
+# In the work directory: the default (var/control.sock under the checkout) would clash with
+# another run's daemon.
+control_socket = "$WORK/control.sock"
 [auth]
 secrets = ["$SECRET"]
 [delivery]
@@ -156,7 +175,8 @@ start_daemon() {
   deadline=$((t0 + 60000))
   while :; do
     code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "http://127.0.0.1:$ADMIN/readyz" || true)
-    [ "$code" = 200 ] && break
+    # Ready, and ours: not another process that took the port while ours failed to bind it.
+    [ "$code" = 200 ] && kill -0 "$PID" 2>/dev/null && break
     if ! kill -0 "$PID" 2>/dev/null || [ "$(now_ms)" -gt "$deadline" ]; then
       tail -20 "$WORK/router.log" >&2
       die "the daemon did not become ready (start $STARTS); log above"
@@ -174,6 +194,7 @@ start_sink() {
   SINK_PID=$!
   local i
   for i in $(seq 1 250); do
+    kill -0 "$SINK_PID" 2>/dev/null || die "the HTTP sink exited: $(tail -3 "$WORK/sink.log")"
     { exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT"; } 2>/dev/null && { exec 3>&-; return 0; }
     sleep 0.02
   done
