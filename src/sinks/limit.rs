@@ -270,6 +270,16 @@ mod tests {
         }
     }
 
+    /// A method added to `Sink` with a default must be forwarded (or deliberately overridden)
+    /// here too: with the default, a limited sink would silently lose the inner sink's own.
+    #[test]
+    fn a_limited_sink_defines_every_method_of_sink() {
+        let declared = crate::sinks::forwarding::methods(include_str!("mod.rs"), "pub trait Sink:");
+        let defined = crate::sinks::forwarding::methods(include_str!("limit.rs"), "impl Sink for Limited {");
+        assert!(declared.len() >= 8, "read the trait: {declared:?}");
+        assert_eq!(defined, declared, "Limited must define every method of Sink");
+    }
+
     #[test]
     fn a_limited_sink_keeps_the_inner_sinks_ordering() {
         struct Ordered;

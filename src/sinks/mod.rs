@@ -320,3 +320,54 @@ mod tests {
         assert_eq!(SinkError::permanent("HTTP 422").source.is_none(), SinkError::retryable("x").io_error().is_none());
     }
 }
+
+/// For the tests of a wrapper that forwards a trait to an inner value by hand ([`limit::Limited`],
+/// [`crate::delivery::shared::SharedWindow`]): the names of the methods a trait declares and an
+/// impl block defines, read from the source, so that a test can require that a wrapper defines
+/// every method, the ones with a default included (a default there would silently not forward).
+#[cfg(test)]
+pub(crate) mod forwarding {
+    use std::collections::BTreeSet;
+
+    /// The `fn` names directly inside the `{ … }` block that follows `header` in `source`.
+    pub(crate) fn methods(source: &str, header: &str) -> BTreeSet<String> {
+        let start = source.find(header).unwrap_or_else(|| panic!("{header:?} is not in the source"));
+        let mut depth = 0usize;
+        let mut names = BTreeSet::new();
+        for line in source[start..].lines() {
+            let code = line.split("//").next().unwrap_or("").trim();
+            if depth == 1 {
+                let rest = code.strip_prefix("pub ").unwrap_or(code);
+                if let Some(rest) = rest.strip_prefix("fn ") {
+                    let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    names.insert(name);
+                }
+            }
+            let chars: Vec<char> = code.chars().collect();
+            let (mut i, mut in_string) = (0, false);
+            while i < chars.len() {
+                match (in_string, chars[i]) {
+                    (true, '\\') => i += 1,
+                    (_, '"') => in_string = !in_string,
+                    // A char literal such as '{' (not a lifetime such as 'a).
+                    (false, '\'') if chars.get(i + 2) == Some(&'\'') => i += 2,
+                    (false, '{') => depth += 1,
+                    (false, '}') => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                i += 1;
+            }
+            if depth == 0 && code.contains('}') {
+                break;
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn methods_are_read_at_the_blocks_top_level_only() {
+        let source = "struct X;\ntrait T {\n    fn a(&self);\n    // fn commented(&self);\n    fn b<'a>(&'a self) -> u8 {\n        fn inner() {}\n        let s = \"}\";\n        let c = '}';\n        0\n    }\n    pub fn c(&self) {}\n}\nfn after() {}\n";
+        let got: Vec<String> = methods(source, "trait T").into_iter().collect();
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+}
