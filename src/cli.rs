@@ -685,9 +685,14 @@ fn spool(loaded: &Loaded, action: SpoolAction) -> ExitCode {
                     }
                     if let Some(p) = &r.wal_moved_to {
                         println!(
-                            "moved the write-ahead file aside to {} ({} of its events saved{})",
+                            "moved the write-ahead file aside to {} ({} of its events saved{}{})",
                             p.display(),
                             r.wal_saved,
+                            if r.wal_done > 0 {
+                                format!("; {} deliveries it records as done not queued again", r.wal_done)
+                            } else {
+                                String::new()
+                            },
                             if r.wal_torn { "; a torn last frame dropped" } else { "" }
                         );
                     }

@@ -11,7 +11,10 @@
 //!   scanned for intact records, which are queued for the sinks their routes match now: the
 //!   index no longer says which were still pending, so some may be delivered a second time
 //!   (at least once; sinks dedupe by event id). A record that fails its check is written to
-//!   the dead-letter file as stored, so that nothing disappears without a trace.
+//!   the dead-letter file as stored, so that nothing disappears without a trace. The
+//!   write-ahead file's events newer than the old file's checkpoint are saved too, and (through
+//!   the index) its bookkeeping since that checkpoint is applied as a start would: a delivery
+//!   done or dead-lettered is not queued again, and every pair keeps its attempt count.
 
 use super::dead::DeadLetter;
 use super::guard;
@@ -162,6 +165,9 @@ pub struct SalvageReport {
     pub wal_saved: u64,
     /// The write-ahead file's log ended in a torn or damaged frame (not copied).
     pub wal_torn: bool,
+    /// (event, sink) pairs that the write-ahead file's bookkeeping (since the old file's last
+    /// checkpoint) records as delivered or dead-lettered: not pending again.
+    pub wal_done: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,8 +191,11 @@ pub enum SalvageError {
 
 /// One record found in the old file and where it goes.
 struct Found {
+    /// Its seq in the old file or the write-ahead file (`None`: found by a scan).
+    seq: Option<u64>,
     rec: Vec<u8>,
-    sinks: Vec<String>,
+    /// The sinks it is pending for, each with the attempts made so far.
+    sinks: Vec<(String, u32)>,
 }
 
 /// Salvages the spool of `cfg` (see the module doc). `route` gives the sinks an event
@@ -208,19 +217,23 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
         wal::read(dir).map_err(|source| SalvageError::Io { what: "cannot read", path: wal_path.clone(), source })?;
     // Frames the old file's checkpoint covers are in it already (0 when it cannot be read).
     let mut checkpoint = 0;
+    // The frames of this generation hold the bookkeeping done since that checkpoint (`None`:
+    // unknown, none is applied).
+    let mut generation = None;
     if size > 0 {
         match store::open_file(&path) {
             Ok(db) => {
                 report.source = Source::Index;
                 // A pause the operator set stays set (unreadable: the sinks start unpaused).
                 paused = store::paused(&db).unwrap_or_default();
-                checkpoint = guard::catch(|| -> Result<u64, StoreError> {
+                let marks = guard::catch(|| -> Result<(u64, u64), StoreError> {
                     let tx = db.begin_read().op("begin read")?;
-                    wal::checkpoint(&tx)
+                    Ok((wal::checkpoint(&tx)?, wal::generation(&tx)?))
                 })
                 .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
+                .and_then(Result::ok);
+                checkpoint = marks.map_or(0, |m| m.0);
+                generation = marks.map(|m| m.1);
                 if let Err(e) = read_index(&db, &mut found, &mut damaged, &mut report) {
                     report.index_error = Some(e.to_string());
                 }
@@ -251,7 +264,8 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
         }
         match record::decode(&e.rec) {
             Ok(_) => {
-                found.push(Found { rec: e.rec.clone(), sinks: e.sinks.clone() });
+                let sinks = e.sinks.iter().map(|s| (s.clone(), 0)).collect();
+                found.push(Found { seq: Some(e.seq), rec: e.rec.clone(), sinks });
                 report.wal_saved += 1;
             }
             Err(err) => {
@@ -260,6 +274,9 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
                 }
             }
         }
+    }
+    if let Some(generation) = generation {
+        apply_book(&log, generation, &mut found, &mut report);
     }
     if wal_path.exists() {
         let aside = report
@@ -284,9 +301,12 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     report.fresh = fresh.clone();
     let mut next = 0;
     for chunk in found.chunks(BATCH) {
-        let batch: Vec<(Vec<u8>, Vec<String>)> = chunk.iter().map(|f| (f.rec.clone(), f.sinks.clone())).collect();
+        let batch: Vec<(Vec<u8>, Vec<String>)> =
+            chunk.iter().map(|f| (f.rec.clone(), f.sinks.iter().map(|(s, _)| s.clone()).collect())).collect();
+        let first = next;
         next =
             append_offline(&db, next, &batch).map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
+        keep_attempts(&db, first, chunk).map_err(|source| SalvageError::Write { path: fresh.clone(), source })?;
     }
     for (sink, at) in &paused {
         store::set_paused(&db, sink, true, *at, None)
@@ -295,7 +315,7 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     report.paused = paused.into_keys().collect();
     report.saved = found.len() as u64;
     for f in &found {
-        for s in &f.sinks {
+        for (s, _) in &f.sinks {
             *report.pairs.entry(s.clone()).or_default() += 1;
         }
     }
@@ -340,7 +360,7 @@ fn read_index(
         });
         match read.map_err(StoreError::from).and_then(|r| r) {
             Ok(Some(rec)) => match record::decode(&rec) {
-                Ok(_) => found.push(Found { rec, sinks: sinks.iter().map(|(s, _)| s.clone()).collect() }),
+                Ok(_) => found.push(Found { seq: Some(*seq), rec, sinks: sinks.clone() }),
                 Err(e) => {
                     for (sink, attempts) in sinks {
                         damaged.push(DeadLetter::unreadable(sink, &e.to_string(), *attempts, &rec));
@@ -351,6 +371,57 @@ fn read_index(
         }
     }
     listed
+}
+
+/// Applies the bookkeeping of the write-ahead file's frames of `generation` (what the writer
+/// did since the old file's last checkpoint, which the old file does not hold) to what was
+/// found by seq, as the next start's replay would have: a (sink, seq) pair delivered or
+/// dead-lettered is not pending again (an event no sink needs any more is not saved), and an
+/// attempt count replaces the one found. Records found by a scan have no seq: nothing applies.
+fn apply_book(log: &wal::Decoded, generation: u64, found: &mut Vec<Found>, report: &mut SalvageReport) {
+    let by_seq: std::collections::HashMap<u64, usize> =
+        found.iter().enumerate().filter_map(|(i, f)| f.seq.map(|seq| (seq, i))).collect();
+    for op in log.frames.iter().filter(|f| f.gen == Some(generation)).flat_map(|f| &f.book) {
+        match op {
+            wal::Bookkeeping::Done { sink, seqs } => {
+                for &i in seqs.iter().filter_map(|seq| by_seq.get(seq)) {
+                    let f = &mut found[i];
+                    let before = f.sinks.len();
+                    f.sinks.retain(|(s, _)| **s != **sink);
+                    report.wal_done += (before - f.sinks.len()) as u64;
+                }
+            }
+            wal::Bookkeeping::Attempts { sink, items } => {
+                for (seq, n) in items {
+                    let Some(&i) = by_seq.get(seq) else { continue };
+                    for (_, attempts) in found[i].sinks.iter_mut().filter(|(s, _)| **s == **sink) {
+                        *attempts = *n;
+                    }
+                }
+            }
+        }
+    }
+    found.retain(|f| !f.sinks.is_empty());
+}
+
+/// Writes the attempt counts of `chunk`, whose records [`append_offline`] gave the seqs from
+/// `first` on (it writes 0 for each pending row), so that a salvage does not reset them.
+fn keep_attempts(db: &redb::Database, first: u64, chunk: &[Found]) -> Result<(), StoreError> {
+    if chunk.iter().all(|f| f.sinks.iter().all(|(_, n)| *n == 0)) {
+        return Ok(());
+    }
+    guard::catch(|| {
+        let tx = db.begin_write().op("begin")?;
+        {
+            let mut pending = tx.open_table(PENDING).op("open pending")?;
+            for (seq, f) in (first..).zip(chunk) {
+                for (sink, n) in f.sinks.iter().filter(|(_, n)| *n > 0) {
+                    pending.insert((sink.as_str(), seq), *n).op("write pending")?;
+                }
+            }
+        }
+        tx.commit().op("commit")
+    })?
 }
 
 /// Scans the bytes of an unreadable file for intact records.
@@ -368,7 +439,7 @@ fn scan(
             report.unrouted += 1;
             continue;
         }
-        found.push(Found { rec: record::encode(&env), sinks });
+        found.push(Found { seq: None, rec: record::encode(&env), sinks: sinks.into_iter().map(|s| (s, 0)).collect() });
     }
     Ok(())
 }
@@ -510,6 +581,62 @@ mod tests {
         assert!(after.healthy());
         assert_eq!((after.events, after.pending["a"], after.pending["b"]), (3, 3, 3));
         assert_eq!((r.paused.clone(), after.paused), (vec!["b".to_owned()], vec!["b".to_owned()]), "the pause is kept");
+    }
+
+    /// The (sink, seq) → attempts rows of the spool under `cfg` (seqs renumbered by salvage:
+    /// keyed by the amount of the event instead).
+    fn pending_attempts(cfg: &DeliveryConfig) -> BTreeMap<(String, i64), u32> {
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        let tx = db.begin_read().unwrap();
+        let (pending, events) = (tx.open_table(PENDING).unwrap(), tx.open_table(EVENTS).unwrap());
+        let mut out = BTreeMap::new();
+        for row in pending.iter().unwrap() {
+            let (k, v) = row.unwrap();
+            let (sink, seq) = k.value();
+            let rec = events.get(seq).unwrap().unwrap().value().to_vec();
+            let amount = record::decode(&rec).unwrap().event.extra["amount"].as_i64().unwrap();
+            out.insert((sink.to_owned(), amount), v.value());
+        }
+        out
+    }
+
+    #[test]
+    fn salvage_applies_the_write_ahead_files_bookkeeping_and_keeps_attempt_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        // Events 0..3 (amounts 0..3) in the file, pending for a and b; (a, 1) tried 5 times.
+        fill(&cfg, 4);
+        let generation = {
+            let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(PENDING).unwrap().insert(("a", 1), 5u32).unwrap();
+            tx.commit().unwrap();
+            wal::current_generation(&db).unwrap()
+        };
+        // Since the last checkpoint, in the write-ahead file: event 4 accepted for a and b; then
+        // event 0 done for both sinks (delivered, or dead-lettered), event 4 done for a, and
+        // (b, 2) tried 3 times.
+        let rec = record::encode(&env(4));
+        let sinks = vec!["a".to_owned(), "b".to_owned()];
+        let book = vec![
+            wal::Bookkeeping::Done { sink: "a".into(), seqs: vec![0, 4] },
+            wal::Bookkeeping::Done { sink: "b".into(), seqs: vec![0] },
+            wal::Bookkeeping::Attempts { sink: "b".into(), items: vec![(2, 3)] },
+        ];
+        let mut frame = Vec::new();
+        wal::encode(&mut frame, generation, 1, 4, &[], std::iter::once((4, rec.as_slice(), sinks.as_slice())), &book);
+        frame.extend_from_slice(&wal::END);
+        std::fs::write(cfg.spool_dir.join(wal::FILE_NAME), frame).unwrap();
+
+        let r = salvage(&cfg, &|_| panic!("not routed again")).unwrap();
+        assert_eq!(r.source, Source::Index);
+        assert_eq!((r.saved, r.wal_saved, r.wal_done), (4, 1, 3), "{r:?}");
+        let want: BTreeMap<(String, i64), u32> =
+            [(("a", 1), 5), (("a", 2), 0), (("a", 3), 0), (("b", 1), 0), (("b", 2), 3), (("b", 3), 0), (("b", 4), 0)]
+                .into_iter()
+                .map(|((s, n), a)| ((s.to_owned(), n), a))
+                .collect();
+        assert_eq!(pending_attempts(&cfg), want, "delivered pairs stay delivered, attempts stay counted");
     }
 
     #[test]
