@@ -160,6 +160,10 @@ pub struct Limited {
     pacer: Option<Pacer>,
 }
 
+// A method added to `Sink` with a default must be forwarded (or deliberately overridden) here
+// too (with the default, a limited sink would silently lose the inner sink's own): the lint makes
+// clippy (`-D warnings` in CI) refuse an impl that leaves one out.
+#[deny(clippy::missing_trait_methods)]
 impl Sink for Limited {
     fn name(&self) -> &str {
         self.inner.name()
@@ -268,16 +272,6 @@ mod tests {
                 Ok(())
             })
         }
-    }
-
-    /// A method added to `Sink` with a default must be forwarded (or deliberately overridden)
-    /// here too: with the default, a limited sink would silently lose the inner sink's own.
-    #[test]
-    fn a_limited_sink_defines_every_method_of_sink() {
-        let declared = crate::sinks::forwarding::methods(include_str!("mod.rs"), "pub trait Sink:");
-        let defined = crate::sinks::forwarding::methods(include_str!("limit.rs"), "impl Sink for Limited {");
-        assert!(declared.len() >= 8, "read the trait: {declared:?}");
-        assert_eq!(defined, declared, "Limited must define every method of Sink");
     }
 
     #[test]
