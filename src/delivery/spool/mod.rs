@@ -50,7 +50,7 @@ use ops::{Append, Op};
 use queue::Registry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
@@ -82,12 +82,21 @@ pub(crate) struct Shared {
     trouble: RwLock<Option<String>>,
     /// What the writer accepted since the last checkpoint (see [`memtable`]).
     mem: Mutex<memtable::Memtable>,
+    /// Deliveries the drains have taken from their queues and not reported to the writer yet
+    /// (in a sink's hands, or done and held: [`queue::HOLD_DONE`]). The memtable's bound does
+    /// not count them ([`writer::CHECKPOINT_EVENTS`]): a checkpoint would write them to redb
+    /// only for their report to remove them right after.
+    pub in_hand: AtomicUsize,
     /// Reports of deliveries done sent by the drains (tests).
     #[cfg(test)]
     pub done_reports: AtomicU64,
     /// Checkpoints that came because the memtable reached its bound (tests).
     #[cfg(test)]
     pub bound_checkpoints: AtomicU64,
+    /// Batches that found the memtable at its bound and wait for the frames in flight before
+    /// the bound is taken again (tests).
+    #[cfg(test)]
+    pub bound_waits: AtomicU64,
     /// Held or failed syncs of the write-ahead file (tests).
     #[cfg(test)]
     pub wal_faults: Arc<lanes::Faults>,
@@ -207,10 +216,13 @@ impl Spool {
             writer: RwLock::new(Some(tx)),
             trouble: RwLock::new(None),
             mem: Mutex::new(memtable::Memtable::default()),
+            in_hand: AtomicUsize::new(0),
             #[cfg(test)]
             done_reports: AtomicU64::new(0),
             #[cfg(test)]
             bound_checkpoints: AtomicU64::new(0),
+            #[cfg(test)]
+            bound_waits: AtomicU64::new(0),
             #[cfg(test)]
             wal_faults: Default::default(),
         });

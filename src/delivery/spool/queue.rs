@@ -48,8 +48,8 @@ pub const READ_AHEAD_BYTES: u64 = WINDOW_BYTES / 2;
 /// Deliveries done that a drain may hold before it tells the writer, while its rounds follow
 /// each other with every event confirmed: each report is a send that may wake the writer (one
 /// per round cost the webhooks' workers ~0.6 µs an event, docs/performance.md "Spool mode on the
-/// tokio workers, seventh round"). Small beside the memtable's bound
-/// ([`super::writer::CHECKPOINT_EVENTS`]), whose count includes the deliveries not reported yet.
+/// tokio workers, seventh round"). The memtable's bound
+/// ([`super::writer::CHECKPOINT_EVENTS`]) does not count the deliveries held ([`Shared::in_hand`]).
 pub const HOLD_DONE: usize = 64;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -492,6 +492,10 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
         q.status.store(BUSY, Ordering::Release);
+        // In the sink's hands from now until reported (or put back): not counted by the
+        // memtable's bound.
+        let taken = batch.len();
+        shared.in_hand.fetch_add(taken, Ordering::Relaxed);
 
         // Work read back from disk: fetch its events, and those of the next items too (one
         // read transaction per chunk, not per batch), as far as the read-ahead budget goes.
@@ -510,6 +514,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 Err(e) => {
                     read_failed(&shared, &q, &mut read_failures, &e);
                     q.put_back(batch);
+                    shared.in_hand.fetch_sub(taken, Ordering::Relaxed);
                     sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     continue;
                 }
@@ -570,6 +575,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 _ = stop.changed() => {
                     // Shutdown: what is in flight stays pending (at least once).
                     q.put_back(batch);
+                    shared.in_hand.fetch_sub(taken - done.len(), Ordering::Relaxed);
                     if !done.is_empty() {
                         q.finished(done.len() as u64);
                         held.append(&mut done);
@@ -639,6 +645,8 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             }
         }
         q.note_outcome(batch_error, confirmed > 0);
+        // What is not done goes back to the queue or waits in the gate: out of the sink's hands.
+        shared.in_hand.fetch_sub(taken - done.len(), Ordering::Relaxed);
         if !done.is_empty() {
             q.finished(done.len() as u64);
             held.append(&mut done);
@@ -696,7 +704,11 @@ fn report(shared: &Shared, q: &SinkQueue, held: &mut Vec<u64>) {
     }
     #[cfg(test)]
     shared.done_reports.fetch_add(1, Ordering::AcqRel);
+    let n = held.len();
     shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: std::mem::take(held) }));
+    // Out of hand once sent: the writer counts them until it applies the report, and a full
+    // memtable takes the reports it holds first (`Writer::settles`).
+    shared.in_hand.fetch_sub(n, Ordering::Relaxed);
 }
 
 /// The gate before an attempt: while the sink is paused, waits (for a resume, new work or
