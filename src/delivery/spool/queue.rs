@@ -592,6 +592,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut attempts_update = Vec::new();
         let mut confirmed = 0usize;
         let attempted = batch.len();
+        let elapsed = started.elapsed();
         // A sink that answered for fewer events than it was given has lost the others: they
         // are retried, never taken as delivered.
         let outcomes = outcomes
@@ -609,7 +610,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             };
             match outcome {
                 Outcome::Ok => {
-                    observe(&q.name, "ok", started);
+                    // Counted in the metrics once for the round, below.
                     confirmed += 1;
                     gate.release(it.conversation(), it.seq);
                     done.push(it.seq);
@@ -644,6 +645,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
         }
+        crate::metrics::deliveries(&q.name, "ok", elapsed, confirmed);
         q.note_outcome(batch_error, confirmed > 0);
         // What is not done goes back to the queue or waits in the gate: out of the sink's hands.
         shared.in_hand.fetch_sub(taken - done.len(), Ordering::Relaxed);
