@@ -46,11 +46,14 @@ pub const WINDOW_BYTES: u64 = 32 << 10;
 pub const READ_AHEAD: usize = 256;
 pub const READ_AHEAD_BYTES: u64 = WINDOW_BYTES / 2;
 /// Deliveries done that a drain may hold before it tells the writer, while its rounds follow
-/// each other with every event confirmed: each report is a send that may wake the writer (one
-/// per round cost the webhooks' workers ~0.6 µs an event, docs/performance.md "Spool mode on the
-/// tokio workers, seventh round"). The memtable's bound
-/// ([`super::writer::CHECKPOINT_EVENTS`]) does not count the deliveries held ([`Shared::in_hand`]).
-pub const HOLD_DONE: usize = 64;
+/// each other with every event confirmed. 1: every round is reported at its end. Holding up to
+/// 64 (to spare the writer's wake-ups) was measured against this in the eighth round
+/// (docs/performance.md "The memtable's bound and held reports, eighth round"): more CPU per
+/// event on the workers and the writer, fewer req/s and a higher half-rate p99 in every pair,
+/// so the hold is off; the mechanism (a report before the drain waits for anything, and when it
+/// stops) stays for a value above 1. Held deliveries are in hand ([`Shared::in_hand`]): the
+/// memtable's bound ([`super::writer::CHECKPOINT_EVENTS`]) does not count them.
+pub const HOLD_DONE: usize = 1;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
