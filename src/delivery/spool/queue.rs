@@ -46,11 +46,14 @@ pub const WINDOW_BYTES: u64 = 32 << 10;
 pub const READ_AHEAD: usize = 256;
 pub const READ_AHEAD_BYTES: u64 = WINDOW_BYTES / 2;
 /// Deliveries done that a drain may hold before it tells the writer, while its rounds follow
-/// each other with every event confirmed: each report is a send that may wake the writer (one
-/// per round cost the webhooks' workers ~0.6 µs an event, docs/performance.md "Spool mode on the
-/// tokio workers, seventh round"). Small beside the memtable's bound
-/// ([`super::writer::CHECKPOINT_EVENTS`]), whose count includes the deliveries not reported yet.
-pub const HOLD_DONE: usize = 64;
+/// each other with every event confirmed. 1: every round is reported at its end. Holding up to
+/// 64 (to spare the writer's wake-ups) was measured against this in the eighth round
+/// (docs/performance.md "The memtable's bound and held reports, eighth round"): more CPU per
+/// event on the workers and the writer, fewer req/s and a higher half-rate p99 in every pair,
+/// so the hold is off; the mechanism (a report before the drain waits for anything, and when it
+/// stops) stays for a value above 1. Held deliveries are in hand ([`Shared::in_hand`]): the
+/// memtable's bound ([`super::writer::CHECKPOINT_EVENTS`]) does not count them.
+pub const HOLD_DONE: usize = 1;
 /// A `Retry-After` longer than this is capped (a misconfigured sink must not park work for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -492,6 +495,10 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             continue;
         }
         q.status.store(BUSY, Ordering::Release);
+        // In the sink's hands from now until reported (or put back): not counted by the
+        // memtable's bound.
+        let taken = batch.len();
+        shared.in_hand.fetch_add(taken, Ordering::Relaxed);
 
         // Work read back from disk: fetch its events, and those of the next items too (one
         // read transaction per chunk, not per batch), as far as the read-ahead budget goes.
@@ -510,6 +517,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 Err(e) => {
                     read_failed(&shared, &q, &mut read_failures, &e);
                     q.put_back(batch);
+                    shared.in_hand.fetch_sub(taken, Ordering::Relaxed);
                     sleep_or_stop(Duration::from_secs(1), &mut stop).await;
                     continue;
                 }
@@ -570,6 +578,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 _ = stop.changed() => {
                     // Shutdown: what is in flight stays pending (at least once).
                     q.put_back(batch);
+                    shared.in_hand.fetch_sub(taken - done.len(), Ordering::Relaxed);
                     if !done.is_empty() {
                         q.finished(done.len() as u64);
                         held.append(&mut done);
@@ -586,6 +595,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
         let mut attempts_update = Vec::new();
         let mut confirmed = 0usize;
         let attempted = batch.len();
+        let elapsed = started.elapsed();
         // A sink that answered for fewer events than it was given has lost the others: they
         // are retried, never taken as delivered.
         let outcomes = outcomes
@@ -603,7 +613,7 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
             };
             match outcome {
                 Outcome::Ok => {
-                    observe(&q.name, "ok", started);
+                    // Counted in the metrics once for the round, below.
                     confirmed += 1;
                     gate.release(it.conversation(), it.seq);
                     done.push(it.seq);
@@ -638,7 +648,10 @@ async fn drain(shared: Arc<Shared>, q: Arc<SinkQueue>) {
                 }
             }
         }
+        crate::metrics::deliveries(&q.name, "ok", elapsed, confirmed);
         q.note_outcome(batch_error, confirmed > 0);
+        // What is not done goes back to the queue or waits in the gate: out of the sink's hands.
+        shared.in_hand.fetch_sub(taken - done.len(), Ordering::Relaxed);
         if !done.is_empty() {
             q.finished(done.len() as u64);
             held.append(&mut done);
@@ -696,7 +709,11 @@ fn report(shared: &Shared, q: &SinkQueue, held: &mut Vec<u64>) {
     }
     #[cfg(test)]
     shared.done_reports.fetch_add(1, Ordering::AcqRel);
+    let n = held.len();
     shared.send(Op::Book(Bookkeeping::Done { sink: q.name.clone(), seqs: std::mem::take(held) }));
+    // Out of hand once sent: the writer counts them until it applies the report, and a full
+    // memtable takes the reports it holds first (`Writer::settles`).
+    shared.in_hand.fetch_sub(n, Ordering::Relaxed);
 }
 
 /// The gate before an attempt: while the sink is paused, waits (for a resume, new work or
