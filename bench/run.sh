@@ -133,6 +133,9 @@ listen = "127.0.0.1:$HOOK"
 path = "/webhooks/webio"
 [admin]
 listen = "127.0.0.1:$ADMIN"
+# In the run's directory: the default (var/control.sock under the checkout) would clash with
+# another run's daemon started from the same checkout.
+control_socket = "$1/control.sock"
 [auth]
 secrets = ["$SECRET"]
 [delivery]

@@ -79,9 +79,10 @@ pub struct Verifier {
     organisation_id: Option<String>,
     organisation_claim: String,
     cache: Mutex<HashMap<String, Cached>>,
-    /// The last token verified and its result: Webio sends one token for long stretches, and
-    /// comparing it costs less than hashing it for the map.
-    last: Mutex<Option<(Box<str>, Cached)>>,
+    /// The last token header's value as sent (bytes, before the UTF-8 check, the trims and the
+    /// `Bearer ` prefix) and its result: Webio sends one token for long stretches, and comparing
+    /// the bytes costs less than reading the value again and hashing it for the map.
+    last: Mutex<Option<(Box<[u8]>, Cached)>>,
 }
 
 fn jwt_alg(a: Algorithm) -> jsonwebtoken::Algorithm {
@@ -139,52 +140,56 @@ impl Verifier {
     }
 
     /// Verifies the header value (`None` = header absent).
-    pub fn verify(&self, token: Option<&[u8]>) -> Result<Verified, AuthError> {
+    pub fn verify(&self, header: Option<&[u8]>) -> Result<Verified, AuthError> {
         if self.disabled {
             return Ok(Verified { organisation_id: self.organisation_id.clone(), secret_index: 0 });
         }
-        let token = token.ok_or(AuthError::Missing)?;
-        let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?.trim();
+        let raw = header.ok_or(AuthError::Missing)?;
+        let last = {
+            let last = self.last.lock().expect("auth cache lock");
+            last.as_ref().filter(|(r, _)| **r == *raw).map(|(_, hit)| hit.clone())
+        };
+        if let Some(hit) = last {
+            return self.still_valid(hit);
+        }
+        let token = std::str::from_utf8(raw).map_err(|_| AuthError::Malformed)?.trim();
         // Tolerate a `Bearer ` prefix: some proxies add one.
         let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        if let Some(hit) = self.cached(token) {
-            return hit;
-        }
-        let fresh = self.verify_uncached(token)?;
-        let mut cache = self.cache.lock().expect("auth cache lock");
-        if cache.len() >= CACHE_CAPACITY {
-            cache.clear();
-        }
-        cache.insert(token.to_owned(), fresh.clone());
-        Ok(fresh.verified)
-    }
-
-    fn cached(&self, token: &str) -> Option<Result<Verified, AuthError>> {
-        let hit = {
-            let mut last = self.last.lock().expect("auth cache lock");
-            match &*last {
-                Some((t, hit)) if **t == *token => hit.clone(),
-                _ => {
-                    let hit = self.cache.lock().expect("auth cache lock").get(token).cloned()?;
-                    *last = Some((token.into(), hit.clone()));
-                    hit
+        let known = self.cache.lock().expect("auth cache lock").get(token).cloned();
+        let hit = match known {
+            Some(hit) => hit,
+            None => {
+                let fresh = self.verify_uncached(token)?;
+                let mut cache = self.cache.lock().expect("auth cache lock");
+                if cache.len() >= CACHE_CAPACITY {
+                    cache.clear();
                 }
+                cache.insert(token.to_owned(), fresh.clone());
+                drop(cache);
+                *self.last.lock().expect("auth cache lock") = Some((raw.into(), fresh.clone()));
+                return Ok(fresh.verified);
             }
         };
+        *self.last.lock().expect("auth cache lock") = Some((raw.into(), hit.clone()));
+        self.still_valid(hit)
+    }
+
+    /// A cached result, checked against the clock: `exp` and `nbf` still apply to it.
+    fn still_valid(&self, hit: Cached) -> Result<Verified, AuthError> {
         if hit.exp.is_none() && hit.nbf.is_none() {
-            return Some(Ok(hit.verified));
+            return Ok(hit.verified);
         }
         let now = now();
         if hit.exp.is_some_and(|exp| exp.saturating_add(self.leeway) < now) {
-            return Some(Err(AuthError::Expired));
+            return Err(AuthError::Expired);
         }
         if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway) {
-            return Some(Err(AuthError::NotYetValid));
+            return Err(AuthError::NotYetValid);
         }
-        Some(Ok(hit.verified))
+        Ok(hit.verified)
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Cached, AuthError> {

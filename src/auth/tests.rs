@@ -454,3 +454,23 @@ fn refusal_reasons_are_bounded_labels_and_never_the_token() {
         assert!(!text.is_empty() && !text.contains("eyJ"), "{text}");
     }
 }
+
+#[test]
+fn the_last_header_value_is_compared_as_sent() {
+    let v = default_verifier();
+    let tok = hs256(json!({}));
+    assert!(check(&v, &tok).is_ok());
+    assert!(check(&v, &tok).is_ok(), "the same value again");
+    // Other spellings of the same token: read again, the same cache entry.
+    assert!(check(&v, &format!("Bearer {tok}")).is_ok());
+    assert!(check(&v, &format!("  {tok} ")).is_ok());
+    assert_eq!(v.cache.lock().unwrap().len(), 1);
+    // A value that only starts like the last one is not answered from it.
+    let mut longer = tok.clone().into_bytes();
+    longer.push(0xff);
+    assert_eq!(v.verify(Some(&longer)), Err(AuthError::Malformed));
+    assert!(check(&v, &format!("{tok}x")).is_err());
+    assert_eq!(check(&v, "  "), Err(AuthError::Missing));
+    assert_eq!(v.verify(None), Err(AuthError::Missing));
+    assert!(check(&v, &tok).is_ok(), "and the token itself still passes");
+}

@@ -12,7 +12,7 @@ mod time;
 pub mod trace;
 
 pub use extra::Extra;
-pub use normalise::{event_id, normalise, normalise_envelope, BodyError, NormaliseOptions};
+pub use normalise::{event_id, normalise, normalise_envelope, normalise_envelope_or_back, BodyError, NormaliseOptions};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

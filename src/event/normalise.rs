@@ -468,8 +468,23 @@ pub fn normalise_envelope(
     opts: &NormaliseOptions,
     received_at: DateTime<Utc>,
 ) -> Result<Envelope, BodyError> {
+    normalise_envelope_or_back(body, organisation_id, opts, received_at).map_err(|(e, _)| e)
+}
+
+/// [`normalise_envelope`], giving the body back with a refusal (the rejected-events file
+/// wants it): the caller keeps no second handle to it, which would turn the body's buffer
+/// into a shared one (an allocation and two atomic counts per request).
+pub fn normalise_envelope_or_back(
+    body: Bytes,
+    organisation_id: Option<String>,
+    opts: &NormaliseOptions,
+    received_at: DateTime<Utc>,
+) -> Result<Envelope, (BodyError, Bytes)> {
     const PENDING_ID: &str = "00000000000000000000000000000000";
-    let mut ev = normalise_fields(&body, organisation_id, opts, received_at)?;
+    let mut ev = match normalise_fields(&body, organisation_id, opts, received_at) {
+        Ok(ev) => ev,
+        Err(e) => return Err((e, body)),
+    };
     let mut json = Vec::with_capacity(320 + ev.text_len());
     let at = super::json::write_event(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json());
     ev.id = if ev.extra.is_canonical() {
