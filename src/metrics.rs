@@ -378,21 +378,7 @@ fn shared_sink_series(sink: &str) -> Arc<SinkSeries> {
 
 /// Outcome of one delivery attempt: `ok`, `retry` or `dead`.
 pub fn delivery(sink: &str, outcome: &'static str, elapsed: Duration) {
-    match sink_series(sink) {
-        Some(s) => {
-            match outcome {
-                "ok" => &s.ok,
-                "retry" => &s.retry,
-                _ => &s.dead,
-            }
-            .increment(1);
-            s.duration.record(elapsed.as_secs_f64());
-        }
-        None => {
-            counter!(DELIVERIES, "sink" => sink.to_owned(), "outcome" => outcome).increment(1);
-            histogram!(DELIVERY_DURATION, "sink" => sink.to_owned()).record(elapsed.as_secs_f64());
-        }
-    }
+    deliveries(sink, outcome, elapsed, 1);
 }
 
 /// [`delivery`] for `n` deliveries of one round that ended alike (a spool drain's confirmed

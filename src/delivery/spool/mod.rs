@@ -565,7 +565,7 @@ mod tests {
         }
     }
 
-    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+    pub(super) async fn wait(what: &str, mut f: impl FnMut() -> bool) {
         for _ in 0..6000 {
             if f() {
                 return;

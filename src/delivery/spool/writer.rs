@@ -1139,6 +1139,7 @@ pub fn append_offline(db: &Database, next_seq: u64, records: &[(Vec<u8>, Vec<Str
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::wait;
     use super::super::{wal, Spool};
     use super::*;
     use crate::config::DeliveryConfig;
@@ -1165,18 +1166,19 @@ mod tests {
         Envelope::new(event, body.into())
     }
 
-    fn frames_written(cfg: &DeliveryConfig) -> usize {
-        wal::decode(&std::fs::read(cfg.spool_dir.join(wal::FILE_NAME)).unwrap()).frames.len()
+    /// A new directory and the default delivery settings with the spool in it.
+    fn fresh_spool_dir() -> (tempfile::TempDir, DeliveryConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DeliveryConfig {
+            spool_dir: dir.path().join("spool"),
+            dead_letter_file: dir.path().join("dead.jsonl"),
+            ..Default::default()
+        };
+        (dir, cfg)
     }
 
-    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..6000 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("timed out: {what}");
+    fn frames_written(cfg: &DeliveryConfig) -> usize {
+        wal::decode(&std::fs::read(cfg.spool_dir.join(wal::FILE_NAME)).unwrap()).frames.len()
     }
 
     /// At full rate about half the checkpoints for the memtable's bound committed only a few
@@ -1196,12 +1198,7 @@ mod tests {
         let (spool, cfg, _dir) = loop {
             attempt += 1;
             assert!(attempt <= 10, "a checkpoint on time came during every fill");
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = DeliveryConfig {
-                spool_dir: dir.path().join("spool"),
-                dead_letter_file: dir.path().join("dead.jsonl"),
-                ..Default::default()
-            };
+            let (dir, cfg) = fresh_spool_dir();
             let spool = Spool::open(&cfg, &sinks).await.unwrap();
             let t = vec![s.clone()];
             let below =
@@ -1285,12 +1282,7 @@ mod tests {
         loop {
             attempt += 1;
             assert!(attempt <= 10, "a checkpoint on time came during every fill");
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = DeliveryConfig {
-                spool_dir: dir.path().join("spool"),
-                dead_letter_file: dir.path().join("dead.jsonl"),
-                ..Default::default()
-            };
+            let (_dir, cfg) = fresh_spool_dir();
             let spool = Spool::open(&cfg, &by_name).await.unwrap();
             let before = spool.shared.bound_checkpoints.load(Ordering::Acquire);
             let mut n = 0;
