@@ -17,7 +17,11 @@
 # Each router row is measured BENCH_REPEAT times (5), each run right after a run of the bare
 # server with the same load; the ratio is the median of those pairs (the machine's other work
 # moves both alike), and the row shows that pair's router run.
-# Environment: BENCH_DURATION (10s), BENCH_REPEAT (5), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
+# Every run (the bare one of a pair included) and the half-rate run start once the spool's backlog
+# left by the run before is delivered (at most BENCH_SETTLE seconds, 30; the table's notes say
+# how long each row's last wait took): a drain still working through it would take CPU from the
+# next run, and at half rate its memtable's bound would bring checkpoints of the previous load.
+# Environment: BENCH_DURATION (10s), BENCH_SETTLE (30), BENCH_REPEAT (5), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
 #              BENCH_PORT (18080; uses 4 consecutive ports), BENCH_AMQP_URL,
 #              BENCH_KEEP=1 keeps the work directory (configs, logs, wrk output),
 #              BENCH_BIN=path: measure that router binary (an older build, to compare) and build
@@ -116,6 +120,29 @@ run_wrk() { # port token out rate
 }
 field() { local k=$1 kv; shift; for kv in "$@"; do if [ "${kv%%=*}" = "$k" ]; then echo "${kv#*=}"; fi; done; }
 
+# The spool's backlog (events accepted, not yet delivered), summed over sinks; empty when the
+# row has no spool or its metrics are not up.
+pending() {
+  curl -s --max-time 2 "http://127.0.0.1:$ADMIN/metrics" 2>/dev/null |
+    awk '$1 ~ /^webio_router_spool_pending(\{|$)/ { n += $2; seen = 1 } END { if (seen) printf "%d", n }'
+}
+
+# Waits (at most BENCH_SETTLE seconds) until the spool's backlog left by the previous run is
+# delivered, so that every run starts from an empty spool: a drain still working through the
+# last run's backlog takes CPU from the next run, and its memtable's bound brings checkpoints that
+# belong to the previous load. Echoes how long it waited and what was left ("" for no spool).
+settle() { # pid
+  local t0 left deadline
+  t0=$(now_us) deadline=$(($(now_us) + ${BENCH_SETTLE:-30} * 1000000))
+  left=$(pending)
+  [ -n "$left" ] || return 0
+  while [ "$left" != 0 ] && [ "$(now_us)" -lt "$deadline" ] && kill -0 "$1" 2>/dev/null; do
+    sleep 0.1
+    left=$(pending)
+  done
+  echo "$(( ($(now_us) - t0) / 1000 )) ms, ${left:-?} left"
+}
+
 stop() { # pid
   kill -TERM "$1" 2>/dev/null || true
   local i
@@ -184,7 +211,7 @@ EOF
 }
 
 # ---------------------------------------------------------------- one row
-declare -A R_RPS R_CELLS R_P99HALF R_PEAK R_IDLE R_READY R_NON2XX R_RATIO R_RATIOS
+declare -A R_SETTLE R_RPS R_CELLS R_P99HALF R_PEAK R_IDLE R_READY R_NON2XX R_RATIO R_RATIOS
 BARE_RPS=""
 
 na_row() { R_CELLS[$1]="| $1 | $2 | | | | | | | | |"; }
@@ -196,10 +223,12 @@ measure() { # name pid port token
   R_IDLE[$name]=$(kib "$pid" VmRSS)
   # Router rows: REPEAT pairs, each a bare run then a router run back to back; the row shows
   # the pair with the median ratio (other work on the machine moves both alike).
-  local i best="" ratios="" pairs=() b r
+  local i best="" ratios="" pairs=() b r s
   for i in $(seq 1 "$( [ "$name" = bare ] && echo 1 || echo "$REPEAT")"); do
     b=""
     if [ "$name" != bare ]; then
+      s=$(settle "$pid")
+      [ -z "$s" ] || say "   settled: $s"
       b=$(run_wrk "$BARE_PORT" unused "$WORK/$name.bare$i.txt")
       # shellcheck disable=SC2086
       b=$(field rps $b)
@@ -226,6 +255,11 @@ measure() { # name pid port token
   non2xx=$(field non2xx "$@") sockerr=$(field sockerr "$@")
   local per_thread
   per_thread=$(awk -v r="$rps" -v t="$THREADS" 'BEGIN { printf "%.1f", r / 2 / t }')
+  if [ "$name" != bare ]; then
+    s=$(settle "$pid")
+    [ -z "$s" ] || say "   settled: $s"
+    [ -z "$s" ] || R_SETTLE[$name]=$s
+  fi
   say "   half rate: $(awk -v r="$rps" 'BEGIN { printf "%.0f", r / 2 }') req/s target"
   half=$(run_wrk "$port" "$token" "$WORK/$name.half.txt" "$per_thread")
   # shellcheck disable=SC2086
@@ -340,6 +374,10 @@ echo "Ratio to bare: median of $REPEAT back-to-back pairs (bare run, then router
 for row in "${ROWS[@]}"; do
   [ "$row" != bare ] && [ -n "${R_RATIOS[$row]:-}" ] || continue
   echo "- $row:${R_RATIOS[$row]}"
+done
+for row in "${ROWS[@]}"; do
+  [ -n "${R_SETTLE[$row]:-}" ] || continue
+  echo "- $row: the spool's backlog before the half-rate run took ${R_SETTLE[$row]} to deliver"
 done
 
 # ---------------------------------------------------------------- targets
