@@ -97,10 +97,14 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     );
     let mut event_id = None;
     let mut trace = None;
-    let resp = match accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace)
-        .instrument(span.clone())
-        .await
-    {
+    // Not wrapped in the span when it is off (the usual case at info): `Instrumented` would
+    // move the whole `accept` future once more and enter/exit the span at each poll.
+    let accepted = if span.is_disabled() {
+        accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace).await
+    } else {
+        accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace).instrument(span.clone()).await
+    };
+    let resp = match accepted {
         Ok(resp) => resp,
         Err(e) => {
             match &e {
