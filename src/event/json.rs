@@ -13,6 +13,32 @@ pub(crate) struct Spans {
 
 /// Writes `ev` as one line of JSON with the given `id`, `receivedAt` and `extra` text.
 pub(crate) fn write_event(out: &mut Vec<u8>, ev: &Event, id: &str, received_at: &str, extra: &str) -> Spans {
+    write_event_plain(out, ev, id, received_at, extra, false)
+}
+
+/// [`write_event`]; with `plain`, the caller knows that no string of `ev` but
+/// `organisationId` holds anything JSON escapes (the normaliser's fields from a body without
+/// escapes, and its own writing of times and numbers): they are copied without a look.
+pub(crate) fn write_event_plain(
+    out: &mut Vec<u8>,
+    ev: &Event,
+    id: &str,
+    received_at: &str,
+    extra: &str,
+    plain: bool,
+) -> Spans {
+    let write_str = |out: &mut Vec<u8>, s: &str| {
+        if plain {
+            debug_assert!(!needs_escape(s.as_bytes()), "{s:?} is not plain");
+            write_plain(out, s)
+        } else {
+            write_str(out, s)
+        }
+    };
+    let write_opt = |out: &mut Vec<u8>, v: &Option<String>| match v {
+        Some(s) => write_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    };
     out.extend_from_slice(b"{\"schema\":");
     write_str(out, &ev.schema);
     out.extend_from_slice(b",\"id\":");
@@ -25,7 +51,8 @@ pub(crate) fn write_event(out: &mut Vec<u8>, ev: &Event, id: &str, received_at: 
         Shape::Legacy => b",\"shape\":\"legacy\",\"organisationId\":",
         Shape::Current => b",\"shape\":\"current\",\"organisationId\":",
     });
-    write_opt(out, &ev.organisation_id);
+    // From the token, not from the body: looked at whatever `plain` says.
+    self::write_opt(out, &ev.organisation_id);
     for (member, value) in [
         (&b",\"conversationId\":"[..], &ev.conversation_id),
         (b",\"communicationActionId\":", &ev.communication_action_id),
@@ -66,10 +93,15 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     if needs_escape(s.as_bytes()) {
         serde_json::to_writer(&mut *out, s).expect("a string serialises");
     } else {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        write_plain(out, s)
     }
+}
+
+/// A string with nothing to escape, in quotes.
+fn write_plain(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
 }
 
 /// Any byte serde_json escapes: control characters, `"` and `\`. Checked 16 bytes at a time
