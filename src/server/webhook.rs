@@ -212,6 +212,15 @@ impl Answer {
         }
     }
 
+    /// The id's bytes for the body, without [`Answer::id`]'s UTF-8 check (the hex digits came
+    /// from a `str`).
+    fn id_bytes(&self) -> &[u8] {
+        match &self.id {
+            AnswerId::Hex(hex) => hex,
+            AnswerId::Other(id) => id.as_bytes(),
+        }
+    }
+
     fn accepted(self, routes: usize) -> Response<Body> {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
@@ -224,7 +233,7 @@ impl Answer {
                 break;
             }
         }
-        let id = self.id().as_bytes();
+        let id = self.id_bytes();
         let mut buf = Vec::with_capacity(ACCEPTED.len() + id.len() + ROUTES.len() + (digits.len() - at) + 1);
         buf.extend_from_slice(ACCEPTED);
         buf.extend_from_slice(id);
@@ -235,7 +244,7 @@ impl Answer {
     }
 
     fn duplicate(self) -> Response<Body> {
-        let id = self.id().as_bytes();
+        let id = self.id_bytes();
         let mut buf = Vec::with_capacity(DUPLICATE.len() + id.len() + 2);
         buf.extend_from_slice(DUPLICATE);
         buf.extend_from_slice(id);
