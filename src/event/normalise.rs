@@ -515,8 +515,12 @@ pub fn normalise_envelope_or_back(
         Ok(ev) => ev,
         Err(e) => return Err((e, body)),
     };
-    let mut json = Vec::with_capacity(320 + ev.text_len());
+    // With plain strings, the line's exact length: a buffer without spare room becomes `Bytes`
+    // without an allocation of its own (one with spare room costs one, and atomic counts).
+    let exact = plain.then(|| super::json::plain_len(&ev, PENDING_ID, &ev.received_at, ev.extra.json())).flatten();
+    let mut json = Vec::with_capacity(exact.unwrap_or(320 + ev.text_len()));
     let at = super::json::write_event_plain(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json(), plain);
+    debug_assert!(exact.is_none_or(|n| n == json.len()), "plain_len {exact:?}, written {}", json.len());
     ev.id = if ev.extra.is_canonical() {
         // The hashed bytes: this JSON with `id` and `receivedAt` empty (see `event_id`).
         let mut sha = Sha256::new();
