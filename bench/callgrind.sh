@@ -37,6 +37,9 @@ routes_file = "$DIR/routes.toml"
 listen = "127.0.0.1:$PORT"
 [admin]
 listen = "127.0.0.1:$((PORT + 1))"
+# In the work directory: the default (var/control.sock under the checkout) would clash with
+# another daemon started from the same checkout.
+control_socket = "$DIR/control.sock"
 [auth]
 secrets = ["$SECRET"]
 [delivery]

@@ -78,6 +78,23 @@ enum Slot {
 }
 
 fn slot_of(key: &str) -> Option<Slot> {
+    // Webio's own spellings first: one comparison of lengths and bytes each, where the
+    // case-insensitive search below compares byte by byte.
+    let exact = match key {
+        "type" => Some(Slot::Type),
+        "conversationId" => Some(Slot::Conversation),
+        "communicationActionId" => Some(Slot::CommunicationAction),
+        "outboundChannelAddress" => Some(Slot::Outbound),
+        "inboundChannelAddress" => Some(Slot::Inbound),
+        "customerUID" | "customerUid" => Some(Slot::Customer),
+        "body" => Some(Slot::Body),
+        "statusCode" => Some(Slot::Status),
+        "dateCreated" => Some(Slot::Date),
+        _ => None,
+    };
+    if exact.is_some() {
+        return exact;
+    }
     // Case-insensitive without lowercasing a copy of every key.
     const SLOTS: &[(&str, Slot)] = &[
         ("type", Slot::Type),
@@ -122,9 +139,11 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The top-level object's members in body order, values as raw text, and whether two of them
-/// name the same slot (a repeated key, or two spellings of one field).
-struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool);
+/// The top-level object's members in body order, values as raw text, whether two of them
+/// name the same slot (a repeated key, or two spellings of one field), and whether a string
+/// value may hold an escape (false only when the flat reader saw none: then no string value
+/// holds a `"`, a `\\` or a control character either, and needs no escape when written).
+struct Members<'a>(Vec<(Key<'a>, &'a str, Option<Slot>)>, bool, bool);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -145,7 +164,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                     }
                     out.push((member.0, member.1.get(), slot));
                 }
-                Ok(Members(out, shared))
+                Ok(Members(out, shared, true))
             }
         }
         d.deserialize_map(MembersVisitor)
@@ -164,13 +183,18 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             *i += 1;
         }
     };
-    // The end of the string starting at `i` (its opening quote), after its closing quote.
-    let string = |i: usize, escapes: bool| -> Option<usize> {
+    // The end of the string starting at `i` (its opening quote), after its closing quote,
+    // and whether it held an escape.
+    let string = |i: usize, escapes: bool| -> Option<(usize, bool)> {
         let mut j = i + 1;
+        let mut escaped = false;
         loop {
             match *b.get(j)? {
-                b'"' => return Some(j + 1),
-                b'\\' if escapes => j += 2,
+                b'"' => return Some((j + 1, escaped)),
+                b'\\' if escapes => {
+                    escaped = true;
+                    j += 2
+                }
                 b'\\' => return None,
                 c if c < 0x20 => return None,
                 _ => j += 1,
@@ -191,7 +215,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
     }
     i += 1;
     let mut out = Vec::with_capacity(16);
-    let (mut slots, mut shared) = (0u16, false);
+    let (mut slots, mut shared, mut escapes) = (0u16, false, false);
     ws(&mut i);
     if b.get(i) == Some(&b'}') {
         i += 1;
@@ -200,7 +224,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             if b.get(i) != Some(&b'"') {
                 return None;
             }
-            let key_end = string(i, false)?;
+            let (key_end, _) = string(i, false)?;
             let key = &text[i + 1..key_end - 1];
             i = key_end;
             ws(&mut i);
@@ -211,7 +235,11 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
             ws(&mut i);
             let start = i;
             match *b.get(i)? {
-                b'"' => i = string(i, true)?,
+                b'"' => {
+                    let (end, escaped) = string(i, true)?;
+                    i = end;
+                    escapes |= escaped;
+                }
                 b'-' | b'0'..=b'9' => {
                     if b[i] == b'-' {
                         i += 1;
@@ -266,7 +294,7 @@ fn read_flat(text: &str) -> Option<Members<'_>> {
         }
     }
     ws(&mut i);
-    (i == b.len()).then_some(Members(out, shared))
+    (i == b.len()).then_some(Members(out, shared, escapes))
 }
 
 /// The refusal for a body the fast reader did not take: the `Value` parser's verdict, so that
@@ -297,12 +325,14 @@ enum Raw<'a> {
     Other,
 }
 
-fn classify(text: &str) -> Raw<'_> {
+/// `escapes` is false when no string value of the body holds an escape (see [`Members`]): a
+/// string is then not scanned for one.
+fn classify_in(text: &str, escapes: bool) -> Raw<'_> {
     match text.as_bytes()[0] {
         b'n' => Raw::Null,
         b'"' => {
             let inner = &text[1..text.len() - 1];
-            if inner.as_bytes().contains(&b'\\') {
+            if escapes && inner.as_bytes().contains(&b'\\') {
                 // An escape the `Value` parser refuses (a lone surrogate) leaves it unmapped,
                 // where `check_value` refuses the body.
                 match serde_json::from_str::<String>(text) {
@@ -481,12 +511,16 @@ pub fn normalise_envelope_or_back(
     received_at: DateTime<Utc>,
 ) -> Result<Envelope, (BodyError, Bytes)> {
     const PENDING_ID: &str = "00000000000000000000000000000000";
-    let mut ev = match normalise_fields(&body, organisation_id, opts, received_at) {
+    let (mut ev, plain) = match normalise_fields_plain(&body, organisation_id, opts, received_at) {
         Ok(ev) => ev,
         Err(e) => return Err((e, body)),
     };
-    let mut json = Vec::with_capacity(320 + ev.text_len());
-    let at = super::json::write_event(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json());
+    // With plain strings, the line's exact length: a buffer without spare room becomes `Bytes`
+    // without an allocation of its own (one with spare room costs one, and atomic counts).
+    let exact = plain.then(|| super::json::plain_len(&ev, PENDING_ID, &ev.received_at, ev.extra.json())).flatten();
+    let mut json = Vec::with_capacity(exact.unwrap_or(320 + ev.text_len()));
+    let at = super::json::write_event_plain(&mut json, &ev, PENDING_ID, &ev.received_at, ev.extra.json(), plain);
+    debug_assert!(exact.is_none_or(|n| n == json.len()), "plain_len {exact:?}, written {}", json.len());
     ev.id = if ev.extra.is_canonical() {
         // The hashed bytes: this JSON with `id` and `receivedAt` empty (see `event_id`).
         let mut sha = Sha256::new();
@@ -507,15 +541,27 @@ fn normalise_fields(
     opts: &NormaliseOptions,
     received_at: DateTime<Utc>,
 ) -> Result<Event, BodyError> {
+    normalise_fields_plain(body, organisation_id, opts, received_at).map(|(ev, _)| ev)
+}
+
+/// [`normalise_fields`], and whether every string field taken from the body is plain text
+/// (nothing in it that JSON escapes: the body's string values had no escape, see [`Members`]).
+fn normalise_fields_plain(
+    body: &[u8],
+    organisation_id: Option<String>,
+    opts: &NormaliseOptions,
+    received_at: DateTime<Utc>,
+) -> Result<(Event, bool), BodyError> {
     // UTF-8 checked once for the whole body (fast for ASCII), not string by string.
     let text = match std::str::from_utf8(body) {
         Ok(text) => text,
         Err(e) => return Err(refusal(body, e)),
     };
-    let (mut members, shared) = match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
-        Ok(Members(m, shared)) => (m, shared),
-        Err(e) => return Err(refusal(body, e)),
-    };
+    let (mut members, shared, escapes) =
+        match read_flat(text).map_or_else(|| serde_json::from_str::<Members<'_>>(text), Ok) {
+            Ok(Members(m, shared, escapes)) => (m, shared, escapes),
+            Err(e) => return Err(refusal(body, e)),
+        };
     // When two members name one slot, which fills it depends on order: take them sorted by
     // key (stable: a repeated key keeps body order), the last of each repeated key kept, as a
     // `Value` map did. Otherwise body order fills the same slots, and only `extra` is sorted.
@@ -574,7 +620,7 @@ fn normalise_fields(
         filled[slot as usize] = true;
         let mapped = match slot {
             Slot::Type => {
-                event_type = Some(match classify(raw) {
+                event_type = Some(match classify_in(raw, escapes) {
                     Raw::Str(s) => Ok(s.into_owned()),
                     _ => {
                         check_value(body, raw)?;
@@ -584,7 +630,7 @@ fn normalise_fields(
                 true
             }
             Slot::Conversation | Slot::CommunicationAction | Slot::Outbound | Slot::Inbound | Slot::Customer => {
-                match id_text(body, raw)? {
+                match id_text(body, raw, escapes)? {
                     IdText::Unmapped => false,
                     id => {
                         let id = match id {
@@ -602,7 +648,7 @@ fn normalise_fields(
                     }
                 }
             }
-            Slot::Body => match classify(raw) {
+            Slot::Body => match classify_in(raw, escapes) {
                 Raw::Null => true,
                 Raw::Str(s) => {
                     ev.body = Some(s.into_owned());
@@ -610,7 +656,7 @@ fn normalise_fields(
                 }
                 _ => false,
             },
-            Slot::Status => match status_code(body, raw)? {
+            Slot::Status => match status_code(body, raw, escapes)? {
                 Some(code) => {
                     ev.status_code = code;
                     true
@@ -618,7 +664,7 @@ fn normalise_fields(
                 None => false,
             },
             Slot::Date => {
-                let parsed = match classify(raw) {
+                let parsed = match classify_in(raw, escapes) {
                     Raw::Null => Some(None),
                     Raw::Str(s) => occurred_at(&s, opts.source_timezone).map(Some),
                     _ => None,
@@ -659,7 +705,7 @@ fn normalise_fields(
         // read, the body is refused rather than an event line written wrong.
         ev.extra = extra_of(extra).map_err(|e| refusal(body, e))?;
     }
-    Ok(ev)
+    Ok((ev, !escapes))
 }
 
 /// Checks a value the way the `Value` parser would have (numbers within f64, nesting), for
@@ -734,8 +780,8 @@ fn extra_of(mut members: Vec<(&Cow<'_, str>, &str)>) -> Result<Extra, serde_json
     Extra::from_compact(text, canonical)
 }
 
-fn id_text(body: &[u8], raw: &str) -> Result<IdText, BodyError> {
-    Ok(match classify(raw) {
+fn id_text(body: &[u8], raw: &str, escapes: bool) -> Result<IdText, BodyError> {
+    Ok(match classify_in(raw, escapes) {
         Raw::Null => IdText::Null,
         Raw::Str(s) if s.is_empty() => IdText::Null,
         Raw::Str(s) => IdText::Text(s.into_owned()),
@@ -749,8 +795,8 @@ fn id_text(body: &[u8], raw: &str) -> Result<IdText, BodyError> {
 }
 
 /// `Some(code)` when the value maps (`None` inside for null), `None` when it goes to `extra`.
-fn status_code(body: &[u8], raw: &str) -> Result<Option<Option<i64>>, BodyError> {
-    Ok(match classify(raw) {
+fn status_code(body: &[u8], raw: &str, escapes: bool) -> Result<Option<Option<i64>>, BodyError> {
+    Ok(match classify_in(raw, escapes) {
         Raw::Null => Some(None),
         Raw::Num { text, canonical: true } => text.parse::<i64>().ok().map(Some),
         Raw::Num { text, canonical: false } => match read_number(text) {

@@ -15,6 +15,7 @@ pub mod error;
 mod head;
 mod io;
 pub mod limits;
+mod relay;
 pub mod tls;
 mod trim;
 pub mod webhook;
@@ -27,13 +28,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use relay::WokenOnly;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -105,7 +108,7 @@ where
     let conns = connections();
     async move {
         let lane = Arc::new(Lane::default());
-        let graceful = GracefulShutdown::new();
+        let graceful = Graceful::new();
         loop {
             let (stream, _peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -144,6 +147,36 @@ where
         if tokio::time::timeout_at(shutdown.deadline(), graceful.shutdown()).await.is_err() {
             tracing::warn!("connections still open after the drain timeout; closing them");
         }
+    }
+}
+
+/// Graceful shutdown of a listener's connections, as hyper_util's `GracefulShutdown` does it
+/// (a `watch` channel: a change asks every connection to finish its request in progress and
+/// close; the shutdown waits until every connection has dropped its receiver), with the
+/// connection's side polled through [`WokenOnly`] rather than at every wake-up of its task.
+struct Graceful {
+    tx: watch::Sender<()>,
+}
+
+/// One connection's side of [`Graceful`].
+struct Watcher {
+    rx: watch::Receiver<()>,
+}
+
+impl Graceful {
+    fn new() -> Self {
+        Graceful { tx: watch::channel(()).0 }
+    }
+
+    fn watcher(&self) -> Watcher {
+        Watcher { rx: self.tx.subscribe() }
+    }
+
+    /// Asks every watched connection to close after its request in progress, and completes
+    /// once all of them are done.
+    async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
     }
 }
 
@@ -292,20 +325,36 @@ async fn serve_http<S, F, Fut>(
     });
     let io = io::WriteTimeout::new(io::Replay::new(stream, prefix), header_timeout);
     // Boxed: the task of a connection still waiting for its first head stays small.
-    let served = Box::pin(
-        watcher.watch(
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(io), service),
-        ),
+    let mut served = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(io), service),
     );
-    tokio::select! {
-        _ = served => {}
+    // The two signals, polled only once they fire (not at each of the task's wake-ups).
+    let mut rx = watcher.rx;
+    let mut stopping = std::pin::pin!(WokenOnly::new(async move {
+        let _ = rx.changed().await;
+        rx
+    }));
+    let mut shed = std::pin::pin!(WokenOnly::new(open.conn.shed()));
+    // Held until the connection is done: the listener's shutdown waits for it.
+    let mut stop_guard = None;
+    std::future::poll_fn(|cx| {
+        if stop_guard.is_none() {
+            if let Poll::Ready(rx) = stopping.as_mut().poll(cx) {
+                stop_guard = Some(rx);
+                served.as_mut().graceful_shutdown();
+            }
+        }
+        if served.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
         // Only between requests: a busy connection is never chosen.
-        _ = open.conn.shed() => {}
-    }
+        shed.as_mut().poll(cx)
+    })
+    .await;
 }
 
 /// The answer to a request that arrived on a connection just chosen to be shed.

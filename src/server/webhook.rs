@@ -97,10 +97,14 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     );
     let mut event_id = None;
     let mut trace = None;
-    let resp = match accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace)
-        .instrument(span.clone())
-        .await
-    {
+    // Not wrapped in the span when it is off (the usual case at info): `Instrumented` would
+    // move the whole `accept` future once more and enter/exit the span at each poll.
+    let accepted = if span.is_disabled() {
+        accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace).await
+    } else {
+        accept(&state, &parts, &heads, body, &span, &mut event_id, &mut trace).instrument(span.clone()).await
+    };
+    let resp = match accepted {
         Ok(resp) => resp,
         Err(e) => {
             match &e {
@@ -208,6 +212,15 @@ impl Answer {
         }
     }
 
+    /// The id's bytes for the body, without [`Answer::id`]'s UTF-8 check (the hex digits came
+    /// from a `str`).
+    fn id_bytes(&self) -> &[u8] {
+        match &self.id {
+            AnswerId::Hex(hex) => hex,
+            AnswerId::Other(id) => id.as_bytes(),
+        }
+    }
+
     fn accepted(self, routes: usize) -> Response<Body> {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
@@ -220,7 +233,7 @@ impl Answer {
                 break;
             }
         }
-        let id = self.id().as_bytes();
+        let id = self.id_bytes();
         let mut buf = Vec::with_capacity(ACCEPTED.len() + id.len() + ROUTES.len() + (digits.len() - at) + 1);
         buf.extend_from_slice(ACCEPTED);
         buf.extend_from_slice(id);
@@ -231,7 +244,7 @@ impl Answer {
     }
 
     fn duplicate(self) -> Response<Body> {
-        let id = self.id().as_bytes();
+        let id = self.id_bytes();
         let mut buf = Vec::with_capacity(DUPLICATE.len() + id.len() + 2);
         buf.extend_from_slice(DUPLICATE);
         buf.extend_from_slice(id);

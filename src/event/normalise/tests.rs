@@ -673,3 +673,73 @@ fn default_options_are_utc_and_send_code_one() {
     assert_eq!(o.source_timezone, Tz::UTC);
     assert_eq!(o.legacy_send_status_codes, vec![1]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The request path's short cuts (slot names by exact spelling, strings known to be plain)
+
+#[test]
+fn the_exact_spellings_name_the_slots_the_case_insensitive_search_names() {
+    for key in [
+        "type",
+        "conversationId",
+        "communicationActionId",
+        "outboundChannelAddress",
+        "inboundChannelAddress",
+        "customerUID",
+        "customerUid",
+        "body",
+        "statusCode",
+        "dateCreated",
+    ] {
+        let exact = slot_of(key);
+        assert!(exact.is_some(), "{key}");
+        // The same key in other cases takes the search, and finds the same slot.
+        for other in [key.to_uppercase(), key.to_lowercase()] {
+            assert!(slot_of(&other) == exact, "{other} against {key}");
+        }
+    }
+    for key in ["Type ", "conversation", "closedBy", ""] {
+        assert!(slot_of(key).is_none(), "{key}");
+    }
+}
+
+/// The envelope's JSON, checked against serde_json's writing of the event.
+fn envelope_json_is_serdes(body: &[u8], org: Option<&str>) {
+    let env = normalise_envelope(
+        Bytes::copy_from_slice(body),
+        org.map(str::to_owned),
+        &NormaliseOptions::default(),
+        received(),
+    )
+    .unwrap_or_else(|e| panic!("{} refused: {e}", String::from_utf8_lossy(body)));
+    assert_eq!(
+        String::from_utf8_lossy(env.json()),
+        String::from_utf8(serde_json::to_vec(&env.event).unwrap()).unwrap(),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
+}
+
+#[test]
+fn the_organisation_is_escaped_in_the_event_line_even_when_the_body_has_nothing_to_escape() {
+    // The organisation comes from the token, not from the body: a body without escapes says
+    // nothing about it.
+    let body = br#"{"type":"inboundMessage","conversationId":"c1","body":"plain text"}"#;
+    for org in [None, Some("1234"), Some("a\"b"), Some("back\\slash"), Some("tab\there"), Some("\u{1}")] {
+        envelope_json_is_serdes(body, org);
+    }
+}
+
+#[test]
+fn escaped_and_plain_strings_in_the_body_are_written_as_serde_json_writes_them() {
+    for body in [
+        &br#"{"type":"inboundMessage","conversationId":"c1","body":"No I don't, thanks","dateCreated":"2021-01-28 12:21:28.373"}"#[..],
+        br#"{"type":"inboundMessage","conversationId":"c\"1","body":"a \\ b \n c \u0001 \u00e9"}"#,
+        br#"{"type":"in\u0062oundMessage","customerUID":"x\ty","statusCode":"2","body":"\"quoted\""}"#,
+        br#"{"type":"messageStatusUpdate","conversationId":12,"communicationActionId":"a\/b","customerUid":"","statusCode":1}"#,
+        br#"{"type":"x","nested":{"k":"v\"w"},"body":"plain"}"#,
+        br#"{"type":"x","TYPE":"y","body":"p\\q","Body":"r"}"#,
+    ] {
+        envelope_json_is_serdes(body, Some("1234"));
+    }
+}
