@@ -23,6 +23,7 @@
 //! `spool-audit` thread, in short snapshots, for the log only; the drain checks every record
 //! it reads whatever the audit found, so correctness never waits for it.
 
+mod behind;
 pub mod dead;
 mod guard;
 mod lanes;
@@ -100,6 +101,9 @@ pub(crate) struct Shared {
     /// Held or failed syncs of the write-ahead file (tests).
     #[cfg(test)]
     pub wal_faults: Arc<lanes::Faults>,
+    /// Held or failed durable commits of checkpoints, and their counts (tests).
+    #[cfg(test)]
+    pub behind: Arc<behind::Hooks>,
 }
 
 impl Shared {
@@ -225,6 +229,8 @@ impl Spool {
             bound_waits: AtomicU64::new(0),
             #[cfg(test)]
             wal_faults: Default::default(),
+            #[cfg(test)]
+            behind: Default::default(),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
         for (name, since) in &rec.paused {
@@ -254,6 +260,8 @@ impl Spool {
             scratch: Default::default(),
             wal,
             gen,
+            behind: None,
+            lost_checkpoint: false,
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
         let audited = rec.next_seq;

@@ -93,7 +93,7 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
     let wal_events = log
         .frames
         .iter()
-        .filter(|f| f.gen.is_none_or(|g| g == generation))
+        .filter(|f| wal::live(f.gen, generation))
         .flat_map(|f| &f.events)
         .filter(|e| e.seq >= checkpoint)
         .count() as u64;
@@ -278,15 +278,18 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     if let Some(generation) = generation {
         apply_book(&log, generation, &mut found, &mut report);
     }
-    if wal_path.exists() {
+    // Both write-ahead files go aside (the first one's new name is reported).
+    for name in wal::FILE_NAMES.iter().rev() {
+        let wal_path = dir.join(name);
+        if !wal_path.exists() {
+            continue;
+        }
         let aside = report
             .moved_to
             .as_ref()
             .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, wal::FILE_NAME, 1))
-            .unwrap_or_else(|| {
-                format!("{}.damaged-{}", wal::FILE_NAME, chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
-            });
+            .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, name, 1))
+            .unwrap_or_else(|| format!("{name}.damaged-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")));
         let aside = dir.join(aside);
         std::fs::rename(&wal_path, &aside).map_err(|source| SalvageError::Io {
             what: "cannot move aside",
@@ -381,7 +384,7 @@ fn read_index(
 fn apply_book(log: &wal::Decoded, generation: u64, found: &mut Vec<Found>, report: &mut SalvageReport) {
     let by_seq: std::collections::HashMap<u64, usize> =
         found.iter().enumerate().filter_map(|(i, f)| f.seq.map(|seq| (seq, i))).collect();
-    for op in log.frames.iter().filter(|f| f.gen == Some(generation)).flat_map(|f| &f.book) {
+    for op in log.frames.iter().filter(|f| f.gen.is_some() && wal::live(f.gen, generation)).flat_map(|f| &f.book) {
         match op {
             wal::Bookkeeping::Done { sink, seqs } => {
                 for &i in seqs.iter().filter_map(|seq| by_seq.get(seq)) {
