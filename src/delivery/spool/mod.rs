@@ -1170,7 +1170,8 @@ mod tests {
         let spool = Spool::open(&cfg, &sinks).await.unwrap();
         let hooks = spool.shared.behind.clone();
         hooks.hold.store(true, Ordering::Release);
-        let (to_up, to_down): (Vec<Arc<dyn Sink>>, Vec<Arc<dyn Sink>>) = (vec![up.clone()], vec![down.clone()]);
+        let to_up: Vec<Arc<dyn Sink>> = vec![up.clone()];
+        let to_down: Vec<Arc<dyn Sink>> = vec![down.clone()];
         let per_sink = 150;
         for chunk in 0..5 {
             let r = futures_util::future::join_all((0..30).flat_map(|i| {

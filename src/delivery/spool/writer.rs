@@ -583,7 +583,9 @@ impl Writer {
         let mut tx = db.begin_write().op("begin")?;
         tx.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Redb { op: "set durability", source: Box::new(e.into()) })?;
+        let t0 = Instant::now();
         let freed = mem.write(&tx, &self.names)?;
+        let t1 = t0.elapsed();
         {
             let mut meta = tx.open_table(META).op("open meta")?;
             meta.insert(wal::CHECKPOINT, self.next_seq).op("write meta")?;
@@ -592,7 +594,17 @@ impl Writer {
         if prune {
             store::prune_dedup(&tx, now.saturating_sub(self.shared.dedup.window().as_millis() as u64))?;
         }
+        let t2 = t0.elapsed();
         tx.commit().op("commit")?;
+        tracing::debug!(
+            write_us = t1.as_micros() as u64,
+            prune_us = (t2 - t1).as_micros() as u64,
+            commit_us = (t0.elapsed() - t2).as_micros() as u64,
+            dedup_rows = mem.dedup.len(),
+            book_ops = mem.book.len(),
+            prune,
+            "spool: memtable commit"
+        );
         Ok(freed)
     }
 
@@ -712,21 +724,26 @@ impl Writer {
         if durable {
             // One checkpoint in flight at most: the next one (and the file it switches to)
             // waits for the last one's durable commit, which has nearly always ended by now.
+            let landed = started.map(|t| t.elapsed());
             let behind = self.wait_behind().and_then(|()| {
                 if force_durable || self.behind.is_none() {
                     return Ok(None);
                 }
-                self.checkpoint_behind(now, prune).map(Some)
+                let waited = started.map(|t| t.elapsed());
+                self.checkpoint_behind(now, prune).map(|r| Some((r, landed, waited)))
             });
             match behind {
                 Ok(None) => {}
-                Ok(Some((held, _))) => {
+                Ok(Some(((held, _), landed, waited))) => {
                     durable = false;
                     let empty = appends.is_empty() && book.is_empty();
                     if let Some(t) = started {
+                        let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u64);
                         tracing::debug!(
                             reason = reason.unwrap_or("bound"),
                             took_us = t.elapsed().as_micros() as u64,
+                            landed_us = us(landed),
+                            waited_us = us(waited),
                             memtable_events = held,
                             in_hand = self.shared.in_hand.load(Ordering::Relaxed),
                             waiting = appends.len(),
