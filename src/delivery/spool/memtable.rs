@@ -2,7 +2,8 @@
 //!
 //! A batch is made durable by its frame in the write-ahead file ([`super::wal`]); its effects
 //! (new events with their records and sinks, pending rows, dedup rows, bookkeeping) are kept
-//! here and reach redb only at the checkpoint, in its one durable commit. An event every sink
+//! here and reach redb only at the checkpoint, in its one commit (made durable behind the
+//! webhooks, [`super::behind`]). An event every sink
 //! has delivered before the checkpoint never reaches redb at all: its insert and its removal
 //! cancel here. Bookkeeping of rows redb already holds (events older than the last checkpoint)
 //! waits here too and is applied in the checkpoint's commit.

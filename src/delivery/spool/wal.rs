@@ -3,12 +3,13 @@
 //! Each writer batch that accepts events or records deliveries (bookkeeping) is made durable by
 //! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's effects
 //! then wait in memory (the writer's memtable, [`super::memtable`]). About once a second (or
-//! when this file passes [`CHECKPOINT_BYTES`]) a durable redb commit of the memtable is the
-//! **checkpoint**: it
-//! records in the `meta` table the seq below which redb holds everything durably
+//! when this file passes [`CHECKPOINT_BYTES`]) a redb commit of the memtable is the
+//! **checkpoint**: it records in the `meta` table the seq below which redb holds everything
 //! ([`CHECKPOINT`]) and the next generation ([`GENERATION`]), and the next frame is written at
-//! the start of the file again (nothing is truncated or synced for it: replay takes only the
-//! frames of the current generation).
+//! the start of the *other* file ([`SECOND_NAME`]; nothing is truncated or synced for it:
+//! replay takes only the live generations' frames, [`live`]). The checkpoint's durable commit
+//! runs behind the webhooks ([`super::behind`]); until it ends, the frames of the file before
+//! the switch are still needed, and the writer starts no other checkpoint.
 //!
 //! The file is **preallocated** ([`PREALLOC`] bytes of zeros, written once): an append then
 //! neither changes the file's size nor its block map, so its `fdatasync` flushes the data
@@ -32,10 +33,11 @@
 //! heal) reads frames while they check out; a zero header is the clean end, and so is a frame
 //! of another generation (behind a lost end marker), and the first frame that does not check
 //! out (a torn tail: its `fdatasync` never completed, so it was never acknowledged) ends the
-//! log too, with a warning. Of the frames of the current generation, the events redb does not
-//! hold (with their pending rows and dedup row) are written, then each frame's bookkeeping is
-//! applied, idempotently, in one durable commit that moves the checkpoint past them and starts
-//! the next generation; then the log is emptied.
+//! log too, with a warning. Both files are read, the lower generation first. Of the live
+//! frames (redb's generation and the next one), the events redb does not hold (with their
+//! pending rows and dedup row) are written, then each frame's bookkeeping is applied,
+//! idempotently, in one durable commit that moves the checkpoint past them and the generation
+//! two on (past any frame either file holds); then the logs are emptied.
 
 use super::guard;
 use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};

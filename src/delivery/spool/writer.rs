@@ -6,9 +6,11 @@
 //! A batch is made durable by one frame appended to the write-ahead file ([`super::wal`])
 //! and one `fdatasync` of it; its effects are then kept in memory, in the memtable
 //! ([`super::memtable`]), with no redb transaction. About once a second (or when the
-//! write-ahead file passes [`wal::CHECKPOINT_BYTES`]) the batch is written to redb with the
-//! whole memtable in one durable commit instead — the checkpoint: it records in `meta` the seq
-//! below which redb holds everything, and the write-ahead file starts again.
+//! write-ahead file passes [`wal::CHECKPOINT_BYTES`], or the memtable its bound) the whole
+//! memtable is committed to redb — the checkpoint: it records in `meta` the seq below which
+//! redb holds everything, and the next frames go to the other write-ahead file. The commit is
+//! made without durability on this thread (readers see it at once), and durable on the
+//! checkpoint thread ([`super::behind`]) while the next batches are framed and answered.
 //!
 //! **When an append or a commit fails** (a full disk, an I/O error), redb refuses every later
 //! transaction on that handle until the file is reopened. The writer then turns *broken*: new
