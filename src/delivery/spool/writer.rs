@@ -732,7 +732,10 @@ impl Writer {
                     return Ok(None);
                 }
                 let waited = started.map(|t| t.elapsed());
-                self.checkpoint_behind(now, prune).map(|r| Some((r, landed, waited)))
+                // (A failure of the last durable commit was counted where it was heard of.)
+                self.checkpoint_behind(now, prune).map(|r| Some((r, landed, waited))).inspect_err(|_| {
+                    crate::metrics::spool_write_error();
+                })
             });
             match behind {
                 Ok(None) => {}
@@ -757,7 +760,6 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    crate::metrics::spool_write_error();
                     self.shared.set_trouble(Some(format!("the spool cannot commit: {e}")));
                     self.refuse(appends);
                     return Err((e, book));
