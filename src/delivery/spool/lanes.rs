@@ -25,6 +25,8 @@ pub(crate) const LANES: usize = 3;
 /// A sync to run: its ticket, and how to wake the writer when it ends.
 struct Job {
     ticket: u64,
+    /// Which of the write-ahead files (index into the paths given to [`Lanes::start`]).
+    file: usize,
     wake: mpsc::Sender<Op>,
 }
 
@@ -45,12 +47,14 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Starts [`LANES`] threads, each with its own open file description of `path`.
-    pub fn start(path: &Path, #[cfg(test)] faults: Arc<Faults>) -> io::Result<Lanes> {
+    /// Starts [`LANES`] threads, each with its own open file description of each of `paths`
+    /// (the two write-ahead files).
+    pub fn start(paths: &[std::path::PathBuf; 2], #[cfg(test)] faults: Arc<Faults>) -> io::Result<Lanes> {
         let (done_tx, done) = mpsc::channel();
         let mut jobs = Vec::with_capacity(LANES);
         for i in 0..LANES {
-            let file = std::fs::OpenOptions::new().write(true).open(path)?;
+            let open = |p: &Path| std::fs::OpenOptions::new().write(true).open(p);
+            let files = [open(&paths[0])?, open(&paths[1])?];
             let (tx, rx) = mpsc::channel::<Job>();
             let done_tx = done_tx.clone();
             #[cfg(test)]
@@ -61,6 +65,7 @@ impl Lanes {
                     while faults.hold.load(Ordering::Acquire) {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
+                    let file = &files[job.file];
                     #[cfg(test)]
                     let result = if faults.fail.load(Ordering::Acquire) {
                         Err(io::Error::other("injected sync failure"))
@@ -80,12 +85,12 @@ impl Lanes {
         Ok(Lanes { jobs, done, next: 0 })
     }
 
-    /// Starts the sync of the frames written so far; its result comes with `ticket`. False
-    /// when the lane is gone (no result will come).
-    pub fn submit(&mut self, ticket: u64, wake: mpsc::Sender<Op>) -> bool {
+    /// Starts the sync of the frames written so far to write-ahead file `file`; its result
+    /// comes with `ticket`. False when the lane is gone (no result will come).
+    pub fn submit(&mut self, ticket: u64, file: usize, wake: mpsc::Sender<Op>) -> bool {
         let lane = &self.jobs[self.next % self.jobs.len()];
         self.next = self.next.wrapping_add(1);
-        lane.send(Job { ticket, wake }).is_ok()
+        lane.send(Job { ticket, file, wake }).is_ok()
     }
 
     /// A result that came, if any.

@@ -23,6 +23,7 @@
 //! `spool-audit` thread, in short snapshots, for the log only; the drain checks every record
 //! it reads whatever the audit found, so correctness never waits for it.
 
+mod behind;
 pub mod dead;
 mod guard;
 mod lanes;
@@ -100,6 +101,9 @@ pub(crate) struct Shared {
     /// Held or failed syncs of the write-ahead file (tests).
     #[cfg(test)]
     pub wal_faults: Arc<lanes::Faults>,
+    /// Held or failed durable commits of checkpoints, and their counts (tests).
+    #[cfg(test)]
+    pub behind: Arc<behind::Hooks>,
 }
 
 impl Shared {
@@ -225,6 +229,8 @@ impl Spool {
             bound_waits: AtomicU64::new(0),
             #[cfg(test)]
             wal_faults: Default::default(),
+            #[cfg(test)]
+            behind: Default::default(),
         });
         let registry = Registry::new(shared.clone(), tokio::runtime::Handle::current());
         for (name, since) in &rec.paused {
@@ -254,6 +260,8 @@ impl Spool {
             scratch: Default::default(),
             wal,
             gen,
+            behind: None,
+            lost_checkpoint: false,
         };
         let audit_sinks: Vec<String> = rec.pending.keys().cloned().collect();
         let audited = rec.next_seq;
@@ -1133,6 +1141,89 @@ mod tests {
             assert_eq!(spool.submit(envelope(10_000 + i), t.clone()).await, Ok(Accepted::New));
         }
         wait("everything delivered", || sink.got.lock().unwrap().len() == accepted + 3).await;
+        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
+        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
+        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        drop(spool);
+        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+        assert_eq!(store::pending_len(&db).unwrap(), 0);
+        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
+    }
+
+    /// The disk fills while a checkpoint's durable commit runs behind the webhooks: the
+    /// commit fails after its non-durable one emptied the memtable, and after deliveries of
+    /// half its events (their bookkeeping in the second write-ahead file). The spool refuses
+    /// (503, Retry-After) until space is back, then heals by itself: redb, back at the
+    /// checkpoint before, gets both files replayed (the other half, still pending, is only in
+    /// the first), every event is delivered once, none stays pending, and the spool's byte
+    /// count comes back to zero.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_during_a_checkpoints_durable_commit_heals_and_loses_nothing() {
+        let fs = Tmpfs::mount("32m");
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.spool_dir = fs.0.path().join("spool");
+        let (up, down) = (fake("up", false), fake("down", false));
+        let sinks: HashMap<String, Arc<dyn Sink>> =
+            [("up".to_string(), up.clone() as Arc<dyn Sink>), ("down".to_string(), down.clone() as Arc<dyn Sink>)]
+                .into();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let hooks = spool.shared.behind.clone();
+        hooks.hold.store(true, Ordering::Release);
+        let to_up: Vec<Arc<dyn Sink>> = vec![up.clone()];
+        let to_down: Vec<Arc<dyn Sink>> = vec![down.clone()];
+        let per_sink = 150;
+        for chunk in 0..5 {
+            let r = futures_util::future::join_all((0..30).flat_map(|i| {
+                let n = chunk * 30 + i;
+                [spool.submit(envelope(n), to_up.clone()), spool.submit(envelope(10_000 + n), to_down.clone())]
+            }))
+            .await;
+            assert!(r.iter().all(|r| *r == Ok(Accepted::New)));
+        }
+        wait("a checkpoint's durable commit handed over", || hooks.started.load(Ordering::Acquire) == 1).await;
+        fs.fill();
+        // One sink's events delivered from memory; the bookkeeping goes to the second
+        // write-ahead file (preallocated: it takes frames on a full disk).
+        up.ok.store(true, Ordering::Release);
+        wait("deliveries of the checkpointed events", || up.got.lock().unwrap().len() == per_sink).await;
+        let done = || {
+            let mem = spool.shared.mem();
+            mem.book
+                .iter()
+                .map(|b| if let ops::Bookkeeping::Done { seqs, .. } = b { seqs.len() } else { 0 })
+                .sum::<usize>()
+        };
+        wait("their bookkeeping framed", || done() == per_sink).await;
+        for i in 0..3 {
+            assert_eq!(spool.submit(envelope(1000 + i), to_up.clone()).await, Ok(Accepted::New));
+        }
+        hooks.hold.store(false, Ordering::Release);
+        wait("the checkpoint's durable commit", || hooks.ended.load(Ordering::Acquire) == 1).await;
+        wait("the spool to stop accepting", || !spool.is_ready()).await;
+        let why = spool.unready_reason().unwrap();
+        assert!(why.contains("No space left on device"), "{why}");
+        let refused = spool.submit(envelope(2000), to_up.clone()).await.unwrap_err();
+        assert_eq!(
+            (refused.reason.as_str(), refused.retry_after),
+            ("the spool cannot be written", Duration::from_secs(5))
+        );
+
+        fs.free();
+        wait("the spool to heal", || spool.is_ready()).await;
+        {
+            let db = spool.shared.db().unwrap();
+            let on_disk = store::load_pending(&db, "down", None, 1000).unwrap().len();
+            assert_eq!(on_disk, per_sink, "the events only the first write-ahead file held are back in redb");
+        }
+        assert_eq!(spool.submit(envelope(3000), to_up.clone()).await, Ok(Accepted::New));
+        wait("the first sink's events", || up.got.lock().unwrap().len() == per_sink + 4).await;
+        down.ok.store(true, Ordering::Release);
+        wait("the second sink's events", || down.got.lock().unwrap().len() == per_sink).await;
+        for sink in [&up, &down] {
+            let got = sink.got.lock().unwrap();
+            assert_eq!(got.iter().collect::<std::collections::HashSet<_>>().len(), got.len(), "each once");
+        }
         wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
         spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;

@@ -93,7 +93,7 @@ pub fn check(cfg: &DeliveryConfig) -> Result<CheckReport, SpoolError> {
     let wal_events = log
         .frames
         .iter()
-        .filter(|f| f.gen.is_none_or(|g| g == generation))
+        .filter(|f| wal::live(f.gen, generation))
         .flat_map(|f| &f.events)
         .filter(|e| e.seq >= checkpoint)
         .count() as u64;
@@ -278,15 +278,18 @@ pub fn salvage(cfg: &DeliveryConfig, route: &dyn Fn(&Event) -> Vec<String>) -> R
     if let Some(generation) = generation {
         apply_book(&log, generation, &mut found, &mut report);
     }
-    if wal_path.exists() {
+    // Both write-ahead files go aside (the first one's new name is reported).
+    for name in wal::FILE_NAMES.iter().rev() {
+        let wal_path = dir.join(name);
+        if !wal_path.exists() {
+            continue;
+        }
         let aside = report
             .moved_to
             .as_ref()
             .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, wal::FILE_NAME, 1))
-            .unwrap_or_else(|| {
-                format!("{}.damaged-{}", wal::FILE_NAME, chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
-            });
+            .map(|n| n.to_string_lossy().replacen(store::FILE_NAME, name, 1))
+            .unwrap_or_else(|| format!("{name}.damaged-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")));
         let aside = dir.join(aside);
         std::fs::rename(&wal_path, &aside).map_err(|source| SalvageError::Io {
             what: "cannot move aside",
@@ -381,7 +384,7 @@ fn read_index(
 fn apply_book(log: &wal::Decoded, generation: u64, found: &mut Vec<Found>, report: &mut SalvageReport) {
     let by_seq: std::collections::HashMap<u64, usize> =
         found.iter().enumerate().filter_map(|(i, f)| f.seq.map(|seq| (seq, i))).collect();
-    for op in log.frames.iter().filter(|f| f.gen == Some(generation)).flat_map(|f| &f.book) {
+    for op in log.frames.iter().filter(|f| f.gen.is_some() && wal::live(f.gen, generation)).flat_map(|f| &f.book) {
         match op {
             wal::Bookkeeping::Done { sink, seqs } => {
                 for &i in seqs.iter().filter_map(|seq| by_seq.get(seq)) {
@@ -637,6 +640,73 @@ mod tests {
                 .map(|((s, n), a)| ((s.to_owned(), n), a))
                 .collect();
         assert_eq!(pending_attempts(&cfg), want, "delivered pairs stay delivered, attempts stay counted");
+    }
+
+    /// A crash while a checkpoint's durable commit ran behind the webhooks leaves frames in
+    /// both write-ahead files: the checkpoint's generation in one, the next one in the
+    /// other. `check` counts both, and `salvage` keeps both (events and bookkeeping, in
+    /// generation order) and moves both aside.
+    #[test]
+    fn check_and_salvage_read_both_write_ahead_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        // Events 0..3 in the file, pending for a and b.
+        fill(&cfg, 4);
+        let generation = {
+            let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
+            wal::current_generation(&db).unwrap()
+        };
+        let sinks = vec!["a".to_owned(), "b".to_owned()];
+        let frame = |gen: u64, seq: u64, book: &[wal::Bookkeeping]| {
+            let rec = record::encode(&env(seq as u32));
+            let mut frame = Vec::new();
+            wal::encode(&mut frame, gen, 1, seq, &[], std::iter::once((seq, rec.as_slice(), sinks.as_slice())), book);
+            frame.extend_from_slice(&wal::END);
+            frame
+        };
+        // The second file, the checkpoint's generation: event 4, and event 0 done for a. The
+        // first file, the next generation (written after the switch): event 5, event 0 done
+        // for b, event 4 done for a, (b, 2) tried 3 times.
+        let older = frame(generation, 4, &[wal::Bookkeeping::Done { sink: "a".into(), seqs: vec![0] }]);
+        let newer = frame(
+            generation + 1,
+            5,
+            &[
+                wal::Bookkeeping::Done { sink: "b".into(), seqs: vec![0] },
+                wal::Bookkeeping::Done { sink: "a".into(), seqs: vec![4] },
+                wal::Bookkeeping::Attempts { sink: "b".into(), items: vec![(2, 3)] },
+            ],
+        );
+        std::fs::write(cfg.spool_dir.join(wal::SECOND_NAME), older).unwrap();
+        std::fs::write(cfg.spool_dir.join(wal::FILE_NAME), newer).unwrap();
+
+        let c = check(&cfg).unwrap();
+        assert_eq!((c.wal_frames, c.wal_events, c.wal_done, c.wal_attempts), (2, 2, 3, 1), "{c:?}");
+        let r = salvage(&cfg, &|_| panic!("not routed again")).unwrap();
+        assert_eq!((r.saved, r.wal_saved, r.wal_done), (5, 2, 3), "{r:?}");
+        for name in wal::FILE_NAMES {
+            assert!(!cfg.spool_dir.join(name).exists(), "{name} moved aside");
+        }
+        let aside = std::fs::read_dir(&cfg.spool_dir).unwrap().filter_map(|e| e.ok()).filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(wal::FILE_NAME) && n.contains("damaged")
+        });
+        assert_eq!(aside.count(), 2, "both files kept aside");
+        let want: BTreeMap<(String, i64), u32> = [
+            (("a", 1), 0),
+            (("a", 2), 0),
+            (("a", 3), 0),
+            (("a", 5), 0),
+            (("b", 1), 0),
+            (("b", 2), 3),
+            (("b", 3), 0),
+            (("b", 4), 0),
+            (("b", 5), 0),
+        ]
+        .into_iter()
+        .map(|((s, n), a)| ((s.to_owned(), n), a))
+        .collect();
+        assert_eq!(pending_attempts(&cfg), want, "both files' events and bookkeeping");
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! Each writer batch that accepts events or records deliveries (bookkeeping) is made durable by
 //! **one append of one checksummed frame** to this file and one `fdatasync`; the batch's effects
 //! then wait in memory (the writer's memtable, [`super::memtable`]). About once a second (or
-//! when this file passes [`CHECKPOINT_BYTES`]) a durable redb commit of the memtable is the
-//! **checkpoint**: it
-//! records in the `meta` table the seq below which redb holds everything durably
+//! when this file passes [`CHECKPOINT_BYTES`]) a redb commit of the memtable is the
+//! **checkpoint**: it records in the `meta` table the seq below which redb holds everything
 //! ([`CHECKPOINT`]) and the next generation ([`GENERATION`]), and the next frame is written at
-//! the start of the file again (nothing is truncated or synced for it: replay takes only the
-//! frames of the current generation).
+//! the start of the *other* file ([`SECOND_NAME`]; nothing is truncated or synced for it:
+//! replay takes only the live generations' frames, [`live`]). The checkpoint's durable commit
+//! runs behind the webhooks ([`super::behind`]); until it ends, the frames of the file before
+//! the switch are still needed, and the writer starts no other checkpoint.
 //!
 //! The file is **preallocated** ([`PREALLOC`] bytes of zeros, written once): an append then
 //! neither changes the file's size nor its block map, so its `fdatasync` flushes the data
@@ -32,10 +33,11 @@
 //! heal) reads frames while they check out; a zero header is the clean end, and so is a frame
 //! of another generation (behind a lost end marker), and the first frame that does not check
 //! out (a torn tail: its `fdatasync` never completed, so it was never acknowledged) ends the
-//! log too, with a warning. Of the frames of the current generation, the events redb does not
-//! hold (with their pending rows and dedup row) are written, then each frame's bookkeeping is
-//! applied, idempotently, in one durable commit that moves the checkpoint past them and starts
-//! the next generation; then the log is emptied.
+//! log too, with a warning. Both files are read, the lower generation first. Of the live
+//! frames (redb's generation and the next one), the events redb does not hold (with their
+//! pending rows and dedup row) are written, then each frame's bookkeeping is applied,
+//! idempotently, in one durable commit that moves the checkpoint past them and the generation
+//! two on (past any frame either file holds); then the logs are emptied.
 
 use super::guard;
 use super::store::{Op as _, StoreError, DEDUP_BATCHES, EVENTS, META, PENDING};
@@ -47,6 +49,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const FILE_NAME: &str = "spool.wal";
+/// The second write-ahead file: at each checkpoint the writer switches files, so that new
+/// frames go on while the checkpoint's durable commit of the first file's frames runs behind
+/// the webhooks (see [`super::writer`]). A release before it ignores this file (see
+/// docs/spool.md, "Compatibility").
+pub const SECOND_NAME: &str = "spool.wal.1";
+/// Both files, in the order the writer uses them after an open.
+pub const FILE_NAMES: [&str; 2] = [FILE_NAME, SECOND_NAME];
 /// `meta` key: every event with a lower seq is in redb durably (the write-ahead file's frames
 /// below it are covered).
 pub const CHECKPOINT: &str = "wal_checkpoint";
@@ -210,15 +219,38 @@ impl Decoded {
         self.frames.iter().map(|f| f.events.len() as u64).sum()
     }
 
-    /// Rows of bookkeeping of the frames written under generation `gen`: (deliveries done
-    /// or dead-lettered, attempt counts).
+    /// Rows of bookkeeping of the frames still to be replayed when redb's generation is
+    /// `gen` ([`live`]): (deliveries done or dead-lettered, attempt counts).
     pub fn book_rows(&self, gen: u64) -> (u64, u64) {
         self.frames
             .iter()
-            .filter(|f| f.gen == Some(gen))
+            .filter(|f| f.gen.is_some() && live(f.gen, gen))
             .map(Frame::book_rows)
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
+}
+
+/// Whether a frame written under `gen` is still to be replayed when redb's durable
+/// checkpoint generation is `current`: the frames of `current` (written since that checkpoint,
+/// in one file) and of `current + 1` (written in the other file after a checkpoint whose
+/// durable commit had not ended: the writer starts the next one only once it has). Frames of
+/// the first format have no generation (events only, filtered by the checkpoint's seq).
+pub fn live(gen: Option<u64>, current: u64) -> bool {
+    gen.is_none_or(|g| g == current || g == current.wrapping_add(1))
+}
+
+/// The logs of both files as one: the frames of the lower generation first (each file holds
+/// one generation's run: [`decode`] stops at another one). Torn if either is; `good` is where
+/// the torn one (or the first) ends.
+pub fn combine(a: Decoded, b: Decoded) -> Decoded {
+    let key = |d: &Decoded| d.frames.first().map(|f| f.gen);
+    let (first, second) =
+        if b.frames.is_empty() || (!a.frames.is_empty() && key(&a) <= key(&b)) { (a, b) } else { (b, a) };
+    let good = if second.torn && !first.torn { second.good } else { first.good };
+    let torn = first.torn || second.torn;
+    let mut frames = first.frames;
+    frames.extend(second.frames);
+    Decoded { frames, good, torn }
 }
 
 /// Reads the frames of `bytes` up to the end marker, or up to the first one that does not
@@ -425,7 +457,7 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
             }
             let mut names: Option<BTreeSet<String>> = None;
             for f in &decoded.frames {
-                if f.gen.is_some_and(|g| g != generation) {
+                if !live(f.gen, generation) {
                     continue;
                 }
                 if f.events.last().is_some_and(|e| e.seq >= checkpoint) {
@@ -460,7 +492,9 @@ pub fn apply(db: &Database, decoded: &Decoded, at_least: u64) -> Result<Replayed
                 }
             }
             meta.insert(CHECKPOINT, next).op("write meta")?;
-            r.generation = generation + 1;
+            // Past every generation a frame may carry (`generation + 1` at most, see [`live`]):
+            // whatever either file holds is covered from now on.
+            r.generation = generation + 2;
             meta.insert(GENERATION, r.generation).op("write meta")?;
         }
         tx.commit().op("commit")?;
@@ -531,13 +565,18 @@ pub(crate) fn apply_book(
     Ok(freed)
 }
 
-/// Reads the write-ahead file beside a spool (absent: nothing). Its first 64 KiB only, when
-/// the log ends there (the rest of the preallocated file is not read at each start, and no
-/// large buffer raises the allocator's mmap threshold, which would keep later allocations
-/// resident).
+/// Reads both write-ahead files beside a spool (absent: nothing) as one log ([`combine`]).
+/// The first 64 KiB of each only, when its log ends there (the rest of the preallocated file
+/// is not read at each start, and no large buffer raises the allocator's mmap threshold,
+/// which would keep later allocations resident).
 pub fn read(dir: &Path) -> std::io::Result<Decoded> {
+    Ok(combine(read_file(&dir.join(FILE_NAME))?, read_file(&dir.join(SECOND_NAME))?))
+}
+
+/// [`read`] of one file.
+pub fn read_file(path: &Path) -> std::io::Result<Decoded> {
     use std::io::Read;
-    let f = match File::open(dir.join(FILE_NAME)) {
+    let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Decoded::default()),
         Err(e) => return Err(e),
@@ -554,8 +593,8 @@ pub fn read(dir: &Path) -> std::io::Result<Decoded> {
     Ok(decode(&bytes))
 }
 
-/// At an open of the spool: replays the write-ahead file beside `db` into it (durably), then
-/// empties the log (an end marker at its start). Logs what it found.
+/// At an open of the spool: replays the write-ahead files beside `db` into it (durably), then
+/// empties their logs (an end marker at the start of each). Logs what it found.
 pub fn recover(db: &Database, dir: &Path) -> Result<Replayed, StoreError> {
     let path = dir.join(FILE_NAME);
     let decoded = read(dir).map_err(|source| StoreError::Wal { op: "read", source })?;
@@ -563,14 +602,19 @@ pub fn recover(db: &Database, dir: &Path) -> Result<Replayed, StoreError> {
         return Ok(Replayed::default());
     }
     let r = apply(db, &decoded, 0)?;
-    log(&path, &r);
-    let f =
-        std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| StoreError::Wal { op: "open", source })?;
-    f.write_all_at(&END, 0).map_err(|source| StoreError::Wal { op: "write", source })?;
+    log_replayed(&path, &r);
+    for name in FILE_NAMES {
+        let f = match std::fs::OpenOptions::new().write(true).open(dir.join(name)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(StoreError::Wal { op: "open", source }),
+        };
+        f.write_all_at(&END, 0).map_err(|source| StoreError::Wal { op: "write", source })?;
+    }
     Ok(r)
 }
 
-fn log(path: &Path, r: &Replayed) {
+fn log_replayed(path: &Path, r: &Replayed) {
     if let Some(at) = r.torn {
         tracing::warn!(file = %path.display(), frames = r.frames, torn_at = at, "spool: the write-ahead file ends in a torn or damaged frame (its batch was never acknowledged); the frames before it are kept, the tail is dropped");
     }
@@ -579,56 +623,87 @@ fn log(path: &Path, r: &Replayed) {
     }
 }
 
-/// The writer's handle on the file: appends at the last good offset, never after a partial
-/// frame.
+/// The writer's handle on the two files: appends at the last good offset of the current one,
+/// never after a partial frame; a checkpoint switches to the other one ([`Wal::switch`]).
 pub(crate) struct Wal {
-    file: File,
+    files: [File; 2],
+    /// The paths of both files (index as `files`).
+    pub paths: [PathBuf; 2],
+    /// The file new frames go to (index into `files`), and its path.
+    pub cur: usize,
     pub path: PathBuf,
-    /// End of the last frame made durable.
+    /// End of the last frame made durable (in the current file).
     pub len: u64,
     /// End of the last frame written (where the next one goes): past `len` while frames wait
     /// for their `fdatasync`.
     pub tail: u64,
+    /// End of the other file's log: the frames written there before the last switch (all
+    /// durable: the writer switches with no frame in flight), until a checkpoint covers them.
+    pub other_len: u64,
     /// A failed append could not be cut back: no append until [`Wal::probe`] succeeds.
     pub stuck: bool,
     /// The frame being built (kept from one batch to the next).
     pub buf: Vec<u8>,
 }
 
-impl Wal {
-    /// Opens (creating) the file of `dir`, whose log [`recover`] has emptied, and preallocates
-    /// it (once; on a disk without room for it the file simply grows with its frames).
-    pub fn open(dir: &Path) -> std::io::Result<Wal> {
-        let path = dir.join(FILE_NAME);
-        let existed = path.exists();
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let size = file.metadata()?.len();
-        if size < PREALLOC {
-            // Zeros written, not fallocate(): unwritten extents would turn into written ones
-            // at each append, a metadata change that fdatasync must journal.
-            let zeros = vec![0u8; 64 << 10];
-            let mut at = size;
-            let filled = loop {
-                if at >= PREALLOC {
-                    break file.sync_all();
-                }
-                let n = (PREALLOC - at).min(zeros.len() as u64) as usize;
-                if let Err(e) = file.write_all_at(&zeros[..n], at) {
-                    break Err(e);
-                }
-                at += n as u64;
-            };
-            if let Err(e) = filled {
-                tracing::warn!(file = %path.display(), error = %e, "spool: cannot preallocate the write-ahead file; it grows with its frames instead");
-                let _ = file.set_len(size);
+/// Opens (creating) one file, preallocated (once; on a disk without room for it the file
+/// simply grows with its frames), with an empty log.
+fn open_file(dir: &Path, path: &Path) -> std::io::Result<File> {
+    let existed = path.exists();
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let size = file.metadata()?.len();
+    if size < PREALLOC {
+        // Zeros written, not fallocate(): unwritten extents would turn into written ones
+        // at each append, a metadata change that fdatasync must journal.
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = size;
+        let filled = loop {
+            if at >= PREALLOC {
+                break file.sync_all();
             }
+            let n = (PREALLOC - at).min(zeros.len() as u64) as usize;
+            if let Err(e) = file.write_all_at(&zeros[..n], at) {
+                break Err(e);
+            }
+            at += n as u64;
+        };
+        if let Err(e) = filled {
+            tracing::warn!(file = %path.display(), error = %e, "spool: cannot preallocate the write-ahead file; it grows with its frames instead");
+            let _ = file.set_len(size);
         }
-        if !existed {
-            // The directory entry of a new file, durably (once).
-            File::open(dir)?.sync_all()?;
-        }
-        file.write_all_at(&END, 0)?;
-        Ok(Wal { file, path, len: 0, tail: 0, stuck: false, buf: Vec::new() })
+    }
+    if !existed {
+        // The directory entry of a new file, durably (once).
+        File::open(dir)?.sync_all()?;
+    }
+    file.write_all_at(&END, 0)?;
+    Ok(file)
+}
+
+impl Wal {
+    /// Opens (creating) both files of `dir`, whose logs [`recover`] has emptied, and
+    /// preallocates them; new frames go to the first.
+    pub fn open(dir: &Path) -> std::io::Result<Wal> {
+        let paths = FILE_NAMES.map(|n| dir.join(n));
+        let files = [open_file(dir, &paths[0])?, open_file(dir, &paths[1])?];
+        let path = paths[0].clone();
+        Ok(Wal { files, paths, cur: 0, path, len: 0, tail: 0, other_len: 0, stuck: false, buf: Vec::new() })
+    }
+
+    fn file(&self) -> &File {
+        &self.files[self.cur]
+    }
+
+    /// At a checkpoint (no frame in flight): the next frames go to the start of the other
+    /// file, whose frames an earlier checkpoint covers durably; this file's frames stay until
+    /// the checkpoint just made is durable (replay takes both files' live generations).
+    pub fn switch(&mut self) {
+        self.other_len = self.len;
+        self.cur ^= 1;
+        self.path = self.paths[self.cur].clone();
+        self.len = 0;
+        self.tail = 0;
+        crate::metrics::spool_wal_bytes(0);
     }
 
     /// Appends `self.buf` (one frame; the end marker is added here) and makes it durable. On
@@ -637,7 +712,7 @@ impl Wal {
     #[cfg(test)]
     pub fn append(&mut self) -> Result<(), StoreError> {
         let end = self.write()?;
-        match self.file.sync_data() {
+        match self.file().sync_data() {
             Ok(()) => {
                 self.synced(end);
                 Ok(())
@@ -662,7 +737,7 @@ impl Wal {
         }
         let frame = self.buf.len();
         self.buf.extend_from_slice(&END);
-        let written = self.file.write_all_at(&self.buf, self.tail);
+        let written = self.files[self.cur].write_all_at(&self.buf, self.tail);
         self.buf.truncate(frame);
         match written {
             Ok(()) => {
@@ -670,7 +745,7 @@ impl Wal {
                 Ok(self.tail)
             }
             Err(source) => {
-                if self.file.write_all_at(&END, self.tail).is_err() {
+                if self.file().write_all_at(&END, self.tail).is_err() {
                     self.stuck = true;
                 }
                 Err(StoreError::Wal { op: "write", source })
@@ -680,7 +755,7 @@ impl Wal {
 
     /// `fdatasync` of the file (through the writer's own description).
     pub fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        self.file().sync_data()
     }
 
     /// The frames written up to `end` are durable.
@@ -694,7 +769,7 @@ impl Wal {
     /// [`Wal::probe`] succeeds).
     pub fn unwrite(&mut self) {
         self.tail = self.len;
-        if self.file.write_all_at(&END, self.len).is_err() {
+        if self.file().write_all_at(&END, self.len).is_err() {
             self.stuck = true;
         }
     }
@@ -712,16 +787,17 @@ impl Wal {
         self.len = at;
         self.tail = at;
         crate::metrics::spool_wal_bytes(self.len);
-        if self.file.write_all_at(&END, at).is_err() {
+        if self.file().write_all_at(&END, at).is_err() {
             self.stuck = true;
         }
     }
 
-    /// After a checkpoint: the next frame goes to the start of the file (no write, no fsync
-    /// needed: replay skips the frames the checkpoint covers).
+    /// After a checkpoint that covers both files: the next frame goes to the start of the
+    /// current one (no write, no fsync needed: replay skips the frames the checkpoint covers).
     pub fn reset(&mut self) -> Result<(), StoreError> {
         self.len = 0;
         self.tail = 0;
+        self.other_len = 0;
         crate::metrics::spool_wal_bytes(0);
         Ok(())
     }
@@ -730,9 +806,9 @@ impl Wal {
     /// after a checkpoint covered everything it held.
     pub fn probe(&mut self) -> Result<(), StoreError> {
         let zeros = vec![0u8; PROBE_BYTES];
-        self.file
+        self.file()
             .write_all_at(&zeros, 0)
-            .and_then(|()| self.file.sync_data())
+            .and_then(|()| self.file().sync_data())
             .map_err(|source| StoreError::Wal { op: "probe", source })?;
         self.len = 0;
         self.tail = 0;
@@ -741,17 +817,19 @@ impl Wal {
     }
 
     /// After the redb file was reopened (rolled back to its last durable commit): writes the
-    /// frames of this file into it, durably.
+    /// frames of both files into it, durably.
     pub fn replay_into(&self, db: &Database, at_least: u64) -> Result<Replayed, StoreError> {
-        // The log: the frames made durable, not the whole preallocated file, nor what a failed
-        // append (or a cut frame) left past them.
-        let mut bytes = vec![0u8; self.len as usize + HEADER];
-        self.file
-            .read_exact_at(&mut bytes[..self.len as usize], 0)
-            .map_err(|source| StoreError::Wal { op: "read", source })?;
-        let decoded = decode(&bytes);
+        // The logs: the frames made durable, not the whole preallocated files, nor what a
+        // failed append (or a cut frame) left past them.
+        let log = |file: &File, len: u64| -> Result<Decoded, StoreError> {
+            let mut bytes = vec![0u8; len as usize + HEADER];
+            file.read_exact_at(&mut bytes[..len as usize], 0)
+                .map_err(|source| StoreError::Wal { op: "read", source })?;
+            Ok(decode(&bytes))
+        };
+        let decoded = combine(log(self.file(), self.len)?, log(&self.files[self.cur ^ 1], self.other_len)?);
         let r = apply(db, &decoded, at_least)?;
-        log(&self.path, &r);
+        log_replayed(&self.path, &r);
         Ok(r)
     }
 }
@@ -830,13 +908,13 @@ mod tests {
         assert_eq!((r.frames, r.newer, r.written), (2, 0, 0));
         assert_eq!(super::super::store::recover(&db, 0).unwrap().events, 4);
 
-        // A frame of the current generation (2: each replay started one), and a torn tail:
-        // the frame is written, the tail dropped.
-        let mut bytes = real_frame_with(2, 5, 1, &["a"], &[]);
-        bytes.extend(&real_frame_with(2, 6, 1, &["a"], &[])[..20]);
+        // A frame of the current generation (4: each replay moved it two on, past any frame
+        // either file may hold), and a torn tail: the frame is written, the tail dropped.
+        let mut bytes = real_frame_with(4, 5, 1, &["a"], &[]);
+        bytes.extend(&real_frame_with(4, 6, 1, &["a"], &[])[..20]);
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
-        assert_eq!((r.frames, r.newer, r.written, r.generation), (1, 1, 1, 3));
+        assert_eq!((r.frames, r.newer, r.written, r.generation), (1, 1, 1, 6));
         assert_eq!(r.torn, Some((bytes.len() - 20) as u64));
         assert_eq!(super::super::store::next_seq(&db).unwrap(), 6);
     }
@@ -894,7 +972,7 @@ mod tests {
         assert_eq!((d.frames.len(), d.torn, d.book_rows(0), d.book_rows(1)), (3, false, (6, 3), (0, 0)));
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
-        assert_eq!((r.frames, r.written, r.book, r.generation), (3, 5, 9, 1));
+        assert_eq!((r.frames, r.written, r.book, r.generation), (3, 5, 9, 2));
         let want = (
             vec![(1, "b".to_owned(), 3), (3, "a".to_owned(), 0), (3, "b".to_owned(), 0), (4, "a".to_owned(), 0)],
             vec![1, 3, 4],
@@ -906,7 +984,7 @@ mod tests {
         // so nothing is applied — not even the events delivered since.
         std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
         let r = recover(&db, dir.path()).unwrap();
-        assert_eq!((r.frames, r.newer, r.written, r.book, r.generation), (3, 0, 0, 0, 2));
+        assert_eq!((r.frames, r.newer, r.written, r.book, r.generation), (3, 0, 0, 0, 4));
         assert_eq!(rows(&db), want);
 
         // Applied twice within one generation (a replay whose commit was lost, then the
@@ -917,7 +995,7 @@ mod tests {
         tx.commit().unwrap();
         let r = apply(&db, &d, 0).unwrap();
         // 0 and 2, gone, are written again, and removed again by the bookkeeping after them.
-        assert_eq!((r.written, r.book, r.generation), (2, 9, 1));
+        assert_eq!((r.written, r.book, r.generation), (2, 9, 2));
         assert_eq!(rows(&db), want);
         let tx = db.begin_write().unwrap();
         tx.open_table(META).unwrap().insert(GENERATION, 1u64).unwrap();
