@@ -18,10 +18,10 @@
 # server with the same load; the ratio is the median of those pairs (the machine's other work
 # moves both alike), and the row shows that pair's router run.
 # Every run (the bare one of a pair included) and the half-rate run start once the spool's backlog
-# left by the run before is delivered (at most BENCH_SETTLE seconds, 30; the table's notes say
+# left by the run before is delivered (at most BENCH_SETTLE seconds, 90; the table's notes say
 # how long each row's last wait took): a drain still working through it would take CPU from the
 # next run, and at half rate its memtable's bound would bring checkpoints of the previous load.
-# Environment: BENCH_DURATION (10s), BENCH_SETTLE (30), BENCH_REPEAT (5), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
+# Environment: BENCH_DURATION (10s), BENCH_SETTLE (90), BENCH_REPEAT (5), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
 #              BENCH_PORT (18080; uses 4 consecutive ports), BENCH_AMQP_URL,
 #              BENCH_KEEP=1 keeps the work directory (configs, logs, wrk output),
 #              BENCH_BIN=path: measure that router binary (an older build, to compare) and build
@@ -133,7 +133,7 @@ pending() {
 # belong to the previous load. Echoes how long it waited and what was left ("" for no spool).
 settle() { # pid
   local t0 left deadline
-  t0=$(now_us) deadline=$(($(now_us) + ${BENCH_SETTLE:-30} * 1000000))
+  t0=$(now_us) deadline=$(($(now_us) + ${BENCH_SETTLE:-90} * 1000000))
   left=$(pending)
   [ -n "$left" ] || return 0
   while [ "$left" != 0 ] && [ "$(now_us)" -lt "$deadline" ] && kill -0 "$1" 2>/dev/null; do
