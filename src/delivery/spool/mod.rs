@@ -1141,9 +1141,15 @@ mod tests {
             assert_eq!(spool.submit(envelope(10_000 + i), t.clone()).await, Ok(Accepted::New));
         }
         wait("everything delivered", || sink.got.lock().unwrap().len() == accepted + 3).await;
+        drained_and_empty(spool, &cfg, Duration::from_secs(5)).await;
+    }
+
+    /// Waits until nothing is pending and no event data is counted, stops the spool, and
+    /// checks that its file holds no pending row and no event row.
+    async fn drained_and_empty(spool: Arc<Spool>, cfg: &DeliveryConfig, within: Duration) {
         wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
         wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+        spool.shutdown(tokio::time::Instant::now() + within).await;
         drop(spool);
         let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
         assert_eq!(store::pending_len(&db).unwrap(), 0);
@@ -1224,13 +1230,7 @@ mod tests {
             let got = sink.got.lock().unwrap();
             assert_eq!(got.iter().collect::<std::collections::HashSet<_>>().len(), got.len(), "each once");
         }
-        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
-        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(5)).await;
-        drop(spool);
-        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
-        assert_eq!(store::pending_len(&db).unwrap(), 0);
-        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
+        drained_and_empty(spool, &cfg, Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1274,13 +1274,7 @@ mod tests {
         fs.free();
         wait("the spool to heal", || spool.is_ready()).await;
         wait("everything delivered", || sink.got.lock().unwrap().len() == accepted).await;
-        wait("an empty spool", || spool.pending().values().all(|p| *p == 0)).await;
-        wait("no event data left", || spool.shared.used.load(Ordering::Acquire) == 0).await;
-        spool.shutdown(tokio::time::Instant::now() + Duration::from_secs(2)).await;
-        drop(spool);
-        let (db, _) = store::open_db(&cfg.spool_dir).unwrap();
-        assert_eq!(store::pending_len(&db).unwrap(), 0);
-        assert_eq!(store::recover(&db, 0).unwrap().events, 0, "every event row is gone");
+        drained_and_empty(spool, &cfg, Duration::from_secs(2)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

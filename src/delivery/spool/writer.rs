@@ -1541,18 +1541,25 @@ mod tests {
         (ns, super::super::store::recover(&db, 0).unwrap().events)
     }
 
+    /// A new spool with one stuck sink ("s", in the returned targets) whose checkpoints'
+    /// durable commits are held (`hooks.hold`) until the test lets them go.
+    async fn held_commits(
+    ) -> (tempfile::TempDir, DeliveryConfig, Arc<Spool>, Arc<super::super::behind::Hooks>, Vec<Arc<dyn Sink>>) {
+        let s: Arc<dyn Sink> = Arc::new(Stuck);
+        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone())].into();
+        let (dir, cfg) = fresh_spool_dir();
+        let spool = Spool::open(&cfg, &sinks).await.unwrap();
+        let hooks = spool.shared.behind.clone();
+        hooks.hold.store(true, Ordering::Release);
+        (dir, cfg, spool, hooks, vec![s])
+    }
+
     /// The checkpoint's durable commit (held here) no longer holds the webhooks that arrive
     /// meanwhile: before, the writer committed the memtable durably itself, and every
     /// webhook behind it waited for the commit's fdatasync (4–13 ms, the p99 at half rate).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_webhook_arriving_during_a_checkpoint_is_answered_before_the_checkpoints_commit_ends() {
-        let s: Arc<dyn Sink> = Arc::new(Stuck);
-        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone())].into();
-        let (_dir, cfg) = fresh_spool_dir();
-        let spool = Spool::open(&cfg, &sinks).await.unwrap();
-        let hooks = spool.shared.behind.clone();
-        hooks.hold.store(true, Ordering::Release);
-        let t = vec![s.clone()];
+        let (_dir, cfg, spool, hooks, t) = held_commits().await;
         assert_eq!(spool.submit(envelope(0), t.clone()).await, Ok(Accepted::New));
         // The checkpoint on time (a second after the first batch): its commit is held.
         wait("a checkpoint's durable commit handed over", || hooks.started.load(Ordering::Acquire) == 1).await;
@@ -1574,13 +1581,7 @@ mod tests {
     /// second file) stay delivered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_crash_at_any_step_of_a_checkpoint_behind_the_webhooks_loses_nothing_and_repeats_nothing() {
-        let s: Arc<dyn Sink> = Arc::new(Stuck);
-        let sinks: HashMap<String, Arc<dyn Sink>> = [("s".to_string(), s.clone())].into();
-        let (_dir, cfg) = fresh_spool_dir();
-        let spool = Spool::open(&cfg, &sinks).await.unwrap();
-        let hooks = spool.shared.behind.clone();
-        hooks.hold.store(true, Ordering::Release);
-        let t = vec![s.clone()];
+        let (_dir, cfg, spool, hooks, t) = held_commits().await;
         for n in 0..5 {
             assert_eq!(spool.submit(envelope(n), t.clone()).await, Ok(Accepted::New));
         }
