@@ -235,6 +235,12 @@ impl Pipeline {
 }
 
 impl Broken {
+    /// Broken now, for `reason`; the first heal is tried `after` that.
+    fn new(reason: String, after: Duration) -> Broken {
+        let since = Instant::now();
+        Broken { since, reason, attempts: 0, next_try: since + after }
+    }
+
     fn delay(attempts: u32) -> Duration {
         HEAL_FIRST.saturating_mul(1u32 << attempts.min(16)).min(HEAL_MAX)
     }
@@ -354,25 +360,13 @@ impl Writer {
             // Answer the batches whose frames are durable now.
             if let Err((e, rest)) = self.land(usize::MAX) {
                 carry.extend(rest);
-                tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
-                broken = Some(Broken {
-                    since: Instant::now(),
-                    reason: e.to_string(),
-                    attempts: 0,
-                    next_try: Instant::now() + HEAL_FIRST,
-                });
+                broken = Some(self.broke(&e));
             }
             // A checkpoint's durable commit that ended behind the webhooks.
             if broken.is_none() {
                 let ended = self.behind.as_mut().and_then(Behind::try_ended);
                 if let Err(e) = self.ended(ended) {
-                    tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
-                    broken = Some(Broken {
-                        since: Instant::now(),
-                        reason: e.to_string(),
-                        attempts: 0,
-                        next_try: Instant::now() + HEAL_FIRST,
-                    });
+                    broken = Some(self.broke(&e));
                 }
             }
 
@@ -421,14 +415,7 @@ impl Writer {
             if !appends.is_empty() || !book.is_empty() || checkpoint_due || force {
                 if let Err((e, rest)) = self.apply(&mut appends, book, force) {
                     carry.extend(rest);
-                    tracing::error!(file = %self.shared.path.display(), error = %chain(&e), "spool commit failed; webhooks get 503 until it works again");
-                    let reason = e.to_string();
-                    broken = Some(Broken {
-                        since: Instant::now(),
-                        reason,
-                        attempts: 0,
-                        next_try: Instant::now() + HEAL_FIRST,
-                    });
+                    broken = Some(self.broke(&e));
                 }
             }
             if broken.is_some() {
@@ -443,26 +430,22 @@ impl Writer {
         tracing::debug!("spool writer stopped");
     }
 
+    /// A commit failed: logged, and the writer broken until its first heal ([`HEAL_FIRST`]).
+    fn broke(&self, e: &StoreError) -> Broken {
+        tracing::error!(file = %self.shared.path.display(), error = %chain(e), "spool commit failed; webhooks get 503 until it works again");
+        Broken::new(e.to_string(), HEAL_FIRST)
+    }
+
     /// The spool is closing: record what the drains reported, durably, if the disk lets us —
     /// once, not in a loop (the shutdown deadline waits for this thread).
     fn finish(&mut self, mut carry: Vec<Bookkeeping>, mut deferred: Deferred, mut broken: Option<Broken>) {
         carry.extend(deferred.take());
         if let Err(e) = self.wait_behind() {
-            broken.get_or_insert(Broken {
-                since: Instant::now(),
-                reason: e.to_string(),
-                attempts: 0,
-                next_try: Instant::now(),
-            });
+            broken.get_or_insert_with(|| Broken::new(e.to_string(), Duration::ZERO));
         }
         if let Err((e, rest)) = self.land(0) {
             carry.extend(rest);
-            broken.get_or_insert(Broken {
-                since: Instant::now(),
-                reason: e.to_string(),
-                attempts: 0,
-                next_try: Instant::now(),
-            });
+            broken.get_or_insert_with(|| Broken::new(e.to_string(), Duration::ZERO));
         }
         if broken.is_some() {
             if let Err(e) = self.heal() {
